@@ -1,0 +1,328 @@
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+from conftest import SmallConvNet
+from torch import nn
+from torch.nn import functional as F
+from torch.nn.utils import parametrize
+
+from magprune import GlobalSparsity, LayerSparsity, Pruner, PruningInvariantError
+from magprune.masks import FIRST_MOMENT_KEYS, SECOND_MOMENT_FILL, SECOND_MOMENT_KEYS
+
+OPTIMIZERS = {
+    "sgd": lambda p: torch.optim.SGD(p, lr=0.05),
+    "sgd-momentum": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9),
+    "sgd-nesterov": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, nesterov=True),
+    "sgd-weight-decay": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, weight_decay=1e-2),
+    "adam": lambda p: torch.optim.Adam(p, lr=1e-2),
+    "adam-amsgrad-wd": lambda p: torch.optim.Adam(p, lr=1e-2, weight_decay=1e-2, amsgrad=True),
+    "adam-fused": lambda p: torch.optim.Adam(p, lr=1e-2, fused=True),
+    "adamw": lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1),
+    "rmsprop": lambda p: torch.optim.RMSprop(p, lr=1e-3, momentum=0.5, weight_decay=1e-3),
+    "rmsprop-centered": lambda p: torch.optim.RMSprop(p, lr=1e-3, centered=True),
+    "adagrad": lambda p: torch.optim.Adagrad(p, lr=1e-2, weight_decay=1e-3),
+    "adadelta": lambda p: torch.optim.Adadelta(p, lr=1.0, weight_decay=1e-3),
+    "adamax": lambda p: torch.optim.Adamax(p, lr=1e-2, weight_decay=1e-3),
+    "nadam": lambda p: torch.optim.NAdam(p, lr=1e-2, weight_decay=1e-3),
+    "radam": lambda p: torch.optim.RAdam(p, lr=1e-2, weight_decay=1e-3),
+}
+
+
+def train(model, optimizer, batch, steps):
+    x, y = batch
+    for _ in range(steps):
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+
+
+def assert_clean(pruner, optimizer):
+    """Independent of Pruner.check: pruned weights, first moments exactly 0, all state finite."""
+    for name, mask in pruner.masks.items():
+        param = pruner.params[name]
+        assert torch.equal(param.detach()[~mask], torch.zeros_like(param.detach()[~mask])), name
+        for key, value in optimizer.state[param].items():
+            if isinstance(value, torch.Tensor) and value.is_floating_point():
+                assert torch.isfinite(value).all(), (name, key)
+                if key in FIRST_MOMENT_KEYS:
+                    assert (value[~mask] == 0).all(), (name, key)
+    pruner.check(optimizer)
+
+
+def test_default_targets_are_linear_and_conv_weights(convnet):
+    pruner = Pruner(convnet)
+    assert list(pruner.params) == ["conv1.weight", "conv2.weight", "fc1.weight", "fc2.weight"]
+
+
+def test_targets_by_name_pattern_and_bias(convnet):
+    assert list(Pruner(convnet, ["fc*"]).params) == ["fc1.weight", "fc2.weight"]
+    assert list(Pruner(convnet, ["conv1"], include_bias=True).params) == ["conv1.weight", "conv1.bias"]
+    assert list(Pruner(convnet, ["fc2.bias"]).params) == ["fc2.bias"]
+    with pytest.raises(ValueError, match="'nope' matches no module or parameter"):
+        Pruner(convnet, ["nope"])
+    with pytest.raises(ValueError, match="targets is empty"):
+        Pruner(convnet, [])
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        Pruner("model")
+
+
+def test_custom_module_parameters_can_be_targeted():
+    class Custom(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.kernel = nn.Parameter(torch.randn(10, 10))
+
+        def forward(self, x):
+            return x @ self.kernel
+
+    model = Custom()
+    with pytest.raises(ValueError, match="no parameters of the layer types"):
+        Pruner(model)
+    pruner = Pruner(model, ["kernel"])
+    pruner.prune(LayerSparsity(0.5))
+    assert int((model.kernel == 0).sum()) == 50
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_pruned_entries_stay_exactly_zero_under_every_optimizer(name, convnet, batch):
+    optimizer = OPTIMIZERS[name](convnet.parameters())
+    train(convnet, optimizer, batch, 10)  # dense state carries over into the pruned phase
+    pruner = Pruner(convnet)
+    pruner.attach(optimizer)
+    pruner.prune(LayerSparsity(0.5))
+    train(convnet, optimizer, batch, 50)
+    assert_clean(pruner, optimizer)
+    first = {n: m.clone() for n, m in pruner.masks.items()}
+
+    pruner.prune(GlobalSparsity(0.8))
+    train(convnet, optimizer, batch, 50)
+    assert_clean(pruner, optimizer)
+    for n, mask in pruner.masks.items():
+        assert not (mask & ~first[n]).any(), "re-pruning must only grow the pruned set"
+    total = sum(p.numel() for p in pruner.params.values())
+    assert abs(pruner.sparsity() - 0.8) <= 0.5 / total  # exactly round(0.8 * total) pruned
+    # survivors still train
+    before = {n: p.detach().clone() for n, p in pruner.params.items()}
+    train(convnet, optimizer, batch, 1)
+    if name != "adadelta":  # Adadelta's first steps are tiny by design
+        assert any(not torch.equal(before[n], p.detach()) for n, p in pruner.params.items())
+
+
+def test_naive_gradient_zeroing_is_not_enough_for_adam(convnet, batch):
+    """Why the step hook exists: masking only gradients lets Adam's carried-over moments revive pruned weights."""
+    optimizer = torch.optim.Adam(convnet.parameters(), lr=1e-2)
+    train(convnet, optimizer, batch, 5)
+    with torch.no_grad():
+        convnet.fc1.weight[:, ::2] = 0
+    x, y = batch
+    optimizer.zero_grad()
+    F.cross_entropy(convnet(x), y).backward()
+    convnet.fc1.weight.grad[:, ::2] = 0
+    optimizer.step()
+    assert (convnet.fc1.weight[:, ::2] != 0).any()
+
+
+def forward_masked_reference(model, masks):
+    """The same model with the mask multiplied into the weight inside forward: connections truly absent."""
+
+    class Mask(nn.Module):
+        def __init__(self, mask):
+            super().__init__()
+            self.register_buffer("mask", mask.float())
+
+        def forward(self, w):
+            return w * self.mask
+
+    reference = copy.deepcopy(model)
+    for name, mask in masks.items():
+        module = reference.get_submodule(name.rsplit(".", 1)[0])
+        parametrize.register_parametrization(module, "weight", Mask(mask))
+    return reference
+
+
+@pytest.mark.parametrize("name", ["sgd-momentum", "sgd-nesterov", "sgd-weight-decay", "adam", "adamw", "rmsprop",
+                                  "adagrad", "nadam"])
+def test_gradient_masking_gives_the_update_of_a_truly_absent_connection(name, convnet, batch):
+    convnet.eval()  # dropout off: both models must see the same computation
+    pruner = Pruner(convnet)
+    pruner.prune(LayerSparsity(0.6))
+    reference = forward_masked_reference(convnet, pruner.masks)
+    opt = OPTIMIZERS[name](convnet.parameters())
+    pruner.attach(opt)
+    opt_ref = OPTIMIZERS[name](reference.parameters())
+    train(convnet, opt, batch, 30)
+    train(reference, opt_ref, batch, 30)
+    for pname, mask in pruner.masks.items():
+        module = reference.get_submodule(pname.rsplit(".", 1)[0])
+        effective = module.weight.detach()
+        torch.testing.assert_close(convnet.get_parameter(pname).detach()[mask], effective[mask], rtol=1e-5,
+                                   atol=1e-6)
+        assert (effective[~mask] == 0).all()
+    for pname in ("conv1.bias", "fc2.bias"):
+        torch.testing.assert_close(convnet.get_parameter(pname), reference.get_parameter(pname), rtol=1e-5,
+                                   atol=1e-6)
+
+
+def test_gradients_are_masked_right_after_backward(convnet, batch):
+    """Gradient clipping and logging between backward() and step() already see the masked gradient."""
+    pruner = Pruner(convnet)
+    pruner.prune(LayerSparsity(0.7))
+    x, y = batch
+    F.cross_entropy(convnet(x), y).backward()
+    for name, mask in pruner.masks.items():
+        assert (pruner.params[name].grad[~mask] == 0).all()
+        assert pruner.params[name].grad[mask].abs().sum() > 0
+
+
+def test_second_moment_state_stays_normal_and_cheap(convnet, batch):
+    optimizer = torch.optim.Adam(convnet.parameters(), lr=1e-3, betas=(0.9, 0.5))  # fast decay: 0.5**100 ~ 1e-30
+    pruner = Pruner(convnet, refresh_every=50)
+    pruner.attach(optimizer)
+    train(convnet, optimizer, batch, 3)
+    pruner.prune(LayerSparsity(0.5))
+    train(convnet, optimizer, batch, 120)
+    tiny = torch.finfo(torch.float32).tiny
+    for name, mask in pruner.masks.items():
+        state = optimizer.state[pruner.params[name]]
+        assert (state["exp_avg_sq"][~mask] >= tiny).all(), "denormal or zero second moment at pruned positions"
+        assert (state["exp_avg_sq"][~mask] <= SECOND_MOMENT_FILL).all()
+    assert "exp_avg_sq" in SECOND_MOMENT_KEYS
+
+
+def test_attach_after_prune_cleans_dense_state(convnet, batch):
+    optimizer = torch.optim.SGD(convnet.parameters(), lr=0.05, momentum=0.9)
+    train(convnet, optimizer, batch, 5)
+    pruner = Pruner(convnet)
+    pruner.prune(LayerSparsity(0.5))
+    with pytest.raises(PruningInvariantError, match="momentum_buffer"):
+        pruner.check(optimizer)
+    pruner.attach(optimizer)
+    pruner.check()
+    train(convnet, optimizer, batch, 5)
+    assert_clean(pruner, optimizer)
+
+
+def test_check_catches_a_revived_weight(convnet):
+    pruner = Pruner(convnet)
+    pruner.prune(LayerSparsity(0.5))
+    pruner.check()
+    with torch.no_grad():
+        convnet.fc1.weight[~pruner.masks["fc1.weight"]] = 1.0
+    with pytest.raises(PruningInvariantError, match="fc1.weight"):
+        pruner.check()
+    pruner.apply_masks()
+    pruner.check()
+
+
+def test_regrow_only_when_asked(convnet):
+    pruner = Pruner(convnet, ["fc1"])
+    pruner.prune(LayerSparsity(0.9))
+    pruner.prune(LayerSparsity(0.5))
+    assert pruner.densities()["fc1.weight"] == pytest.approx(0.1, abs=1e-3)
+    optimizer = torch.optim.Adam(convnet.parameters())
+    pruner.attach(optimizer)
+    pruner.prune(LayerSparsity(0.5), regrow=True)
+    assert pruner.densities()["fc1.weight"] == pytest.approx(0.5, abs=1e-3)
+
+
+def test_state_dict_keys_unchanged_and_load_strict_into_fresh_model(convnet, batch):
+    keys = list(convnet.state_dict())
+    pruner = Pruner(convnet)
+    optimizer = torch.optim.Adam(convnet.parameters())
+    pruner.attach(optimizer)
+    pruner.prune(LayerSparsity(0.5))
+    train(convnet, optimizer, batch, 3)
+    assert list(convnet.state_dict()) == keys
+    assert not any("orig" in k or "mask" in k for k in keys)
+    fresh = SmallConvNet()
+    fresh.load_state_dict(convnet.state_dict(), strict=True)
+    x, _ = batch
+    convnet.eval()
+    fresh.eval()
+    torch.testing.assert_close(fresh(x), convnet(x))
+
+
+def test_deepcopy_pickle_and_torch_save_of_a_pruned_model(convnet, batch):
+    pruner = Pruner(convnet)
+    optimizer = torch.optim.SGD(convnet.parameters(), lr=0.1, momentum=0.9)
+    pruner.attach(optimizer)
+    pruner.prune(LayerSparsity(0.5))
+    train(convnet, optimizer, batch, 2)
+    x, _ = batch
+    convnet.eval()
+    expected = convnet(x)
+    clone = copy.deepcopy(convnet)
+    unpickled = pickle.loads(pickle.dumps(convnet))
+    buffer = io.BytesIO()
+    torch.save(convnet, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)  # our own file, written just above
+    for other in (clone, unpickled, loaded):
+        torch.testing.assert_close(other(x), expected)
+        assert torch.equal(other.fc1.weight == 0, convnet.fc1.weight == 0)
+
+
+def test_pruner_state_dict_round_trip(convnet, batch):
+    pruner = Pruner(convnet)
+    pruner.prune(GlobalSparsity(0.7))
+    buffer = io.BytesIO()
+    torch.save({"model": convnet.state_dict(), "pruner": pruner.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    fresh = SmallConvNet()
+    fresh.load_state_dict(saved["model"])
+    fresh_pruner = Pruner(fresh)
+    fresh_pruner.load_state_dict(saved["pruner"])
+    for name, mask in pruner.masks.items():
+        assert torch.equal(fresh_pruner.masks[name], mask)
+        assert fresh_pruner.masks[name].dtype == torch.bool
+    optimizer = torch.optim.Adam(fresh.parameters())
+    fresh_pruner.attach(optimizer)
+    train(fresh, optimizer, batch, 5)
+    assert_clean(fresh_pruner, optimizer)
+
+
+def test_load_state_dict_rejects_bad_masks(convnet):
+    pruner = Pruner(convnet)
+    with pytest.raises(ValueError, match="'masks' entry"):
+        pruner.load_state_dict({"weights": {}})
+    with pytest.raises(ValueError, match="not targets of this pruner"):
+        pruner.load_state_dict({"masks": {"fc9.weight": torch.ones(3, dtype=torch.bool)}})
+    with pytest.raises(ValueError, match="bool tensor of shape"):
+        pruner.load_state_dict({"masks": {"fc2.weight": torch.ones(5, 32)}})
+    with pytest.raises(ValueError, match="bool tensor of shape"):
+        pruner.load_state_dict({"masks": {"fc2.weight": torch.ones(4, 4, dtype=torch.bool)}})
+
+
+def test_criterion_returning_bad_masks_is_refused(convnet):
+    pruner = Pruner(convnet)
+    with pytest.raises(ValueError, match="not a target"):
+        pruner.prune(lambda w, m: {"fc9.weight": torch.ones(1, dtype=torch.bool)})
+    with pytest.raises(ValueError, match="bool tensor"):
+        pruner.prune(lambda w, m: {"fc2.weight": torch.ones(5, 32)})
+
+
+def test_dtype_change_after_pruning_and_uint8_masks(convnet, batch):
+    pruner = Pruner(convnet, fast_masks=False)
+    optimizer = torch.optim.SGD(convnet.parameters(), lr=0.1, momentum=0.9)
+    pruner.attach(optimizer)
+    pruner.prune(LayerSparsity(0.5))
+    convnet.double()
+    x, y = batch
+    train(convnet, optimizer, (x.double(), y), 5)
+    assert_clean(pruner, optimizer)
+
+
+def test_remove_detaches_hooks(convnet, batch):
+    pruner = Pruner(convnet)
+    optimizer = torch.optim.SGD(convnet.parameters(), lr=0.1)
+    handle = pruner.attach(optimizer)
+    assert pruner.attach(optimizer) is handle
+    pruner.prune(LayerSparsity(0.5))
+    pruner.remove()
+    train(convnet, optimizer, batch, 2)
+    with pytest.raises(PruningInvariantError):
+        pruner.check()

@@ -1,0 +1,81 @@
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from magprune import DropoutRescaler, LayerSparsity, Pruner, freeze, rescaled_dropout, weight_penalty
+
+
+def test_rescaled_dropout_is_hans_equation_2():
+    assert rescaled_dropout(0.5, 0.09) == pytest.approx(0.15)
+    assert rescaled_dropout(0.5, 1.0) == 0.5
+    with pytest.raises(ValueError, match="p_original"):
+        rescaled_dropout(1.0, 0.5)
+    with pytest.raises(ValueError, match="density"):
+        rescaled_dropout(0.5, 1.5)
+
+
+def test_dropout_rescaler_maps_dropout_to_the_layer_before_it(convnet):
+    pruner = Pruner(convnet)
+    rescaler = DropoutRescaler(convnet, pruner)
+    assert rescaler.mapping == {"drop": "fc1.weight"}
+    pruner.prune(LayerSparsity({"fc1": 0.91}))
+    assert rescaler.apply() == {"drop": pytest.approx(0.5 * 0.09**0.5, abs=1e-3)}
+    pruner.prune(LayerSparsity({"fc1": 0.96}))
+    rates = rescaler.apply()
+    assert convnet.drop.p == rates["drop"]
+    assert convnet.drop.p == pytest.approx(0.5 * 0.04**0.5, abs=1e-3)  # from D_o, not compounded
+    rescaler.restore()
+    assert convnet.drop.p == 0.5
+    assert DropoutRescaler(convnet, pruner, {"drop": "fc2"}).mapping == {"drop": "fc2.weight"}
+    with pytest.raises(ValueError, match="not a dropout module"):
+        DropoutRescaler(convnet, pruner, {"fc1": "fc2"})
+    with pytest.raises(ValueError, match="not a pruned layer"):
+        DropoutRescaler(convnet, pruner, {"drop": "fc9"})
+
+
+def test_weight_penalty_values():
+    a, b = torch.tensor([1.0, -2.0]), torch.tensor([[0.0, 3.0]])
+    assert weight_penalty([a, b], "l1", 0.1).item() == pytest.approx(0.6)
+    assert weight_penalty([a, b], "l2", 0.1).item() == pytest.approx(0.05 * 14)
+    with pytest.raises(ValueError, match="kind must be 'l1' or 'l2'"):
+        weight_penalty([a], "l3", 0.1)
+    with pytest.raises(ValueError, match="strength"):
+        weight_penalty([a], "l1", -1.0)
+
+
+def test_l1_penalty_keeps_pruned_weights_at_zero(convnet, batch):
+    pruner = Pruner(convnet)
+    optimizer = torch.optim.SGD(convnet.parameters(), lr=0.05)
+    pruner.attach(optimizer)
+    pruner.prune(LayerSparsity(0.5))
+    x, y = batch
+    for _ in range(10):
+        optimizer.zero_grad()
+        (F.cross_entropy(convnet(x), y) + weight_penalty(pruner.params.values(), "l1", 1e-3)).backward()
+        optimizer.step()
+    pruner.check()
+
+
+def test_freeze_conv_while_retraining_fc(convnet, batch):
+    optimizer = torch.optim.SGD(convnet.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1)
+    conv_before = convnet.conv1.weight.detach().clone()
+    fc_before = convnet.fc1.weight.detach().clone()
+    x, y = batch
+    with freeze(convnet, "conv"):
+        for _ in range(3):
+            optimizer.zero_grad()
+            F.cross_entropy(convnet(x), y).backward()
+            optimizer.step()
+        assert convnet.conv1.weight.grad is None
+    assert torch.equal(convnet.conv1.weight, conv_before)
+    assert not torch.equal(convnet.fc1.weight, fc_before)
+    assert convnet.conv1.weight.requires_grad
+    handle = freeze(convnet, "fc")
+    assert not convnet.fc1.weight.requires_grad and convnet.conv2.weight.requires_grad
+    handle.remove()
+    assert convnet.fc1.weight.requires_grad
+    with pytest.raises(ValueError, match="no conv layers"):
+        freeze(nn.Linear(2, 2), "conv")
+    with pytest.raises(ValueError, match="kind must be"):
+        freeze(convnet, "rnn")
