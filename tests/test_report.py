@@ -54,3 +54,15 @@ def test_report_without_input_has_no_flops_and_unknown_layer_errors():
     assert report.flops is None and "-" in report.to_text()
     with pytest.raises(ValueError, match="layers: unknown"):
         sparsity_report(LeNet5(), layers=["fc9"])
+
+
+def test_registry_lenets_match_the_paper_counts():
+    from magprune import create_model, list_models
+
+    assert {"lenet-300-100", "lenet-5"} <= set(list_models())
+    lenet5 = sparsity_report(create_model("lenet-5"), torch.zeros(2, 1, 28, 28))
+    assert lenet5.weights == 430_500 and lenet5.flops == 4_586_000
+    mlp = sparsity_report(create_model("lenet-300-100"), torch.zeros(2, 1, 28, 28))
+    assert mlp.weights == 266_200 and mlp.flops == 532_400
+    with pytest.raises(ValueError, match="model must be one of"):
+        create_model("resnet-9000")
