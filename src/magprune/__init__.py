@@ -2,6 +2,7 @@
 
 from magprune.criteria import GlobalSparsity, LayerSparsity, StdThreshold, han2015
 from magprune.masks import OptimizerHandle, Pruner, PruningInvariantError
+from magprune.models import create_model, list_models, register_model
 from magprune.report import SparsityReport, sparsity_report
 from magprune.retrain import DropoutRescaler, freeze, rescaled_dropout, weight_penalty
 from magprune.schedules import GradualCubic, Iterative, OneShot, PruningSchedule
@@ -22,8 +23,11 @@ __all__ = [
     "SparsityReport",
     "StdThreshold",
     "__version__",
+    "create_model",
     "freeze",
     "han2015",
+    "list_models",
+    "register_model",
     "rescaled_dropout",
     "sparsity_report",
     "weight_penalty",
