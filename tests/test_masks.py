@@ -326,3 +326,60 @@ def test_remove_detaches_hooks(convnet, batch):
     train(convnet, optimizer, batch, 2)
     with pytest.raises(PruningInvariantError):
         pruner.check()
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_auto_rezero_is_bit_identical_to_rezeroing_every_step(name, batch):
+    """For the audited optimizers the per-step re-zero is a no-op: skipping it changes no bit."""
+    results = []
+    for rezero in ("auto", "always"):
+        torch.manual_seed(0)
+        model = SmallConvNet().eval()
+        optimizer = OPTIMIZERS[name](model.parameters())
+        train(model, optimizer, batch, 5)
+        pruner = Pruner(model, rezero=rezero, refresh_every=7)
+        handle = pruner.attach(optimizer)
+        assert handle.rezero_every_step is (rezero == "always")
+        pruner.prune(LayerSparsity(0.6))
+        train(model, optimizer, batch, 30)
+        pruner.prune(GlobalSparsity(0.8))
+        train(model, optimizer, batch, 30)
+        assert_clean(pruner, optimizer)
+        results.append([p.detach().clone() for p in model.parameters()])
+    for auto, always in zip(*results, strict=True):
+        assert torch.equal(auto, always)
+
+
+def test_unknown_optimizer_is_rezeroed_every_step(convnet, batch):
+    class Reviving(torch.optim.SGD):
+        """Moves every weight, gradient or not: what a user's optimizer might do."""
+
+        @torch.no_grad()
+        def step(self, closure=None):
+            super().step(closure)
+            for group in self.param_groups:
+                for p in group["params"]:
+                    p.add_(1e-3)
+
+    optimizer = Reviving(convnet.parameters(), lr=0.01)
+    pruner = Pruner(convnet)
+    assert pruner.attach(optimizer).rezero_every_step
+    pruner.prune(LayerSparsity(0.5))
+    train(convnet, optimizer, batch, 5)
+    pruner.check()
+
+
+def test_auto_mode_repairs_a_hand_written_gradient(convnet, batch):
+    optimizer = torch.optim.SGD(convnet.parameters(), lr=0.1)
+    pruner = Pruner(convnet, refresh_every=2)
+    handle = pruner.attach(optimizer)
+    pruner.prune(LayerSparsity(0.5))
+    for p in convnet.parameters():
+        p.grad = torch.ones_like(p)  # bypasses autograd and so the gradient hook
+    optimizer.step()
+    with pytest.warns(RuntimeWarning, match="re-zeroed"):
+        optimizer.step()
+    pruner.check()
+    assert handle.rezero_every_step
+    with pytest.raises(ValueError, match="rezero must be"):
+        Pruner(convnet, rezero="never")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -20,6 +21,14 @@ SECOND_MOMENT_KEYS = frozenset({"exp_avg_sq", "max_exp_avg_sq", "square_avg", "s
 SECOND_MOMENT_FILL = 1.0
 
 STATE_VERSION = 1
+
+# Optimizers whose update at a position holding a zero weight, a zero gradient and clean state is exactly zero
+# (checked line by line against torch.optim, and bit-for-bit by the tests): for them the per-step re-zero is a
+# no-op, so rezero="auto" replaces it with a periodic check. Exact types only: a subclass may change the update.
+AUDITED_OPTIMIZERS: frozenset[type[torch.optim.Optimizer]] = frozenset({
+    torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, torch.optim.RMSprop, torch.optim.Adagrad,
+    torch.optim.Adadelta, torch.optim.Adamax, torch.optim.NAdam, torch.optim.RAdam,
+})
 
 Criterion = Callable[[Mapping[str, Tensor], Mapping[str, Tensor]], Mapping[str, Tensor]]
 
@@ -47,6 +56,11 @@ class Pruner:
             worth of memory per layer but runs ~8x faster than multiplying by a boolean mask on CPU.
         refresh_every: every this many optimizer steps, second-moment state at pruned positions is set back to a
             normal value, before decay could take it into the slow denormal range.
+        rezero: ``"always"`` multiplies the pruned weights back to zero after every optimizer step. ``"auto"``
+            (default) does so for any optimizer except the built-in ones of :data:`AUDITED_OPTIMIZERS`, whose
+            step provably leaves a zero weight with a zero gradient and clean state at exactly zero; for those it
+            checks every ``refresh_every`` steps instead, and if something did revive a weight (say a gradient
+            written by hand, bypassing the gradient hook) it re-zeroes, warns, and re-zeroes every step from then on.
     """
 
     def __init__(
@@ -58,6 +72,7 @@ class Pruner:
         include_bias: bool = False,
         fast_masks: bool = True,
         refresh_every: int = 100,
+        rezero: str = "auto",
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -65,11 +80,14 @@ class Pruner:
             targets = [targets]
         if refresh_every < 1:
             raise ValueError(f"refresh_every must be an integer >= 1, got {refresh_every}")
+        if rezero not in ("auto", "always"):
+            raise ValueError(f"rezero must be 'auto' or 'always', got {rezero!r}")
         self.model = model
         self.params: dict[str, nn.Parameter] = select_parameters(model, targets, layer_types, include_bias)
         self.masks: dict[str, Tensor] = {}
         self.fast_masks = fast_masks
         self.refresh_every = refresh_every
+        self.rezero = rezero
         self._multipliers: dict[str, Tensor] = {}
         self._grad_handles: list[RemovableHandle] = []
         self._optimizers: dict[int, OptimizerHandle] = {}
@@ -263,6 +281,7 @@ class OptimizerHandle:
         self.pruner = pruner
         self.optimizer = optimizer
         self.steps = 0
+        self._unsafe = False
         self._lists: tuple[list[Tensor], list[Tensor]] | None = None
         self._hook = optimizer.register_step_post_hook(self._after_step)
 
@@ -278,20 +297,43 @@ class OptimizerHandle:
         ids = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
         return [name for name, p in self.pruner.params.items() if id(p) in ids and name in self.pruner.masks]
 
+    @property
+    def rezero_every_step(self) -> bool:
+        """Whether pruned weights are multiplied back to zero after every step of this optimizer."""
+        return self.pruner.rezero == "always" or self._unsafe or type(self.optimizer) not in AUDITED_OPTIMIZERS
+
     def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        self.steps += 1
+        periodic = self.steps % self.pruner.refresh_every == 0
+        if self.rezero_every_step:
+            self._rezero()
+        elif periodic and self._revived():
+            self._unsafe = True
+            self.pruner.apply_masks()
+            warnings.warn("pruned weights were nonzero after an optimizer step (was a gradient written without "
+                          "the pruner's hook?); re-zeroed, and re-zeroing after every step from now on",
+                          RuntimeWarning, stacklevel=2)
+        if periodic:
+            self._refresh_second_moments()
+
+    def _weights_and_multipliers(self) -> tuple[list[Tensor], list[Tensor]]:
         if self._lists is None:
             names = self._owned()
             self._lists = ([self.pruner.params[n].data for n in names], [self.pruner._multiplier(n) for n in names])
-        weights, multipliers = self._lists
-        if weights:
-            if self.pruner.fast_masks:
-                torch._foreach_mul_(weights, multipliers)
-            else:
-                for weight, mult in zip(weights, multipliers, strict=True):
-                    weight.mul_(mult)
-        self.steps += 1
-        if self.steps % self.pruner.refresh_every == 0:
-            self._refresh_second_moments()
+        return self._lists
+
+    def _rezero(self) -> None:
+        weights, multipliers = self._weights_and_multipliers()
+        if not weights:
+            return
+        if self.pruner.fast_masks:
+            torch._foreach_mul_(weights, multipliers)
+        else:
+            for weight, mult in zip(weights, multipliers, strict=True):
+                weight.mul_(mult)
+
+    def _revived(self) -> bool:
+        return any(bool((self.pruner.params[n].detach()[~self.pruner.masks[n]]).any()) for n in self._owned())
 
     def _refresh_second_moments(self) -> None:
         for name in self._owned():
