@@ -1,0 +1,109 @@
+"""Plots room: the paper's figures as PNG files (sensitivity curves, accuracy-vs-parameters trade-off, weight
+histograms). matplotlib is imported lazily, with the non-interactive Agg backend."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+
+from magprune.sensitivity import SensitivityResult
+
+CONV_KINDS = ("Conv1d", "Conv2d", "Conv3d")
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: str | os.PathLike) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+    os.replace(tmp, path)
+    return path
+
+
+def plot_sensitivity(result: SensitivityResult, path: str | os.PathLike, *, metric: str = "accuracy (%)",
+                     title: str = "Sensitivity: each layer pruned alone, no retraining") -> Path:
+    """Metric vs % of the layer's weights pruned, one curve per layer; conv and FC layers in separate panels
+    (Han et al. Fig. 6)."""
+    plt = _pyplot()
+    groups = {"CONV layers": [n for n, k in result.kinds.items() if k in CONV_KINDS],
+              "FC layers": [n for n, k in result.kinds.items() if k not in CONV_KINDS]}
+    groups = {name: layers for name, layers in groups.items() if layers}
+    fig, axes = plt.subplots(1, len(groups), figsize=(6 * len(groups), 4.5), squeeze=False, sharey=True)
+    x = [100 * s for s in result.sparsities]
+    for ax, (group, layers) in zip(axes[0], groups.items(), strict=True):
+        for layer in layers:
+            ax.plot(x, [100 * m for m in result.curves[layer]], marker="o", markersize=3, label=layer)
+        ax.axhline(100 * result.baseline, color="grey", linestyle=":", linewidth=1, label="dense")
+        ax.set_title(group)
+        ax.set_xlabel("parameters pruned away (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    axes[0][0].set_ylabel(metric)
+    fig.suptitle(title)
+    path = _save(fig, path)
+    plt.close(fig)
+    return path
+
+
+def plot_tradeoff(curves: Mapping[str, Sequence[tuple[float, float]]], path: str | os.PathLike, *,
+                  title: str = "Accuracy loss vs parameters pruned") -> Path:
+    """Han et al. Fig. 5: accuracy loss (percentage points) vs % parameters pruned, one curve per recipe.
+
+    ``curves`` maps a recipe label ("L2 reg w/ retrain", ...) to (fraction pruned, accuracy loss) points.
+    """
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, points in curves.items():
+        points = sorted(points)
+        ax.plot([100 * p for p, _ in points], [100 * loss for _, loss in points], marker="o", markersize=3,
+                label=label)
+    ax.axhline(0.0, color="grey", linestyle=":", linewidth=1)
+    ax.set_xlabel("parameters pruned away (%)")
+    ax.set_ylabel("accuracy loss (percentage points)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    path = _save(fig, path)
+    plt.close(fig)
+    return path
+
+
+def plot_weight_histograms(stages: Mapping[str, Mapping[str, torch.Tensor]], path: str | os.PathLike, *,
+                           bins: int = 101, title: str = "Weight distribution per layer") -> Path:
+    """One panel per layer, one histogram per stage (e.g. "dense", "pruned", "retrained"), zeros left out of
+    pruned stages so the removed band near zero shows (Han et al. Fig. 7)."""
+    plt = _pyplot()
+    layers = list(next(iter(stages.values())))
+    cols = min(len(layers), 4)
+    rows = -(-len(layers) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.5 * rows), squeeze=False)
+    for ax, layer in zip(axes.flat, layers, strict=False):
+        values = {stage: weights[layer].detach().float().reshape(-1) for stage, weights in stages.items()}
+        bound = max(float(v.abs().max()) for v in values.values()) or 1.0
+        for stage, v in values.items():
+            nonzero = v[v != 0]
+            ax.hist(nonzero.numpy(), bins=bins, range=(-bound, bound), histtype="step", linewidth=1.2,
+                    label=f"{stage} ({nonzero.numel():,} nonzero)")
+        ax.set_title(layer)
+        ax.set_xlabel("weight value")
+        ax.set_ylabel("count")
+        ax.legend(fontsize="x-small")
+    for ax in list(axes.flat)[len(layers):]:
+        ax.axis("off")
+    fig.suptitle(title)
+    fig.tight_layout()
+    path = _save(fig, path)
+    plt.close(fig)
+    return path

@@ -1,0 +1,76 @@
+import struct
+import zlib
+
+import pytest
+import torch
+
+from magprune.demo import DigitsMLP, accuracy, fit, load_digits_split
+from magprune.plots import plot_sensitivity, plot_tradeoff, plot_weight_histograms
+from magprune.sensitivity import evaluate_with_targets, sensitivity_scan
+
+
+@pytest.fixture(scope="module")
+def trained():
+    torch.manual_seed(0)
+    (x_train, y_train), (x_test, y_test) = load_digits_split(0)
+    model = DigitsMLP()
+    fit(model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), x_train, y_train, 8, 32, 0)
+    return model, (lambda m: accuracy(m, x_test, y_test))
+
+
+def assert_png(path):
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = struct.unpack(">II", data[16:24])
+    assert width > 200 and height > 200
+    assert zlib.crc32(data[12:29]) == struct.unpack(">I", data[29:33])[0]  # IHDR chunk intact
+
+
+def test_scan_gives_one_curve_per_layer_and_leaves_the_model_alone(trained):
+    model, evaluate = trained
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    grid = [0.0, 0.5, 0.9, 0.99]
+    result = sensitivity_scan(model, evaluate, grid)
+    assert list(result.curves) == ["fc1", "fc2", "fc3"]
+    assert all(len(curve) == len(grid) for curve in result.curves.values())
+    assert result.curves["fc1"][0] == result.baseline  # sparsity 0 is the dense model
+    assert result.curves["fc1"][-1] < result.baseline  # 99% of fc1 pruned hurts
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
+    assert len(result.as_rows()) == 3 * len(grid)
+
+
+def test_workers_give_the_same_curves(trained):
+    model, evaluate = trained
+    grid = [0.0, 0.8, 0.95]
+    assert sensitivity_scan(model, evaluate, grid, workers=2).curves == sensitivity_scan(model, evaluate, grid).curves
+
+
+def test_recommendation_meets_the_budget_on_the_model(trained):
+    model, evaluate = trained
+    result = sensitivity_scan(model, evaluate, [0.0, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95])
+    budget = 0.01
+    targets = result.recommend(budget, model, evaluate)
+    assert set(targets) == {"fc1", "fc2", "fc3"} and max(targets.values()) > 0
+    assert result.baseline - evaluate_with_targets(model, evaluate, targets) <= budget
+    alone = result.recommend(budget)
+    assert all(targets[k] <= alone[k] for k in targets)
+    with pytest.raises(ValueError, match="max_drop"):
+        result.recommend(-1)
+
+
+def test_bad_grid():
+    model = DigitsMLP()
+    with pytest.raises(ValueError, match=r"sparsities\[1\] must be a sparsity"):
+        sensitivity_scan(model, lambda m: 1.0, [0.0, 1.0])
+
+
+def test_figures_are_valid_pngs(trained, tmp_path):
+    model, evaluate = trained
+    result = sensitivity_scan(model, evaluate, [0.0, 0.5, 0.9])
+    assert_png(plot_sensitivity(result, tmp_path / "sens.png"))
+    assert_png(plot_tradeoff({"L2 w/ retrain": [(0.5, 0.0), (0.9, 0.01)], "L1 w/o retrain": [(0.5, 0.02)]},
+                             tmp_path / "tradeoff.png"))
+    weights = {n: p.detach() for n, p in model.named_parameters() if n.endswith("weight")}
+    pruned = {n: w * (w.abs() > w.abs().median()) for n, w in weights.items()}
+    assert_png(plot_weight_histograms({"dense": weights, "pruned": pruned}, tmp_path / "hist.png"))
+    assert not list(tmp_path.glob("*.tmp"))
