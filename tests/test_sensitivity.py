@@ -74,3 +74,40 @@ def test_figures_are_valid_pngs(trained, tmp_path):
     pruned = {n: w * (w.abs() > w.abs().median()) for n, w in weights.items()}
     assert_png(plot_weight_histograms({"dense": weights, "pruned": pruned}, tmp_path / "hist.png"))
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_tradeoff_curves_on_digits():
+    from magprune.retrain import weight_penalty
+    from magprune.tradeoff import tradeoff_curves
+
+    (x_train, y_train), (x_test, y_test) = load_digits_split(0)
+
+    def train(model, optimizer, reg, epochs, pruner=None):
+        g = torch.Generator().manual_seed(0)
+        params = list(pruner.params.values()) if pruner else [model.fc1.weight, model.fc2.weight, model.fc3.weight]
+        for _ in range(epochs):
+            for idx in torch.randperm(len(y_train), generator=g).split(64):
+                optimizer.zero_grad()
+                loss = torch.nn.functional.cross_entropy(model(x_train[idx]), y_train[idx])
+                (loss + weight_penalty(params, reg, 1e-4)).backward()
+                optimizer.step()
+
+    def make_dense(reg):
+        torch.manual_seed(0)
+        model = DigitsMLP()
+        train(model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), reg, 6)
+        return model
+
+    def retrain(model, pruner, reg):
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.005, momentum=0.9)
+        pruner.attach(optimizer)
+        train(model, optimizer, reg, 2, pruner)
+
+    curves, dense = tradeoff_curves(make_dense, retrain, lambda m: accuracy(m, x_test, y_test), [0.5, 0.9, 0.97])
+    assert set(curves) == {"L1 reg w/o retrain", "L1 reg w/ retrain", "L2 reg w/o retrain", "L2 reg w/ retrain",
+                           "L2 reg, iterative prune and retrain"}
+    assert all([s for s, _ in points] == [0.5, 0.9, 0.97] for points in curves.values())
+    assert set(dense) == {"l1", "l2"}
+    # the harshest pruning without retraining costs accuracy, and retraining wins most of it back
+    assert curves["L2 reg w/o retrain"][-1][1] > 0.05
+    assert curves["L2 reg w/ retrain"][-1][1] < curves["L2 reg w/o retrain"][-1][1]
