@@ -303,6 +303,10 @@ def test_criterion_returning_bad_masks_is_refused(convnet):
         pruner.prune(lambda w, m: {"fc9.weight": torch.ones(1, dtype=torch.bool)})
     with pytest.raises(ValueError, match="bool tensor"):
         pruner.prune(lambda w, m: {"fc2.weight": torch.ones(5, 32)})
+    before = convnet.fc1.weight.detach().clone()
+    with pytest.raises(ValueError, match="bool tensor"):
+        pruner.prune(lambda w, m: {"fc1.weight": torch.zeros(32, 96, dtype=torch.bool), "fc2.weight": None})
+    assert torch.equal(convnet.fc1.weight, before) and not pruner.masks  # nothing half-applied
 
 
 def test_dtype_change_after_pruning_and_uint8_masks(convnet, batch):

@@ -108,6 +108,14 @@ class Pruner:
         proposed = criterion(weights, self.masks)
         if not isinstance(proposed, Mapping):
             raise TypeError(f"a criterion must return a mapping of name -> bool keep-mask, got {type(proposed)}")
+        for name, keep in proposed.items():  # all checked before any is applied: no half-done prune
+            if name not in self.params:
+                raise ValueError(f"criterion returned a mask for {name!r}, which is not a target of this pruner; "
+                                 f"targets: {sorted(self.params)}")
+            shape = self.params[name].shape
+            if not isinstance(keep, Tensor) or keep.dtype != torch.bool or keep.shape != shape:
+                raise ValueError(f"mask for {name!r} must be a bool tensor of shape {tuple(shape)}, got "
+                                 f"{getattr(keep, 'dtype', type(keep))} {tuple(getattr(keep, 'shape', ()))}")
         with torch.no_grad():
             for name, keep in proposed.items():
                 self._update_mask(name, keep, regrow)
@@ -115,13 +123,7 @@ class Pruner:
         return self.densities()
 
     def _update_mask(self, name: str, keep: Tensor, regrow: bool) -> None:
-        if name not in self.params:
-            raise ValueError(f"criterion returned a mask for {name!r}, which is not a target of this pruner; "
-                             f"targets: {sorted(self.params)}")
         param = self.params[name]
-        if not isinstance(keep, Tensor) or keep.dtype != torch.bool or keep.shape != param.shape:
-            raise ValueError(f"mask for {name!r} must be a bool tensor of shape {tuple(param.shape)}, got "
-                             f"{getattr(keep, 'dtype', type(keep))} {tuple(getattr(keep, 'shape', ()))}")
         keep = keep.to(param.device)
         old = self.masks.get(name)
         if old is None:
