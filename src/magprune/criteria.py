@@ -18,12 +18,18 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import Tensor
 
-CHUNK = 1 << 22  # elements per temporary chunk (16 MB of fp32)
+CHUNK = 1 << 18  # elements per temporary chunk (1 MB of fp32)
 
 # Han et al. 2015, Tables 2-3: fraction of weights kept per layer, keyed by the module names of magprune's models.
 HAN2015_DENSITIES: dict[str, dict[str, float]] = {
     "lenet-300-100": {"fc1": 0.08, "fc2": 0.09, "fc3": 0.26},
     "lenet-5": {"conv1": 0.66, "conv2": 0.12, "fc1": 0.08, "fc2": 0.19},
+    # AlexNet's Table 4 calls fc6..fc8 "fc1..fc3"; magprune's AlexNet keeps Caffe's names.
+    "alexnet": {"conv1": 0.84, "conv2": 0.38, "conv3": 0.35, "conv4": 0.37, "conv5": 0.37,
+                "fc6": 0.09, "fc7": 0.09, "fc8": 0.25},
+    "vgg-16": {"conv1_1": 0.58, "conv1_2": 0.22, "conv2_1": 0.34, "conv2_2": 0.36, "conv3_1": 0.53,
+               "conv3_2": 0.24, "conv3_3": 0.42, "conv4_1": 0.32, "conv4_2": 0.27, "conv4_3": 0.34,
+               "conv5_1": 0.35, "conv5_2": 0.29, "conv5_3": 0.36, "fc6": 0.04, "fc7": 0.04, "fc8": 0.23},
 }
 
 
@@ -260,7 +266,8 @@ class GlobalSparsity:
 
 
 def han2015(network: str) -> LayerSparsity:
-    """Han et al. 2015's published per-layer densities as a criterion: ``"lenet-300-100"`` or ``"lenet-5"``."""
+    """Han et al. 2015's published per-layer densities as a criterion, keyed by the layer names of magprune's
+    models: ``"lenet-300-100"``, ``"lenet-5"``, ``"alexnet"`` or ``"vgg-16"``."""
     if network not in HAN2015_DENSITIES:
         raise ValueError(f"network must be one of {sorted(HAN2015_DENSITIES)}, got {network!r}")
     return LayerSparsity.from_densities(HAN2015_DENSITIES[network])

@@ -123,33 +123,32 @@ class Pruner:
         return self.densities()
 
     def _update_mask(self, name: str, keep: Tensor, regrow: bool) -> None:
+        # Everything here works chunk by chunk on the boolean masks: no temporary as large as the weight (a
+        # float copy of the mask, or even ~mask) is made, so pruning a VGG-16 needs about the masks' memory.
         param = self.params[name]
         keep = keep.to(param.device)
         old = self.masks.get(name)
-        if old is None:
-            new, newly_pruned, regrown = keep.clone(), ~keep, None
-        elif regrow:
-            new, newly_pruned, regrown = keep.clone(), old & ~keep, keep & ~old
-        else:
-            new = old & keep
-            newly_pruned, regrown = old & ~new, None
-        self.masks[name] = new
-        self._multipliers.pop(name, None)
-        param.mul_(new)
-        if param.grad is not None:
-            param.grad.mul_(new)
         for attached in self._optimizers.values():
-            attached.reset_state(param, newly_pruned, regrown)
-            attached.invalidate()
+            attached.reset_state(param, keep, old, regrow)
+        if old is None or regrow:
+            self.masks[name] = keep  # criteria return fresh masks: the pruner takes ownership
+        else:
+            old &= keep
+        self._multipliers.pop(name, None)
+        fill_dropped(param, self.masks[name], 0.0)
+        if param.grad is not None:
+            fill_dropped(param.grad, self.masks[name], 0.0)
 
     def apply_masks(self) -> None:
         """Zero every pruned weight (and its gradient), e.g. after loading weights from elsewhere."""
         with torch.no_grad():
-            for name in self.masks:
+            for name, mask in self.masks.items():
                 param = self.params[name]
-                param.mul_(self._multiplier(name))
+                if mask.device != param.device:
+                    mask = self.masks[name] = mask.to(param.device)
+                fill_dropped(param, mask, 0.0)
                 if param.grad is not None:
-                    param.grad.mul_(self._multiplier(name))
+                    fill_dropped(param.grad, mask, 0.0)
 
     # ---------------------------------------------------------------- training hooks
     def attach(self, optimizer: torch.optim.Optimizer) -> OptimizerHandle:
@@ -167,7 +166,7 @@ class Pruner:
         attached = OptimizerHandle(self, optimizer)
         self._optimizers[key] = attached
         for name, mask in self.masks.items():
-            attached.reset_state(self.params[name], ~mask, None)
+            attached.reset_state(self.params[name], mask, None)
         self._install_grad_hooks()
         return attached
 
@@ -206,14 +205,15 @@ class Pruner:
 
     # ---------------------------------------------------------------- inspection
     def densities(self) -> dict[str, float]:
+        # count_nonzero, not sum(): summing a bool tensor makes an int64 copy, 8 bytes per weight.
         """Fraction of entries kept, per targeted parameter (1.0 where nothing is pruned)."""
-        return {name: (self.masks[name].sum().item() / p.numel()) if name in self.masks else 1.0
+        return {name: (int(self.masks[name].count_nonzero()) / p.numel()) if name in self.masks else 1.0
                 for name, p in self.params.items()}
 
     def sparsity(self) -> float:
         """Fraction of all targeted entries that are pruned."""
         total = sum(p.numel() for p in self.params.values())
-        kept = sum(int(self.masks[n].sum()) if n in self.masks else p.numel() for n, p in self.params.items())
+        kept = sum(int(self.masks[n].count_nonzero()) if n in self.masks else p.numel() for n, p in self.params.items())
         return 1.0 - kept / total
 
     def check(self, optimizer: torch.optim.Optimizer | None = None) -> None:
@@ -267,7 +267,7 @@ class Pruner:
         self.apply_masks()
         for attached in self._optimizers.values():
             for name, mask in self.masks.items():
-                attached.reset_state(self.params[name], ~mask, None)
+                attached.reset_state(self.params[name], mask, None)
             attached.invalidate()
         self._install_grad_hooks()
 
@@ -340,13 +340,13 @@ class OptimizerHandle:
     def _refresh_second_moments(self) -> None:
         for name in self._owned():
             param = self.pruner.params[name]
-            pruned = ~self.pruner.masks[name]
             for key, value in self.optimizer.state.get(param, {}).items():
                 if key in SECOND_MOMENT_KEYS and isinstance(value, Tensor) and value.shape == param.shape:
-                    value.masked_fill_(pruned, SECOND_MOMENT_FILL)
+                    fill_dropped(value, self.pruner.masks[name], SECOND_MOMENT_FILL)
 
-    def reset_state(self, param: Tensor, pruned: Tensor, regrown: Tensor | None) -> None:
-        """Clear this optimizer's per-parameter state at ``pruned`` (and ``regrown``) positions."""
+    def reset_state(self, param: Tensor, keep: Tensor, old: Tensor | None, regrow: bool = False) -> None:
+        """Clear this optimizer's state where ``keep`` drops what ``old`` kept (and, with ``regrow``, where it
+        brings back what ``old`` dropped: those restart from zero like a fresh parameter)."""
         state = self.optimizer.state.get(param)
         if not state:
             return
@@ -354,13 +354,30 @@ class OptimizerHandle:
             for key, value in state.items():
                 if not isinstance(value, Tensor) or value.shape != param.shape or not value.is_floating_point():
                     continue
-                if key in SECOND_MOMENT_KEYS:
-                    value.masked_fill_(pruned, SECOND_MOMENT_FILL)
-                else:
-                    value.masked_fill_(pruned, 0.0)
-                if regrown is not None:
-                    value.masked_fill_(regrown, 0.0)
+                fill = SECOND_MOMENT_FILL if key in SECOND_MOMENT_KEYS else 0.0
+                fill_dropped(value, keep, fill, old)
+                if regrow and old is not None:
+                    fill_dropped(value, old, 0.0, keep)
         self.invalidate()
+
+
+CHUNK = 1 << 18  # elements per temporary chunk
+
+
+def fill_dropped(tensor: Tensor, keep: Tensor, value: float, old: Tensor | None = None) -> None:
+    """``tensor[old & ~keep] = value`` (``old`` defaults to all-true), chunk by chunk, in place."""
+    if not tensor.is_contiguous():
+        dropped = ~keep if old is None else old & ~keep
+        tensor.masked_fill_(dropped, value)
+        return
+    flat, flat_keep = tensor.view(-1), keep.reshape(-1)
+    flat_old = None if old is None else old.reshape(-1)
+    for start in range(0, flat.numel(), CHUNK):
+        stop = start + CHUNK
+        dropped = ~flat_keep[start:stop]
+        if flat_old is not None:
+            dropped &= flat_old[start:stop]
+        flat[start:stop].masked_fill_(dropped, value)
 
 
 def select_parameters(

@@ -76,3 +76,90 @@ class LeNet5(nn.Module):
 
 register_model("lenet-300-100")(LeNet300100)
 register_model("lenet-5")(LeNet5)
+
+
+class AlexNet(nn.Module):
+    """AlexNet as in Caffe BVLC: 96 conv1 filters, grouped conv2/4/5, LRN, dropout on fc6/fc7 (61M weights).
+
+    Layer names follow Caffe (conv1..conv5, fc6..fc8), so Han et al.'s per-layer densities key onto them.
+    Input 3x227x227.
+    """
+
+    def __init__(self, num_classes: int = 1000, dropout: float = 0.5) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 96, 11, stride=4)
+        self.conv2 = nn.Conv2d(96, 256, 5, padding=2, groups=2)
+        self.conv3 = nn.Conv2d(256, 384, 3, padding=1)
+        self.conv4 = nn.Conv2d(384, 384, 3, padding=1, groups=2)
+        self.conv5 = nn.Conv2d(384, 256, 3, padding=1, groups=2)
+        self.norm = nn.LocalResponseNorm(5, alpha=1e-4, beta=0.75)
+        self.pool = nn.MaxPool2d(3, stride=2)
+        self.relu = nn.ReLU()
+        self.fc6 = nn.Linear(256 * 6 * 6, 4096)
+        self.drop6 = nn.Dropout(dropout)
+        self.fc7 = nn.Linear(4096, 4096)
+        self.drop7 = nn.Dropout(dropout)
+        self.fc8 = nn.Linear(4096, num_classes)
+
+    def forward(self, x):
+        x = self.norm(self.pool(self.relu(self.conv1(x))))
+        x = self.norm(self.pool(self.relu(self.conv2(x))))
+        x = self.relu(self.conv3(x))
+        x = self.relu(self.conv4(x))
+        x = self.pool(self.relu(self.conv5(x)))
+        x = self.drop6(self.relu(self.fc6(x.flatten(1))))
+        x = self.drop7(self.relu(self.fc7(x)))
+        return self.fc8(x)
+
+
+VGG16_PLAN: tuple[tuple[str, int], ...] = (
+    ("conv1_1", 64), ("conv1_2", 64), ("pool", 0),
+    ("conv2_1", 128), ("conv2_2", 128), ("pool", 0),
+    ("conv3_1", 256), ("conv3_2", 256), ("conv3_3", 256), ("pool", 0),
+    ("conv4_1", 512), ("conv4_2", 512), ("conv4_3", 512), ("pool", 0),
+    ("conv5_1", 512), ("conv5_2", 512), ("conv5_3", 512), ("pool", 0),
+)
+
+
+class VGG16(nn.Module):
+    """VGG-16 (configuration D) with Caffe layer names conv1_1..conv5_3, fc6..fc8.
+
+    ``image_size=224`` is the ImageNet network (138M weights, 30.9 GFLOP); ``image_size=32`` with ``hidden=512``
+    is the usual CIFAR-size variant (15M weights).
+    """
+
+    def __init__(self, num_classes: int = 1000, image_size: int = 224, hidden: int = 4096,
+                 dropout: float = 0.5) -> None:
+        super().__init__()
+        if image_size % 32:
+            raise ValueError(f"image_size must be a multiple of 32, got {image_size}")
+        channels = 3
+        for name, out in VGG16_PLAN:
+            if out:
+                setattr(self, name, nn.Conv2d(channels, out, 3, padding=1))
+                channels = out
+        self.pool = nn.MaxPool2d(2)
+        self.relu = nn.ReLU()
+        side = image_size // 32
+        self.fc6 = nn.Linear(512 * side * side, hidden)
+        self.drop6 = nn.Dropout(dropout)
+        self.fc7 = nn.Linear(hidden, hidden)
+        self.drop7 = nn.Dropout(dropout)
+        self.fc8 = nn.Linear(hidden, num_classes)
+
+    def forward(self, x):
+        for name, out in VGG16_PLAN:
+            x = self.relu(getattr(self, name)(x)) if out else self.pool(x)
+        x = self.drop6(self.relu(self.fc6(x.flatten(1))))
+        x = self.drop7(self.relu(self.fc7(x)))
+        return self.fc8(x)
+
+
+register_model("alexnet")(AlexNet)
+register_model("vgg-16")(VGG16)
+
+
+@register_model("vgg-16-cifar")
+def vgg16_cifar(num_classes: int = 10, dropout: float = 0.5) -> VGG16:
+    """VGG-16 for 32x32 inputs: the same 13 conv layers, a 512-512 classifier."""
+    return VGG16(num_classes=num_classes, image_size=32, hidden=512, dropout=dropout)

@@ -1,0 +1,161 @@
+"""Time and peak extra memory of pruning a VGG-16-size model: magprune vs torch.nn.utils.prune.
+
+Each case runs in a fresh subprocess: build the model (random init), reset the peak-RSS counter
+(/proc/self/clear_refs), prune, read the peak (VmHWM). "Extra memory" is that peak minus the RSS before pruning,
+divided by the model's size in fp32 bytes. Cases:
+
+- magprune, Han et al.'s per-layer densities (``han2015("vgg-16")``)
+- magprune, global magnitude sparsity 92.5% (``GlobalSparsity``)
+- torch.nn.utils.prune.l1_unstructured per layer at Han's densities
+- torch.nn.utils.prune.global_unstructured (L1) at 92.5%
+
+    python benchmarks/scale.py            # VGG-16 ImageNet (138M weights; ~10 GB peak for the torch global case)
+    python benchmarks/scale.py --quick    # VGG-16 CIFAR-size (15M weights)
+
+Writes benchmarks/results/scale.json and scale.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+GLOBAL_SPARSITY = 0.925  # Han's VGG-16 total: 7.5% of weights kept
+CASES = ["magprune-han2015", "magprune-global", "torch-l1-per-layer", "torch-global-l1"]
+
+
+def _rss_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def run_case(case: str, model_name: str) -> dict:
+    """Runs inside the child process."""
+    import torch
+    from torch.nn.utils import prune as torch_prune
+
+    import magprune
+    from magprune.criteria import HAN2015_DENSITIES
+
+    torch.manual_seed(0)
+    model = magprune.create_model(model_name)
+    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)))
+    densities = HAN2015_DENSITIES["vgg-16"]
+    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+    before = _rss_kb("VmRSS")
+    start = time.perf_counter()
+    if case == "magprune-han2015":
+        pruner = magprune.Pruner(model)
+        pruner.prune(magprune.han2015("vgg-16"))
+        kept = 1 - pruner.sparsity()
+    elif case == "magprune-global":
+        pruner = magprune.Pruner(model)
+        pruner.prune(magprune.GlobalSparsity(GLOBAL_SPARSITY))
+        kept = 1 - pruner.sparsity()
+    elif case == "torch-l1-per-layer":
+        for layer, density in densities.items():
+            torch_prune.l1_unstructured(model.get_submodule(layer), "weight", amount=1 - density)
+        kept = sum(int(model.get_submodule(n).weight_mask.sum()) for n in densities) / weights
+    elif case == "torch-global-l1":
+        params = [(model.get_submodule(n), "weight") for n in densities]
+        torch_prune.global_unstructured(params, pruning_method=torch_prune.L1Unstructured, amount=GLOBAL_SPARSITY)
+        kept = sum(int(model.get_submodule(n).weight_mask.sum()) for n in densities) / weights
+    else:
+        raise ValueError(f"case must be one of {CASES}, got {case!r}")
+    seconds = time.perf_counter() - start
+    peak = _rss_kb("VmHWM")
+    return {"case": case, "model": model_name, "weights": weights, "model_bytes": model_bytes,
+            "seconds": seconds, "extra_bytes": (peak - before) * 1024,
+            "extra_over_model": (peak - before) * 1024 / model_bytes, "density": kept}
+
+
+def machine() -> dict:
+    import platform
+
+    import torch
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), "unknown")
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(os.sysconf("SC_PAGE_SIZE")
+            * os.sysconf("SC_PHYS_PAGES") / 2**30, 1), "platform": platform.platform(),
+            "python": sys.version.split()[0], "torch": torch.__version__, "loadavg": list(os.getloadavg())}
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="CIFAR-size VGG-16 instead of ImageNet's")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--case", help=argparse.SUPPRESS)
+    parser.add_argument("--model", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.case:  # child process
+        print(json.dumps(run_case(args.case, args.model)))
+        return {}
+    model_name = "vgg-16-cifar" if args.quick else "vgg-16"
+    rows = []
+    for case in CASES:
+        child = subprocess.run([sys.executable, __file__, "--case", case, "--model", model_name],
+                               capture_output=True, text=True, timeout=1800)
+        if child.returncode:
+            rows.append({"case": case, "model": model_name, "error": child.stderr.strip().splitlines()[-1:]})
+        else:
+            rows.append(json.loads(child.stdout.strip().splitlines()[-1]))
+        row = rows[-1]
+        print(f"{case:20s} " + (f"{row['seconds']:7.2f} s  extra memory {row['extra_over_model']:.3f}x model  "
+                                f"density {row['density']:.4f}" if "error" not in row else f"failed: {row['error']}"),
+              flush=True)
+    by_case = {r["case"]: r for r in rows if "error" not in r}
+    ratios = {}
+    for ours, theirs in (("magprune-han2015", "torch-l1-per-layer"), ("magprune-global", "torch-global-l1")):
+        if ours in by_case and theirs in by_case:
+            ratios[f"{theirs} / {ours}"] = {
+                "time": by_case[theirs]["seconds"] / by_case[ours]["seconds"],
+                "extra_memory": by_case[theirs]["extra_bytes"] / max(by_case[ours]["extra_bytes"], 1)}
+    result = {"command": "python benchmarks/scale.py" + (" --quick" if args.quick else ""), "machine": machine(),
+              "rows": rows, "ratios": ratios}
+    markdown = to_markdown(result)
+    args.out.mkdir(parents=True, exist_ok=True)
+    suffix = "-quick" if args.quick else ""
+    _write(args.out / f"scale{suffix}.json", json.dumps(result, indent=2))
+    _write(args.out / f"scale{suffix}.md", markdown)
+    print()
+    print(markdown)
+    return result
+
+
+def to_markdown(result: dict) -> str:
+    m = result["machine"]
+    lines = ["# Pruning at VGG-16 scale: time and peak extra memory", "",
+             f"Command: `{result['command']}`  ",
+             f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, torch {m['torch']}, Python "
+             f"{m['python']}; load average at the end: {m['loadavg']}", "",
+             "| case | model | weights | time (s) | peak extra memory | x model size | density |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for r in result["rows"]:
+        if "error" in r:
+            lines.append(f"| {r['case']} | {r['model']} | | failed: {r['error']} | | | |")
+            continue
+        lines.append(f"| {r['case']} | {r['model']} | {r['weights']:,} | {r['seconds']:.2f} | "
+                     f"{r['extra_bytes'] / 2**20:,.0f} MiB | {r['extra_over_model']:.3f} | {r['density']:.4f} |")
+    lines += ["", "| ratio (torch / magprune) | time | extra memory |", "| --- | ---: | ---: |"]
+    lines += [f"| {k} | {v['time']:.1f}x | {v['extra_memory']:.1f}x |" for k, v in result["ratios"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+if __name__ == "__main__":
+    main()
