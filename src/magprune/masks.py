@@ -102,6 +102,9 @@ class Pruner:
         weights are zeroed, and the state of every attached optimizer is reset at the newly pruned positions
         (and, with ``regrow``, at regrown positions, which restart from zero like a fresh parameter).
 
+        Under ``torch.distributed`` (e.g. DDP launched by ``torchrun``) the masks of rank 0 are broadcast to every
+        rank, so all ranks prune exactly the same connections even if their weights differed in the last bit.
+
         Returns the density (fraction kept) of every targeted parameter.
         """
         weights = {name: p.detach() for name, p in self.params.items()}
@@ -116,6 +119,7 @@ class Pruner:
             if not isinstance(keep, Tensor) or keep.dtype != torch.bool or keep.shape != shape:
                 raise ValueError(f"mask for {name!r} must be a bool tensor of shape {tuple(shape)}, got "
                                  f"{getattr(keep, 'dtype', type(keep))} {tuple(getattr(keep, 'shape', ()))}")
+        proposed = _broadcast_from_rank0(proposed)
         with torch.no_grad():
             for name, keep in proposed.items():
                 self._update_mask(name, keep, regrow)
@@ -362,6 +366,27 @@ class OptimizerHandle:
 
 
 CHUNK = 1 << 18  # elements per temporary chunk
+
+
+def _broadcast_from_rank0(masks: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return masks
+    names = sorted(masks)
+    gathered = [None]
+    if dist.get_rank() == 0:
+        gathered = [names]
+    dist.broadcast_object_list(gathered, src=0)
+    if gathered[0] != names:
+        raise RuntimeError(f"ranks disagree on which layers to prune: rank 0 has {gathered[0]}, this rank {names}")
+    synced = {}
+    for name in names:
+        # NCCL cannot broadcast bool; a uint8 view shares the storage
+        mask = masks[name].contiguous()
+        dist.broadcast(mask.view(torch.uint8), src=0)
+        synced[name] = mask
+    return synced
 
 
 def fill_dropped(tensor: Tensor, keep: Tensor, value: float, old: Tensor | None = None) -> None:
