@@ -45,14 +45,18 @@ DATASETS: dict[str, IdxDataset] = {
     "fashion-mnist": IdxDataset(
         name="fashion-mnist",
         mirrors=("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",),
-        # No published sha256 known to us: downloads are checked for a valid IDX layout and size only.
-        files=dict.fromkeys(("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
-                             "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"), ""),
+        # sha256 of the decompressed files of Debian's dataset-fashion-mnist (0.0~git20200523), the upstream release.
+        files={
+            "train-images-idx3-ubyte": "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
+            "train-labels-idx1-ubyte": "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
+            "t10k-images-idx3-ubyte": "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
+            "t10k-labels-idx1-ubyte": "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
+        },
     ),
 }
 
 # Debian's dataset-fashion-mnist package puts the files here.
-SYSTEM_DIRS = {"fashion-mnist": (Path("/usr/share/dataset-fashion-mnist"), Path("/usr/share/fashion-mnist"))}
+SYSTEM_DIRS = {"fashion-mnist": (Path("/usr/share/datasets/fashion-mnist"),)}
 
 DATASET_NAMES = ("digits", *DATASETS)
 

@@ -18,7 +18,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import Tensor, nn
 
-from magprune.config import ExperimentConfig, PruneStep, from_dict
+from magprune.config import ConfigError, ExperimentConfig, PruneStep, from_dict
 from magprune.criteria import GlobalSparsity, LayerSparsity, StdThreshold, han2015
 from magprune.data import load_dataset, write_atomic
 from magprune.masks import Pruner
@@ -158,7 +158,7 @@ def run_experiment(config: ExperimentConfig, run_dir: str | Path, *, data_dir: s
              f"test error before retraining {100 * pruned_error:.2f}%")
         if rescaler is not None and step.retrain.dropout_rescale:
             rescaler.apply()
-        frozen = freeze(model, step.retrain.freeze) if step.retrain.freeze != "none" else None
+        frozen = _freeze(model, step.retrain.freeze, f"prune[{i - 1}].retrain.freeze")
         try:
             fit(model, train, test, config.train, lr=config.train.lr * step.retrain.lr_fraction,
                 epochs=step.retrain.epochs, seed=config.seed + i, stage=f"retrain-{i}", penalized=penalized,
@@ -209,6 +209,19 @@ def run_experiment(config: ExperimentConfig, run_dir: str | Path, *, data_dir: s
          f"{summary['params_before']:,} -> {summary['params_after']:,} ({summary['compression']:.1f}x), "
          f"{summary['wall_seconds']:.0f} s; run directory {run_dir}")
     return summary
+
+
+def _freeze(model: nn.Module, kind: str, where: str) -> Any:
+    if kind == "none":
+        return None
+    try:
+        frozen = freeze(model, kind)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: cannot freeze {kind!r} layers: {exc}") from exc
+    if not any(p.requires_grad for p in model.parameters()):
+        frozen.remove()
+        raise ConfigError(f"{where}: freezing the {kind!r} layers of {type(model).__name__} leaves nothing to train")
+    return frozen
 
 
 def _k(value: int | None) -> str:
