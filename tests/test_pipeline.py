@@ -74,6 +74,7 @@ def test_cli_bad_config_is_one_line_and_exit_2(tmp_path):
     done = cli("run", str(TINY), "--set", "data.dataset=mnist", "--data-dir", str(tmp_path), "--out",
                str(tmp_path / "r2"))
     assert done.returncode == 2 and str(tmp_path) in done.stderr and "train-images-idx3-ubyte" in done.stderr
+    assert not (tmp_path / "r2").exists()  # nothing written when the data is missing
     done = cli("report", str(tmp_path))
     assert done.returncode == 2 and "summary.json" in done.stderr
     for command in ([], ["run"], ["report"], ["demo"]):

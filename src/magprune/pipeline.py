@@ -114,14 +114,14 @@ def run_experiment(config: ExperimentConfig, run_dir: str | Path, *, data_dir: s
     """Train, prune and retrain as ``config`` says, writing everything into ``run_dir``; returns the summary."""
     start = time.perf_counter()
     run_dir = Path(run_dir)
-    writer = RunWriter(run_dir, config.output.checkpoints)
-    write_atomic(run_dir / "config.yaml", config.to_yaml().encode())
     load_average_start = machine_info()["load_average"]
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
-
+    # data first: a missing file should fail before anything is written
     train, test = load_dataset(config.data.dataset, data_dir or config.data.dir,
                                download_missing=config.data.download, seed=config.seed)
+    writer = RunWriter(run_dir, config.output.checkpoints)
+    write_atomic(run_dir / "config.yaml", config.to_yaml().encode())
     echo(f"{config.name}: {config.model.name} on {config.data.dataset} "
          f"({len(train[1])} train / {len(test[1])} test)")
     torch.manual_seed(config.seed)
