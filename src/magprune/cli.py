@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import magprune
 
@@ -14,6 +15,34 @@ def _demo(args: argparse.Namespace) -> int:
 
     run_demo(q=args.q, rounds=args.rounds, epochs=args.epochs, retrain_epochs=args.retrain_epochs, seed=args.seed)
     return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from magprune.config import load_config
+    from magprune.pipeline import run_experiment
+
+    config = load_config(args.config, args.set)
+    run_dir = Path(args.out or config.output.dir or Path("runs") / Path(args.config).stem)
+    if (run_dir / "config.yaml").exists() and not args.force:
+        raise UsageError(f"run directory {run_dir} already holds a run; pass --force to overwrite or --out elsewhere")
+    run_experiment(config, run_dir, data_dir=args.data_dir, progress=not args.no_progress)
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    import json
+
+    from magprune.pipeline import render_report
+
+    summary = Path(args.run_dir) / "summary.json"
+    if not summary.is_file():
+        raise UsageError(f"{args.run_dir} is not a finished run directory: summary.json is missing")
+    print(render_report(json.loads(summary.read_text())))
+    return 0
+
+
+class UsageError(ValueError):
+    """Bad input from the command line: reported in one line, exit status 2."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,6 +61,24 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--retrain-epochs", type=int, default=20, help="retraining epochs per round (default 20)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     demo.set_defaults(func=_demo)
+
+    run = commands.add_parser("run", help="train, prune and retrain as an experiment config says",
+                              description="Run Han et al.'s train -> prune -> retrain pipeline from a YAML config "
+                              "and write a run directory (config, metrics, checkpoints, model, masks, report.md).")
+    run.add_argument("config", help="YAML experiment config (see configs/)")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a config value by dotted key, e.g. --set train.epochs=2 --set prune.0.q=1.2")
+    run.add_argument("--out", metavar="RUN_DIR", help="run directory (default: output.dir or runs/<config name>)")
+    run.add_argument("--data-dir", metavar="DIR",
+                     help="directory with the IDX files (default: data.dir, else $MAGPRUNE_DATA)")
+    run.add_argument("--force", action="store_true", help="overwrite an existing run directory")
+    run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    run.set_defaults(func=_run)
+
+    report = commands.add_parser("report", help="print the report of a finished run directory",
+                                 description="Print report.md of a run: the Table 1 row and the per-layer table.")
+    report.add_argument("run_dir", metavar="RUN_DIR")
+    report.set_defaults(func=_report)
     return parser
 
 
@@ -41,7 +88,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    return args.func(args)
+    from magprune.config import ConfigError
+    from magprune.data import DataError
+
+    try:
+        return args.func(args)
+    except (ConfigError, DataError, UsageError) as exc:
+        print(f"magprune {args.command}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,0 +1,285 @@
+"""Pipeline room: config -> dense training -> prune/retrain steps -> run directory (metrics, checkpoints, report)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import platform
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+from torch import Tensor, nn
+
+from magprune.config import ConfigError, ExperimentConfig, PruneStep, from_dict
+from magprune.criteria import GlobalSparsity, LayerSparsity, StdThreshold, han2015
+from magprune.data import load_dataset, write_atomic
+from magprune.masks import Pruner
+from magprune.models import create_model
+from magprune.report import sparsity_report
+from magprune.retrain import DropoutRescaler, freeze
+from magprune.train import evaluate, fit
+
+# Han et al. 2015, Table 1 (error before -> after, parameters before -> after, compression).
+PAPER_TABLE1 = {
+    "lenet-300-100": {"error_before": 0.0164, "error_after": 0.0159, "params_before": "267K",
+                      "params_after": "22K", "compression": 12.0},
+    "lenet-5": {"error_before": 0.0080, "error_after": 0.0077, "params_before": "431K",
+                "params_after": "36K", "compression": 12.0},
+}
+
+METRIC_FIELDS = ["stage", "step", "epoch", "lr", "train_loss", "train_error", "test_loss", "test_error",
+                 "sparsity", "seconds"]
+
+
+def build_criterion(step: PruneStep):
+    """The :mod:`magprune.criteria` object a validated prune step describes."""
+    if step.criterion == "han2015":
+        return han2015(step.network)
+    if step.criterion == "density":
+        return LayerSparsity.from_densities(step.density) if isinstance(step.density, dict) \
+            else LayerSparsity(1.0 - step.density)
+    if step.criterion == "sparsity":
+        return LayerSparsity(step.sparsity)
+    if step.criterion == "global":
+        return GlobalSparsity(step.sparsity, step.layers)
+    return StdThreshold(step.q)
+
+
+def build_model(config: ExperimentConfig) -> nn.Module:
+    kwargs = dict(config.model.kwargs)
+    if config.train.dropout and "dropout" not in kwargs:
+        kwargs["dropout"] = config.train.dropout
+    try:
+        return create_model(config.model.name, **kwargs)
+    except TypeError as exc:
+        raise ValueError(f"model.kwargs: {config.model.name} does not accept {kwargs!r} ({exc})") from exc
+
+
+class RunWriter:
+    """Appends metric rows to metrics.jsonl / metrics.csv and writes checkpoints, every file atomically."""
+
+    def __init__(self, run_dir: Path, checkpoints: bool) -> None:
+        self.run_dir = run_dir
+        self.rows: list[dict[str, Any]] = []
+        self.checkpoints = checkpoints
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if checkpoints:
+            (run_dir / "checkpoints").mkdir(exist_ok=True)
+
+    def log(self, row: dict[str, Any]) -> None:
+        self.rows.append({key: row.get(key) for key in METRIC_FIELDS})
+        jsonl = "".join(json.dumps(r) + "\n" for r in self.rows)
+        write_atomic(self.run_dir / "metrics.jsonl", jsonl.encode())
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=METRIC_FIELDS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(self.rows)
+        write_atomic(self.run_dir / "metrics.csv", buffer.getvalue().encode())
+
+    def checkpoint(self, stage: str, model: nn.Module, masks: dict[str, Tensor], meta: dict[str, Any]) -> None:
+        if not self.checkpoints:
+            return
+        base = self.run_dir / "checkpoints"
+        tensors = {f"model.{k}": v for k, v in _plain(model.state_dict()).items()}
+        tensors.update({f"mask.{k}": v for k, v in _plain(masks).items()})
+        write_atomic(base / f"{stage}.safetensors", save_safetensors(tensors))
+        write_json(base / f"{stage}.json", meta)
+
+
+def _plain(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
+
+
+def write_json(path: Path, value: Any) -> None:
+    write_atomic(path, (json.dumps(value, indent=2) + "\n").encode())
+
+
+def machine_info() -> dict[str, Any]:
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
+            "torch": torch.__version__, "load_average": list(load) if load else None}
+
+
+def run_experiment(config: ExperimentConfig, run_dir: str | Path, *, data_dir: str | None = None,
+                   progress: bool = True, echo: Callable[[str], None] = print) -> dict[str, Any]:
+    """Train, prune and retrain as ``config`` says, writing everything into ``run_dir``; returns the summary."""
+    start = time.perf_counter()
+    run_dir = Path(run_dir)
+    load_average_start = machine_info()["load_average"]
+    if config.train.threads:
+        torch.set_num_threads(config.train.threads)
+    # data first: a missing file should fail before anything is written
+    train, test = load_dataset(config.data.dataset, data_dir or config.data.dir,
+                               download_missing=config.data.download, seed=config.seed)
+    writer = RunWriter(run_dir, config.output.checkpoints)
+    write_atomic(run_dir / "config.yaml", config.to_yaml().encode())
+    echo(f"{config.name}: {config.model.name} on {config.data.dataset} "
+         f"({len(train[1])} train / {len(test[1])} test)")
+    torch.manual_seed(config.seed)
+    model = build_model(config)
+    pruner = Pruner(model)
+    penalized = list(pruner.params.values())
+    handles: list[Any] = []
+
+    def attach(optimizer: torch.optim.Optimizer) -> None:
+        handles.append(pruner.attach(optimizer))
+
+    def logger(step: int) -> Callable[[dict[str, Any]], None]:
+        def log(row: dict[str, Any]) -> None:
+            writer.log({**row, "step": step, "sparsity": pruner.sparsity()})
+            echo(f"  {row['stage']} epoch {row['epoch']}: train loss {row['train_loss']:.4f}, "
+                 f"test error {100 * row['test_error']:.2f}% ({row['seconds']:.1f} s)")
+        return log
+
+    fit(model, train, test, config.train, lr=config.train.lr, epochs=config.train.epochs, seed=config.seed,
+        stage="dense", penalized=penalized, on_epoch=logger(0), progress=progress)
+    _, dense_error = evaluate(model, *test, batch_size=config.train.eval_batch_size)
+    echo(f"dense: test error {100 * dense_error:.2f}%")
+    dense_report = sparsity_report(model, test[0][:1])
+    writer.checkpoint("dense", model, {}, {"stage": "dense", "test_error": dense_error})
+
+    rescaler = DropoutRescaler(model, pruner) if any(
+        isinstance(m, nn.modules.dropout._DropoutNd) for m in model.modules()) else None
+    steps = []
+    for i, step in enumerate(config.prune, start=1):
+        densities = pruner.prune(build_criterion(step))
+        _, pruned_error = evaluate(model, *test, batch_size=config.train.eval_batch_size)
+        writer.log({"stage": f"prune-{i}", "step": i, "test_error": pruned_error, "sparsity": pruner.sparsity()})
+        echo(f"prune {i} ({step.criterion}): sparsity {100 * pruner.sparsity():.2f}%, "
+             f"test error before retraining {100 * pruned_error:.2f}%")
+        if rescaler is not None and step.retrain.dropout_rescale:
+            rescaler.apply()
+        frozen = _freeze(model, step.retrain.freeze, f"prune[{i - 1}].retrain.freeze")
+        try:
+            fit(model, train, test, config.train, lr=config.train.lr * step.retrain.lr_fraction,
+                epochs=step.retrain.epochs, seed=config.seed + i, stage=f"retrain-{i}", penalized=penalized,
+                on_optimizer=attach, on_epoch=logger(i), progress=progress)
+        finally:
+            if frozen is not None:
+                frozen.remove()
+            for handle in handles:
+                handle.remove()
+            handles.clear()
+        pruner.check()
+        _, retrained_error = evaluate(model, *test, batch_size=config.train.eval_batch_size)
+        steps.append({"step": i, "criterion": step.criterion, "densities": densities,
+                      "sparsity": pruner.sparsity(), "error_pruned": pruned_error,
+                      "error_retrained": retrained_error})
+        writer.checkpoint(f"step-{i}", model, pruner.masks,
+                          {"stage": f"step-{i}", **steps[-1]})
+        echo(f"retrain {i}: test error {100 * retrained_error:.2f}%")
+
+    _, final_error = evaluate(model, *test, batch_size=config.train.eval_batch_size)
+    final_report = sparsity_report(model, test[0][:1])
+    write_atomic(run_dir / "model.safetensors", save_safetensors(_plain(model.state_dict())))
+    masks = _plain(pruner.masks) or {n: torch.ones_like(p, dtype=torch.bool) for n, p in pruner.params.items()}
+    write_atomic(run_dir / "masks.safetensors", save_safetensors(masks))
+    summary = {
+        "name": config.name,
+        "model": config.model.name,
+        "dataset": config.data.dataset,
+        "error_before": dense_error,
+        "error_after": final_error,
+        "params_before": dense_report.params_total,
+        "params_after": final_report.params_nonzero,
+        "weights_before": final_report.weights,
+        "weights_after": final_report.nonzero,
+        "compression": final_report.params_compression,
+        "weight_compression": final_report.compression,
+        "sparsity": pruner.sparsity(),
+        "steps": steps,
+        "report": final_report.as_dict(),
+        "wall_seconds": time.perf_counter() - start,
+        "machine": {**machine_info(), "load_average_start": load_average_start},
+    }
+    write_json(run_dir / "summary.json", summary)
+    write_atomic(run_dir / "report.md", render_report(summary).encode())
+    echo("")
+    echo(final_report.to_text())
+    echo(f"\nerror {100 * dense_error:.2f}% -> {100 * final_error:.2f}%, parameters "
+         f"{summary['params_before']:,} -> {summary['params_after']:,} ({summary['compression']:.1f}x), "
+         f"{summary['wall_seconds']:.0f} s; run directory {run_dir}")
+    return summary
+
+
+def _freeze(model: nn.Module, kind: str, where: str) -> Any:
+    if kind == "none":
+        return None
+    try:
+        frozen = freeze(model, kind)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: cannot freeze {kind!r} layers: {exc}") from exc
+    if not any(p.requires_grad for p in model.parameters()):
+        frozen.remove()
+        raise ConfigError(f"{where}: freezing the {kind!r} layers of {type(model).__name__} leaves nothing to train")
+    return frozen
+
+
+def _k(value: int | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value / 1000:.1f}K" if value < 1_000_000 else f"{value / 1e6:.2f}M"
+
+
+def render_report(summary: dict[str, Any]) -> str:
+    """report.md: Han et al.'s Table 1 row and a per-layer table laid out like their Tables 2-3."""
+    rep = summary["report"]
+    lines = [f"# {summary['name']}: {summary['model']} on {summary['dataset']}", "",
+             "## Table 1 row", "",
+             "| network | error before | error after | parameters before | parameters after | compression |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |",
+             f"| {summary['model']} (this run) | {100 * summary['error_before']:.2f}% | "
+             f"{100 * summary['error_after']:.2f}% | {_k(summary['params_before'])} | {_k(summary['params_after'])} | "
+             f"{summary['compression']:.1f}x |"]
+    paper = PAPER_TABLE1.get(summary["model"])
+    if paper is not None and summary["dataset"] == "mnist":
+        lines.append(f"| {summary['model']} (Han et al. 2015) | {100 * paper['error_before']:.2f}% | "
+                     f"{100 * paper['error_after']:.2f}% | {paper['params_before']} | {paper['params_after']} | "
+                     f"{paper['compression']:.0f}x |")
+    lines += ["", "Parameters count every weight and bias; compression is parameters before / nonzero after.", "",
+              "## Per layer (as Han et al.'s Tables 2-3)", "",
+              "| layer | weights | FLOP | % weights kept | % FLOP kept |", "| --- | ---: | ---: | ---: | ---: |"]
+    for row in rep["layers"]:
+        lines.append(f"| {row['layer']} | {_k(row['weights'])} | {_k(row['flops'])} | {100 * row['density']:.1f}% | "
+                     f"{_pct(row['remaining_flops'], row['flops'])} |")
+    total = rep["total"]
+    lines.append(f"| total | {_k(total['weights'])} | {_k(total['flops'])} | {100 * total['density']:.1f}% | "
+                 f"{_pct(total['remaining_flops'], total['flops'])} |")
+    if summary["steps"]:
+        lines += ["", "## Pruning steps", "", "| step | criterion | sparsity | error pruned | error retrained |",
+                  "| ---: | --- | ---: | ---: | ---: |"]
+        for s in summary["steps"]:
+            lines.append(f"| {s['step']} | {s['criterion']} | {100 * s['sparsity']:.2f}% | "
+                         f"{100 * s['error_pruned']:.2f}% | {100 * s['error_retrained']:.2f}% |")
+    machine = summary["machine"]
+    load = machine.get("load_average")
+    lines += ["", f"Wall time {summary['wall_seconds']:.0f} s on {machine['cpu_count']} CPU cores "
+              f"(torch {machine['torch']}, {machine['torch_threads']} threads); load average at the end "
+              f"{'/'.join(f'{v:.2f}' for v in load) if load else 'unknown'}.", ""]
+    return "\n".join(lines)
+
+
+def _pct(part: int | None, whole: int | None) -> str:
+    return "-" if part is None or not whole else f"{100 * part / whole:.1f}%"
+
+
+def load_run(run_dir: str | Path) -> tuple[nn.Module, dict[str, Tensor], ExperimentConfig]:
+    """The final pruned model, its bool keep-masks by parameter name and the resolved config of a run directory."""
+    run_dir = Path(run_dir)
+    for name in ("config.yaml", "model.safetensors", "masks.safetensors"):
+        if not (run_dir / name).is_file():
+            raise FileNotFoundError(f"{run_dir} is not a finished run directory: {name} is missing")
+    config = from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
+    model = build_model(config)
+    model.load_state_dict(load_safetensors((run_dir / "model.safetensors").read_bytes()), strict=True)
+    masks = load_safetensors((run_dir / "masks.safetensors").read_bytes())
+    return model, masks, config

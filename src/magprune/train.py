@@ -1,0 +1,111 @@
+"""Train room: fit/evaluate loops over whole-dataset tensors, optimizers and lr schedules (Caffe's "inv" included)."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from magprune.config import LRSchedule, TrainConfig
+from magprune.retrain import weight_penalty
+
+
+def make_optimizer(params: Iterable[Tensor], cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
+    params = [p for p in params if p.requires_grad]
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=lr)
+    return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum)
+
+
+def lr_factor(schedule: LRSchedule, iteration: int, steps_per_epoch: int, total_steps: int) -> float:
+    """Multiplier of the base lr at ``iteration`` (0-based optimizer step) under ``schedule``."""
+    if schedule.policy == "inv":  # Caffe: base_lr * (1 + gamma * iter) ^ (-power)
+        return (1.0 + schedule.gamma * iteration) ** (-schedule.power)
+    if schedule.policy == "step":
+        return schedule.gamma ** (iteration // (schedule.step_epochs * steps_per_epoch))
+    if schedule.policy == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * min(iteration / max(total_steps, 1), 1.0)))
+    return 1.0
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 2000) -> tuple[float, float]:
+    """(mean cross-entropy loss, error rate) of ``model`` on ``x``, ``y``."""
+    was_training = model.training
+    model.eval()
+    loss, wrong = 0.0, 0
+    for start in range(0, len(y), batch_size):
+        out = model(x[start:start + batch_size])
+        target = y[start:start + batch_size]
+        loss += F.cross_entropy(out, target, reduction="sum").item()
+        wrong += int((out.argmax(1) != target).sum())
+    model.train(was_training)
+    return loss / max(len(y), 1), wrong / max(len(y), 1)
+
+
+def fit(
+    model: nn.Module,
+    train: tuple[Tensor, Tensor],
+    test: tuple[Tensor, Tensor],
+    cfg: TrainConfig,
+    *,
+    lr: float,
+    epochs: int,
+    seed: int,
+    stage: str,
+    penalized: list[Tensor],
+    on_optimizer: Callable[[torch.optim.Optimizer], Any] | None = None,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Train ``model`` for ``epochs`` on whole-tensor data; returns one metrics row per epoch.
+
+    ``penalized`` are the tensors ``cfg.regularization`` applies to (Han regularizes the prunable weights).
+    ``on_optimizer`` sees the new optimizer before the first step (a pruner attaches there). Shuffling uses its own
+    generator seeded from ``seed``, so the run is reproducible on one machine.
+    """
+    from tqdm import tqdm
+
+    x, y = train
+    optimizer = make_optimizer(model.parameters(), cfg, lr)
+    if on_optimizer is not None:
+        on_optimizer(optimizer)
+    steps_per_epoch = math.ceil(len(y) / cfg.batch_size)
+    total = steps_per_epoch * epochs
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda it: lr_factor(cfg.lr_schedule, it, steps_per_epoch, total))
+    generator = torch.Generator().manual_seed(seed)
+    penalize = cfg.regularization != "none" and cfg.strength > 0 and penalized
+    rows = []
+    for epoch in range(1, epochs + 1):
+        start = time.perf_counter()
+        model.train()
+        loss_sum, wrong, seen = 0.0, 0, 0
+        batches = torch.randperm(len(y), generator=generator).split(cfg.batch_size)
+        bar = tqdm(batches, desc=f"{stage} {epoch}/{epochs}", leave=False, disable=not progress, unit="batch")
+        for idx in bar:
+            xb, yb = x[idx], y[idx]
+            out = model(xb)
+            loss = F.cross_entropy(out, yb)
+            total_loss = loss + weight_penalty(penalized, cfg.regularization, cfg.strength) if penalize else loss
+            optimizer.zero_grad(set_to_none=True)
+            total_loss.backward()
+            optimizer.step()
+            schedule.step()
+            loss_sum += loss.item() * len(yb)
+            wrong += int((out.argmax(1) != yb).sum())
+            seen += len(yb)
+        bar.close()
+        test_loss, test_error = evaluate(model, *test, batch_size=cfg.eval_batch_size)
+        row = {"stage": stage, "epoch": epoch, "lr": optimizer.param_groups[0]["lr"],
+               "train_loss": loss_sum / seen, "train_error": wrong / seen,
+               "test_loss": test_loss, "test_error": test_error, "seconds": time.perf_counter() - start}
+        rows.append(row)
+        if on_epoch is not None:
+            on_epoch(row)
+    return rows
