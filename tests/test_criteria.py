@@ -91,9 +91,10 @@ def test_global_sparsity_hand_case_with_ties_across_tensors():
     assert out["y"].tolist() == [True, True, False]
 
 
+@pytest.mark.parametrize("chunk", [100, 1 << 18])  # radix histograms over chunks / one-chunk kthvalue path
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-def test_kth_smallest_magnitude_matches_kthvalue(monkeypatch, dtype):
-    monkeypatch.setattr(criteria, "CHUNK", 100)
+def test_kth_smallest_magnitude_matches_kthvalue(monkeypatch, dtype, chunk):
+    monkeypatch.setattr(criteria, "CHUNK", chunk)
     g = torch.Generator().manual_seed(3)
     tensors = [torch.randn(123, generator=g).to(dtype), torch.randn(10, 9, generator=g).to(dtype)]
     flat = torch.cat([t.reshape(-1).float().abs() for t in tensors])

@@ -85,6 +85,13 @@ def kth_smallest_magnitude(tensors: list[Tensor], k: int) -> tuple[int, int]:
     total = sum(t.numel() for t in tensors)
     if not 1 <= k <= total:
         raise ValueError(f"k must be in [1, {total}], got {k}")
+    if total <= CHUNK:
+        # Small enough for one temporary: kthvalue beats two 65,536-bin histograms (models with many small layers).
+        flat = torch.cat([_magnitude_bits(t.reshape(-1)).view(torch.float32) for t in tensors])
+        if not torch.isfinite(flat).all():
+            raise ValueError("weights contain NaN or infinity; cannot rank them by magnitude")
+        value = flat.kthvalue(k).values
+        return int(value.view(torch.int32)), int((flat < value).count_nonzero())
     high = torch.zeros(1 << 16, dtype=torch.int64)
     for tensor in tensors:
         for _, chunk in _chunks(tensor):
