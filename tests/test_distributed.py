@@ -1,6 +1,7 @@
 import os
 import socket
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -39,3 +40,56 @@ def test_masks_are_broadcast_from_rank_0(tmp_path):
         assert torch.equal(r1["masks"][name], mask)
         assert not r1["weights"][name][~mask].any()
     assert any(not torch.equal(own.masks[n], r1["masks"][n]) for n in own.masks), "rank 1 alone would differ"
+
+
+def _run_cli(args, cwd, env_extra=None):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    src = Path(__file__).resolve().parents[1] / "src"
+    env = {**os.environ, "PYTHONPATH": str(src), "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_torchrun_two_gloo_processes_match_one_process(tmp_path):
+    """DDP with 2 ranks x 32 examples = one process with batches of 64: same masks, same weights, same metrics."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "digits-tiny.yaml"
+    single = _run_cli(["-m", "magprune", "run", str(config), "--out", "single", "--no-progress"], tmp_path)
+    assert single.returncode == 0, single.stderr
+    ddp = _run_cli(["-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(_free_port()),
+                    "-m", "magprune", "run", str(config), "--out", "ddp", "--no-progress"], tmp_path)
+    assert ddp.returncode == 0, ddp.stderr
+    masks_1, masks_2 = load_file(tmp_path / "single/masks.safetensors"), load_file(tmp_path / "ddp/masks.safetensors")
+    assert masks_1.keys() == masks_2.keys()
+    for name in masks_1:
+        assert torch.equal(masks_1[name], masks_2[name]), name
+    weights_1 = load_file(tmp_path / "single/model.safetensors")
+    weights_2 = load_file(tmp_path / "ddp/model.safetensors")
+    for name in weights_1:
+        torch.testing.assert_close(weights_2[name], weights_1[name], rtol=1e-4, atol=1e-5)
+    summary_1 = json.loads((tmp_path / "single/summary.json").read_text())
+    summary_2 = json.loads((tmp_path / "ddp/summary.json").read_text())
+    assert summary_2["machine"]["processes"] == 2 and summary_1["machine"]["processes"] == 1
+    assert summary_2["error_after"] == pytest.approx(summary_1["error_after"], abs=2 / 449)  # at most 2 test images
+    assert summary_2["sparsity"] == summary_1["sparsity"]
+    rows_1 = [json.loads(line) for line in (tmp_path / "single/metrics.jsonl").read_text().splitlines()]
+    rows_2 = [json.loads(line) for line in (tmp_path / "ddp/metrics.jsonl").read_text().splitlines()]
+    assert len(rows_1) == len(rows_2)
+    for a, b in zip(rows_1, rows_2, strict=True):
+        if a["train_loss"] is not None:
+            assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-4)
+
+
+def test_batch_size_must_split_evenly_over_ranks(tmp_path):
+    config = __import__("pathlib").Path(__file__).resolve().parents[1] / "configs" / "digits-tiny.yaml"
+    out = _run_cli(["-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(_free_port()),
+                    "-m", "magprune", "run", str(config), "--out", "odd", "--no-progress",
+                    "--set", "train.batch_size=63"], tmp_path)
+    assert out.returncode != 0
+    assert "divisible by the number of processes (2)" in out.stderr

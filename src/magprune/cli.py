@@ -18,14 +18,25 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    import torch.distributed
+
+    from magprune import distributed
     from magprune.config import load_config
     from magprune.pipeline import run_experiment
 
     config = load_config(args.config, args.set)
     run_dir = Path(args.out or config.output.dir or Path("runs") / Path(args.config).stem)
-    if (run_dir / "config.yaml").exists() and not args.force:
-        raise UsageError(f"run directory {run_dir} already holds a run; pass --force to overwrite or --out elsewhere")
-    run_experiment(config, run_dir, data_dir=args.data_dir, progress=not args.no_progress)
+    # Under torchrun every rank runs this; all must have checked the directory before rank 0 starts writing.
+    distributed.init_from_env()
+    try:
+        if (run_dir / "config.yaml").exists() and not args.force:
+            raise UsageError(f"run directory {run_dir} already holds a run; pass --force to overwrite or --out "
+                             "elsewhere")
+        if distributed.is_distributed():
+            torch.distributed.barrier()
+        run_experiment(config, run_dir, data_dir=args.data_dir, progress=not args.no_progress)
+    finally:
+        distributed.cleanup()
     return 0
 
 

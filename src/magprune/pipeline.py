@@ -18,6 +18,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import Tensor, nn
 
+from magprune import distributed
 from magprune.config import ConfigError, ExperimentConfig, PruneStep, from_dict
 from magprune.criteria import GlobalSparsity, LayerSparsity, StdThreshold, han2015
 from magprune.data import load_dataset, write_atomic
@@ -66,15 +67,23 @@ def build_model(config: ExperimentConfig) -> nn.Module:
 class RunWriter:
     """Appends metric rows to metrics.jsonl / metrics.csv and writes checkpoints, every file atomically."""
 
-    def __init__(self, run_dir: Path, checkpoints: bool) -> None:
+    def __init__(self, run_dir: Path, checkpoints: bool, enabled: bool = True) -> None:
         self.run_dir = run_dir
         self.rows: list[dict[str, Any]] = []
-        self.checkpoints = checkpoints
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if checkpoints:
+        self.checkpoints = checkpoints and enabled
+        self.enabled = enabled  # under DDP only rank 0 writes
+        if enabled:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        if self.checkpoints:
             (run_dir / "checkpoints").mkdir(exist_ok=True)
 
+    def write(self, name: str, data: bytes) -> None:
+        if self.enabled:
+            write_atomic(self.run_dir / name, data)
+
     def log(self, row: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
         self.rows.append({key: row.get(key) for key in METRIC_FIELDS})
         jsonl = "".join(json.dumps(r) + "\n" for r in self.rows)
         write_atomic(self.run_dir / "metrics.jsonl", jsonl.encode())
@@ -114,18 +123,24 @@ def run_experiment(config: ExperimentConfig, run_dir: str | Path, *, data_dir: s
     """Train, prune and retrain as ``config`` says, writing everything into ``run_dir``; returns the summary."""
     start = time.perf_counter()
     run_dir = Path(run_dir)
+    distributed.init_from_env()
+    if not distributed.is_main():
+        echo = _silent  # every rank computes, rank 0 reports
+    device = distributed.device()
     load_average_start = machine_info()["load_average"]
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
     # data first: a missing file should fail before anything is written
     train, test = load_dataset(config.data.dataset, data_dir or config.data.dir,
                                download_missing=config.data.download, seed=config.seed)
-    writer = RunWriter(run_dir, config.output.checkpoints)
-    write_atomic(run_dir / "config.yaml", config.to_yaml().encode())
+    train = (train[0].to(device), train[1].to(device))
+    test = (test[0].to(device), test[1].to(device))
+    writer = RunWriter(run_dir, config.output.checkpoints, enabled=distributed.is_main())
+    writer.write("config.yaml", config.to_yaml().encode())
     echo(f"{config.name}: {config.model.name} on {config.data.dataset} "
          f"({len(train[1])} train / {len(test[1])} test)")
     torch.manual_seed(config.seed)
-    model = build_model(config)
+    model = build_model(config).to(device)
     pruner = Pruner(model)
     penalized = list(pruner.params.values())
     handles: list[Any] = []
@@ -180,9 +195,9 @@ def run_experiment(config: ExperimentConfig, run_dir: str | Path, *, data_dir: s
 
     _, final_error = evaluate(model, *test, batch_size=config.train.eval_batch_size)
     final_report = sparsity_report(model, test[0][:1])
-    write_atomic(run_dir / "model.safetensors", save_safetensors(_plain(model.state_dict())))
-    masks = _plain(pruner.masks) or {n: torch.ones_like(p, dtype=torch.bool) for n, p in pruner.params.items()}
-    write_atomic(run_dir / "masks.safetensors", save_safetensors(masks))
+    writer.write("model.safetensors", save_safetensors(_plain(model.state_dict())))
+    masks = _plain(pruner.masks) or {n: torch.ones_like(p, dtype=torch.bool).cpu() for n, p in pruner.params.items()}
+    writer.write("masks.safetensors", save_safetensors(masks))
     summary = {
         "name": config.name,
         "model": config.model.name,
@@ -199,16 +214,21 @@ def run_experiment(config: ExperimentConfig, run_dir: str | Path, *, data_dir: s
         "steps": steps,
         "report": final_report.as_dict(),
         "wall_seconds": time.perf_counter() - start,
-        "machine": {**machine_info(), "load_average_start": load_average_start},
+        "machine": {**machine_info(), "load_average_start": load_average_start,
+                    "processes": distributed.world_size()},
     }
-    write_json(run_dir / "summary.json", summary)
-    write_atomic(run_dir / "report.md", render_report(summary).encode())
+    writer.write("summary.json", (json.dumps(summary, indent=2) + "\n").encode())
+    writer.write("report.md", render_report(summary).encode())
     echo("")
     echo(final_report.to_text())
     echo(f"\nerror {100 * dense_error:.2f}% -> {100 * final_error:.2f}%, parameters "
          f"{summary['params_before']:,} -> {summary['params_after']:,} ({summary['compression']:.1f}x), "
          f"{summary['wall_seconds']:.0f} s; run directory {run_dir}")
     return summary
+
+
+def _silent(message: str) -> None:
+    return None
 
 
 def _freeze(model: nn.Module, kind: str, where: str) -> Any:

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from magprune import distributed
 from magprune.config import LRSchedule, TrainConfig
 from magprune.retrain import weight_penalty
 
@@ -35,16 +36,22 @@ def lr_factor(schedule: LRSchedule, iteration: int, steps_per_epoch: int, total_
 
 @torch.no_grad()
 def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 2000) -> tuple[float, float]:
-    """(mean cross-entropy loss, error rate) of ``model`` on ``x``, ``y``."""
+    """(mean cross-entropy loss, error rate) of ``model`` on ``x``, ``y``.
+
+    Under DDP each rank evaluates its share of the examples and the sums are added over ranks.
+    """
     was_training = model.training
     model.eval()
+    index = distributed.shard(torch.arange(len(y)))
     loss, wrong = 0.0, 0
-    for start in range(0, len(y), batch_size):
-        out = model(x[start:start + batch_size])
-        target = y[start:start + batch_size]
+    for start in range(0, len(index), batch_size):
+        idx = index[start:start + batch_size]
+        out = model(x[idx])
+        target = y[idx]
         loss += F.cross_entropy(out, target, reduction="sum").item()
         wrong += int((out.argmax(1) != target).sum())
     model.train(was_training)
+    loss, wrong = distributed.sum_over_ranks([loss, wrong])
     return loss / max(len(y), 1), wrong / max(len(y), 1)
 
 
@@ -72,6 +79,9 @@ def fit(
     from tqdm import tqdm
 
     x, y = train
+    distributed.check_batch_size(cfg.batch_size)
+    # A fresh DDP wrapper per stage: which parameters train (freezing) may change between stages.
+    net = torch.nn.parallel.DistributedDataParallel(model) if distributed.is_distributed() else model
     optimizer = make_optimizer(model.parameters(), cfg, lr)
     if on_optimizer is not None:
         on_optimizer(optimizer)
@@ -87,10 +97,12 @@ def fit(
         model.train()
         loss_sum, wrong, seen = 0.0, 0, 0
         batches = torch.randperm(len(y), generator=generator).split(cfg.batch_size)
-        bar = tqdm(batches, desc=f"{stage} {epoch}/{epochs}", leave=False, disable=not progress, unit="batch")
-        for idx in bar:
+        bar = tqdm(batches, desc=f"{stage} {epoch}/{epochs}", leave=False,
+                   disable=not progress or not distributed.is_main(), unit="batch")
+        for global_idx in bar:
+            idx = distributed.shard(global_idx)
             xb, yb = x[idx], y[idx]
-            out = model(xb)
+            out = net(xb)
             loss = F.cross_entropy(out, yb)
             total_loss = loss + weight_penalty(penalized, cfg.regularization, cfg.strength) if penalize else loss
             optimizer.zero_grad(set_to_none=True)
@@ -101,6 +113,7 @@ def fit(
             wrong += int((out.argmax(1) != yb).sum())
             seen += len(yb)
         bar.close()
+        loss_sum, wrong, seen = distributed.sum_over_ranks([loss_sum, wrong, seen])
         test_loss, test_error = evaluate(model, *test, batch_size=cfg.eval_batch_size)
         row = {"stage": stage, "epoch": epoch, "lr": optimizer.param_groups[0]["lr"],
                "train_loss": loss_sum / seen, "train_error": wrong / seen,
