@@ -81,3 +81,9 @@ def test_load_config_reports_bad_yaml_and_missing_file(tmp_path):
     ok = tmp_path / "ok.yaml"
     ok.write_text("train: {epochs: 3}\n")
     assert load_config(ok, ["train.epochs=5"]).train.epochs == 5
+
+
+def test_overrides_read_exponent_numbers():
+    out = apply_overrides({}, ["train.lr=1e-3", "train.strength=5E-4", "name=1e3x"])
+    assert out["train"] == {"lr": 0.001, "strength": 0.0005}
+    assert out["name"] == "1e3x"

@@ -24,17 +24,28 @@ def _run(args: argparse.Namespace) -> int:
     from magprune.config import load_config
     from magprune.pipeline import run_experiment
 
-    config = load_config(args.config, args.set)
-    run_dir = Path(args.out or config.output.dir or Path("runs") / Path(args.config).stem)
+    if args.resume:
+        if args.config or args.set:
+            raise UsageError("--resume RUN_DIR continues a run with its own config.yaml: give no CONFIG or --set")
+        run_dir = Path(args.resume)
+        if not (run_dir / "config.yaml").is_file():
+            raise UsageError(f"cannot resume {run_dir}: it holds no config.yaml (not a run directory)")
+        config = load_config(run_dir / "config.yaml")
+    else:
+        if not args.config:
+            raise UsageError("give a CONFIG to run, or --resume RUN_DIR")
+        config = load_config(args.config, args.set)
+        run_dir = Path(args.out or config.output.dir or Path("runs") / Path(args.config).stem)
     # Under torchrun every rank runs this; all must have checked the directory before rank 0 starts writing.
     distributed.init_from_env()
     try:
-        if (run_dir / "config.yaml").exists() and not args.force:
+        if not args.resume and (run_dir / "config.yaml").exists() and not args.force:
             raise UsageError(f"run directory {run_dir} already holds a run; pass --force to overwrite or --out "
                              "elsewhere")
         if distributed.is_distributed():
             torch.distributed.barrier()
-        run_experiment(config, run_dir, data_dir=args.data_dir, progress=not args.no_progress)
+        run_experiment(config, run_dir, data_dir=args.data_dir, progress=not args.no_progress,
+                       resume=bool(args.resume))
     finally:
         distributed.cleanup()
     return 0
@@ -76,7 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="train, prune and retrain as an experiment config says",
                               description="Run Han et al.'s train -> prune -> retrain pipeline from a YAML config "
                               "and write a run directory (config, metrics, checkpoints, model, masks, report.md).")
-    run.add_argument("config", help="YAML experiment config (see configs/)")
+    run.add_argument("config", nargs="?", help="YAML experiment config (see configs/)")
+    run.add_argument("--resume", metavar="RUN_DIR",
+                     help="continue an interrupted run from its last complete checkpoint (same final metrics)")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override a config value by dotted key, e.g. --set train.epochs=2 --set prune.0.q=1.2")
     run.add_argument("--out", metavar="RUN_DIR", help="run directory (default: output.dir or runs/<config name>)")
@@ -101,12 +114,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     from magprune.config import ConfigError
     from magprune.data import DataError
+    from magprune.pipeline import RunError
+    from magprune.train import TrainingDiverged
 
     try:
         return args.func(args)
-    except (ConfigError, DataError, UsageError) as exc:
+    except (ConfigError, DataError, UsageError, RunError) as exc:
         print(f"magprune {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except TrainingDiverged as exc:
+        print(f"magprune {args.command}: stopped: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

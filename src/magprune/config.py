@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import numbers
@@ -325,6 +326,9 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             value = yaml.safe_load(text)
         except yaml.YAMLError as exc:
             raise ConfigError(f"--set {item!r}: value is not valid YAML ({exc.problem})") from exc
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string; on a command line it means a number
+            with contextlib.suppress(ValueError):
+                value = float(value) if value.strip().lower() not in ("nan", "inf", "-inf", "+inf") else value
         node: Any = raw
         for depth, part in enumerate(parts):
             last = depth == len(parts) - 1

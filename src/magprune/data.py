@@ -193,7 +193,7 @@ def verify(dataset: str, directory: str | os.PathLike[str]) -> None:
         check_bytes(_read_bytes(path), sha, str(path))
 
 
-def write_atomic(path: Path, data: bytes) -> None:
+def write_atomic(path: Path, data: bytes, *, before_replace: Callable[[], None] | None = None) -> None:
     """Write ``data`` to ``path`` via a temp file in the same directory, fsync and rename: never a half file."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -202,6 +202,8 @@ def write_atomic(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        if before_replace is not None:
+            before_replace()
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

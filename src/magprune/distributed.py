@@ -10,6 +10,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from magprune.config import ConfigError
+
 
 def init_from_env() -> bool:
     """Join the process group ``torchrun`` describes in the environment (WORLD_SIZE > 1); True if distributed.
@@ -64,7 +66,7 @@ def shard(indices: Tensor) -> Tensor:
 def check_batch_size(batch_size: int) -> None:
     world = world_size()
     if batch_size % world:
-        raise ValueError(f"train.batch_size must be divisible by the number of processes ({world}) so every rank "
+        raise ConfigError(f"train.batch_size must be divisible by the number of processes ({world}) so every rank "
                          f"gets an equal share of each global batch, got {batch_size}")
 
 

@@ -72,6 +72,7 @@ class RunWriter:
         self.rows: list[dict[str, Any]] = []
         self.checkpoints = checkpoints and enabled
         self.enabled = enabled  # under DDP only rank 0 writes
+        self.lock: Any = None
         if enabled:
             run_dir.mkdir(parents=True, exist_ok=True)
         if self.checkpoints:
@@ -92,6 +93,15 @@ class RunWriter:
         writer.writeheader()
         writer.writerows(self.rows)
         write_atomic(self.run_dir / "metrics.csv", buffer.getvalue().encode())
+
+    def resume_checkpoint(self, state: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        path = self.run_dir / "checkpoints" / RESUME_FILE
+        path.parent.mkdir(exist_ok=True)
+        write_atomic(path, buffer.getvalue(), before_replace=lambda: crash_point("mid-save"))
 
     def checkpoint(self, stage: str, model: nn.Module, masks: dict[str, Tensor], meta: dict[str, Any]) -> None:
         if not self.checkpoints:
@@ -119,8 +129,12 @@ def machine_info() -> dict[str, Any]:
 
 
 def run_experiment(config: ExperimentConfig, run_dir: str | Path, *, data_dir: str | None = None,
-                   progress: bool = True, echo: Callable[[str], None] = print) -> dict[str, Any]:
-    """Train, prune and retrain as ``config`` says, writing everything into ``run_dir``; returns the summary."""
+                   progress: bool = True, echo: Callable[[str], None] = print, resume: bool = False) -> dict[str, Any]:
+    """Train, prune and retrain as ``config`` says, writing everything into ``run_dir``; returns the summary.
+
+    A checkpoint (``checkpoints/resume.pt``) is written atomically after every epoch and every prune; with
+    ``resume`` the run continues from the last complete one and ends with the same metrics as an uninterrupted run.
+    """
     start = time.perf_counter()
     run_dir = Path(run_dir)
     distributed.init_from_env()
@@ -135,7 +149,12 @@ def run_experiment(config: ExperimentConfig, run_dir: str | Path, *, data_dir: s
                                download_missing=config.data.download, seed=config.seed)
     train = (train[0].to(device), train[1].to(device))
     test = (test[0].to(device), test[1].to(device))
-    writer = RunWriter(run_dir, config.output.checkpoints, enabled=distributed.is_main())
+    lock = None
+    if distributed.is_main():
+        lock = lock_run_dir(run_dir)  # released when the run ends or the process dies
+        check_writable(run_dir)
+    writer = RunWriter(run_dir, config.output.checkpoints or resume, enabled=distributed.is_main())
+    writer.lock = lock
     writer.write("config.yaml", config.to_yaml().encode())
     echo(f"{config.name}: {config.model.name} on {config.data.dataset} "
          f"({len(train[1])} train / {len(test[1])} test)")
@@ -155,43 +174,89 @@ def run_experiment(config: ExperimentConfig, run_dir: str | Path, *, data_dir: s
                  f"test error {100 * row['test_error']:.2f}% ({row['seconds']:.1f} s)")
         return log
 
-    fit(model, train, test, config.train, lr=config.train.lr, epochs=config.train.epochs, seed=config.seed,
-        stage="dense", penalized=penalized, on_epoch=logger(0), progress=progress)
-    _, dense_error = evaluate(model, *test, batch_size=config.train.eval_batch_size)
-    echo(f"dense: test error {100 * dense_error:.2f}%")
+    # Resume: where the last complete checkpoint stood. position = (step, epoch): step 0 is dense training, step i
+    # the i-th prune (applied as soon as step i is reached) and its retraining; epoch counts finished epochs.
+    saved = load_resume_checkpoint(run_dir) if resume else None
+    position = (0, 0)
+    dense_error: float | None = None
+    steps: list[dict[str, Any]] = []
+    current: dict[str, Any] = {}
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        if saved["masks"]:
+            pruner.load_state_dict({"masks": {k: v.to(device) for k, v in saved["masks"].items()}})
+        writer.rows = list(saved["rows"])
+        position = (saved["step"], saved["epoch"])
+        dense_error, steps, current = saved["dense_error"], list(saved["steps"]), dict(saved["current"])
+        torch.set_rng_state(saved["rng"])
+        echo(f"resuming {run_dir} at {'dense training' if position[0] == 0 else f'step {position[0]}'}, "
+             f"after epoch {position[1]}")
+
+    def save(step: int, epoch: int, fit_state: dict[str, Any] | None) -> None:
+        writer.resume_checkpoint({
+            "version": RESUME_VERSION, "step": step, "epoch": epoch, "model": _plain(model.state_dict()),
+            "masks": _plain(pruner.masks), "rows": writer.rows, "dense_error": dense_error, "steps": steps,
+            "current": current, "rng": torch.get_rng_state(), "fit": fit_state})
+        crash_point(f"saved:{step}:{epoch}")
+
+    def epoch_saver(step: int) -> Callable[[dict[str, Any]], None]:
+        return lambda state: save(step, state["epoch"], state)
+
+    def batch_hook(step: int) -> Callable[[int, int], None] | None:
+        if not os.environ.get(CRASH_ENV):
+            return None
+        return lambda epoch, batch: crash_point(f"batch:{step}:{epoch}:{batch}")
+
+    fit_resume = saved["fit"] if saved is not None and saved["fit"] is not None else None
+    if position[0] == 0:
+        fit(model, train, test, config.train, lr=config.train.lr, epochs=config.train.epochs, seed=config.seed,
+            stage="dense", penalized=penalized, on_epoch=logger(0), on_epoch_state=epoch_saver(0),
+            resume=fit_resume, on_batch=batch_hook(0), progress=progress)
+        _, dense_error = evaluate(model, *test, batch_size=config.train.eval_batch_size)
+        echo(f"dense: test error {100 * dense_error:.2f}%")
+        writer.checkpoint("dense", model, {}, {"stage": "dense", "test_error": dense_error})
+        position, fit_resume = (1, -1), None
     dense_report = sparsity_report(model, test[0][:1])
-    writer.checkpoint("dense", model, {}, {"stage": "dense", "test_error": dense_error})
 
     rescaler = DropoutRescaler(model, pruner) if any(
         isinstance(m, nn.modules.dropout._DropoutNd) for m in model.modules()) else None
-    steps = []
     for i, step in enumerate(config.prune, start=1):
-        densities = pruner.prune(build_criterion(step))
-        _, pruned_error = evaluate(model, *test, batch_size=config.train.eval_batch_size)
-        writer.log({"stage": f"prune-{i}", "step": i, "test_error": pruned_error, "sparsity": pruner.sparsity()})
-        echo(f"prune {i} ({step.criterion}): sparsity {100 * pruner.sparsity():.2f}%, "
-             f"test error before retraining {100 * pruned_error:.2f}%")
+        if i < position[0]:
+            continue
+        if i > position[0] or position[1] < 0:  # step i not started: prune now
+            fit_resume = None
+            densities = pruner.prune(build_criterion(step))
+            _, pruned_error = evaluate(model, *test, batch_size=config.train.eval_batch_size)
+            current = {"densities": densities, "pruned_error": pruned_error}
+            writer.log({"stage": f"prune-{i}", "step": i, "test_error": pruned_error, "sparsity": pruner.sparsity()})
+            echo(f"prune {i} ({step.criterion}): sparsity {100 * pruner.sparsity():.2f}%, "
+                 f"test error before retraining {100 * pruned_error:.2f}%")
+            crash_point(f"pruned:{i}")
+            save(i, 0, None)
         if rescaler is not None and step.retrain.dropout_rescale:
             rescaler.apply()
         frozen = _freeze(model, step.retrain.freeze, f"prune[{i - 1}].retrain.freeze")
         try:
             fit(model, train, test, config.train, lr=config.train.lr * step.retrain.lr_fraction,
                 epochs=step.retrain.epochs, seed=config.seed + i, stage=f"retrain-{i}", penalized=penalized,
-                on_optimizer=attach, on_epoch=logger(i), progress=progress)
+                on_optimizer=attach, on_epoch=logger(i), on_epoch_state=epoch_saver(i), resume=fit_resume,
+                on_batch=batch_hook(i), progress=progress)
         finally:
             if frozen is not None:
                 frozen.remove()
             for handle in handles:
                 handle.remove()
             handles.clear()
+        fit_resume = None
         pruner.check()
         _, retrained_error = evaluate(model, *test, batch_size=config.train.eval_batch_size)
-        steps.append({"step": i, "criterion": step.criterion, "densities": densities,
-                      "sparsity": pruner.sparsity(), "error_pruned": pruned_error,
+        steps.append({"step": i, "criterion": step.criterion, "densities": current["densities"],
+                      "sparsity": pruner.sparsity(), "error_pruned": current["pruned_error"],
                       "error_retrained": retrained_error})
         writer.checkpoint(f"step-{i}", model, pruner.masks,
                           {"stage": f"step-{i}", **steps[-1]})
         echo(f"retrain {i}: test error {100 * retrained_error:.2f}%")
+        save(i + 1, -1, None)
 
     _, final_error = evaluate(model, *test, batch_size=config.train.eval_batch_size)
     final_report = sparsity_report(model, test[0][:1])
@@ -219,12 +284,80 @@ def run_experiment(config: ExperimentConfig, run_dir: str | Path, *, data_dir: s
     }
     writer.write("summary.json", (json.dumps(summary, indent=2) + "\n").encode())
     writer.write("report.md", render_report(summary).encode())
+    if writer.lock is not None:
+        writer.lock.close()
     echo("")
     echo(final_report.to_text())
     echo(f"\nerror {100 * dense_error:.2f}% -> {100 * final_error:.2f}%, parameters "
          f"{summary['params_before']:,} -> {summary['params_after']:,} ({summary['compression']:.1f}x), "
          f"{summary['wall_seconds']:.0f} s; run directory {run_dir}")
     return summary
+
+
+RESUME_FILE = "resume.pt"
+RESUME_VERSION = 1
+CRASH_ENV = "MAGPRUNE_CRASH_AT"
+
+
+def crash_point(name: str) -> None:
+    """Test hook: SIGKILL this process when ``$MAGPRUNE_CRASH_AT`` names this point (the crash-safety tests)."""
+    wanted = os.environ.get(CRASH_ENV)
+    if wanted and wanted == name:
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+class RunError(ValueError):
+    """The run directory cannot be used (not writable, locked by another run, nothing to resume)."""
+
+
+def lock_run_dir(run_dir: Path) -> Any:
+    """Take RUN_DIR/.lock (an flock, released by the kernel when the process dies, even by SIGKILL); a second run
+    on the same directory is refused instead of corrupting the first."""
+    import fcntl
+
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        handle = open(run_dir / ".lock", "a+")  # noqa: SIM115 - must stay open for the whole run
+    except OSError as exc:
+        raise RunError(f"run directory {run_dir} is not usable: {exc.strerror}") from exc
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError as exc:
+        handle.close()
+        raise RunError(f"run directory {run_dir} is in use by another magprune run (lock {run_dir / '.lock'}); "
+                       "wait for it or choose another --out") from exc
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle
+
+
+def check_writable(run_dir: Path, probe_bytes: int = 1 << 20) -> None:
+    """Write (and remove) a 1 MiB probe file, so an unwritable or full directory fails before any training."""
+    probe = run_dir / ".write-probe"
+    try:
+        write_atomic(probe, b"\0" * probe_bytes)
+        probe.unlink()
+    except OSError as exc:
+        raise RunError(f"run directory {run_dir} is not writable: {exc.strerror or exc}") from exc
+
+
+def load_resume_checkpoint(run_dir: Path) -> dict[str, Any] | None:
+    """The last complete checkpoint of ``run_dir`` (None if the run never finished an epoch), loaded safely."""
+    path = run_dir / "checkpoints" / RESUME_FILE
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a truncated or foreign file: say which and why, never unpickle code
+        raise RunError(f"{path}: not a readable magprune checkpoint ({type(exc).__name__}: "
+                       f"{str(exc).splitlines()[0][:200]})") from exc
+    if not isinstance(state, dict) or state.get("version") != RESUME_VERSION:
+        raise RunError(f"{path}: not a magprune resume checkpoint of version {RESUME_VERSION}")
+    return state
 
 
 def _silent(message: str) -> None:

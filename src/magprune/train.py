@@ -68,6 +68,9 @@ def fit(
     penalized: list[Tensor],
     on_optimizer: Callable[[torch.optim.Optimizer], Any] | None = None,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    on_epoch_state: Callable[[dict[str, Any]], None] | None = None,
+    resume: dict[str, Any] | None = None,
+    on_batch: Callable[[int, int], None] | None = None,
     progress: bool = True,
 ) -> list[dict[str, Any]]:
     """Train ``model`` for ``epochs`` on whole-tensor data; returns one metrics row per epoch.
@@ -75,6 +78,10 @@ def fit(
     ``penalized`` are the tensors ``cfg.regularization`` applies to (Han regularizes the prunable weights).
     ``on_optimizer`` sees the new optimizer before the first step (a pruner attaches there). Shuffling uses its own
     generator seeded from ``seed``, so the run is reproducible on one machine.
+
+    After each epoch ``on_epoch_state`` gets everything needed to continue exactly from there (epoch, optimizer,
+    lr schedule, shuffling generator and global RNG states); giving that back as ``resume`` skips the finished
+    epochs and continues as if never interrupted.
     """
     from tqdm import tqdm
 
@@ -83,23 +90,32 @@ def fit(
     # A fresh DDP wrapper per stage: which parameters train (freezing) may change between stages.
     net = torch.nn.parallel.DistributedDataParallel(model) if distributed.is_distributed() else model
     optimizer = make_optimizer(model.parameters(), cfg, lr)
-    if on_optimizer is not None:
-        on_optimizer(optimizer)
     steps_per_epoch = math.ceil(len(y) / cfg.batch_size)
     total = steps_per_epoch * epochs
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda it: lr_factor(cfg.lr_schedule, it, steps_per_epoch, total))
     generator = torch.Generator().manual_seed(seed)
+    first_epoch = 1
+    if resume is not None:
+        optimizer.load_state_dict(resume["optimizer"])
+        schedule.load_state_dict(resume["schedule"])
+        generator.set_state(resume["generator"])
+        torch.set_rng_state(resume["rng"])
+        first_epoch = resume["epoch"] + 1
+    if on_optimizer is not None:
+        on_optimizer(optimizer)
     penalize = cfg.regularization != "none" and cfg.strength > 0 and penalized
     rows = []
-    for epoch in range(1, epochs + 1):
+    for epoch in range(first_epoch, epochs + 1):
         start = time.perf_counter()
         model.train()
         loss_sum, wrong, seen = 0.0, 0, 0
         batches = torch.randperm(len(y), generator=generator).split(cfg.batch_size)
         bar = tqdm(batches, desc=f"{stage} {epoch}/{epochs}", leave=False,
                    disable=not progress or not distributed.is_main(), unit="batch")
-        for global_idx in bar:
+        for batch, global_idx in enumerate(bar):
+            if on_batch is not None:
+                on_batch(epoch, batch)
             idx = distributed.shard(global_idx)
             xb, yb = x[idx], y[idx]
             out = net(xb)
@@ -118,7 +134,17 @@ def fit(
         row = {"stage": stage, "epoch": epoch, "lr": optimizer.param_groups[0]["lr"],
                "train_loss": loss_sum / seen, "train_error": wrong / seen,
                "test_loss": test_loss, "test_error": test_error, "seconds": time.perf_counter() - start}
+        if not math.isfinite(row["train_loss"]):
+            raise TrainingDiverged(f"{stage} epoch {epoch}: the training loss is {row['train_loss']} (lr {lr} too "
+                                   "high?); the run stops here, its last checkpoint is the last good epoch")
         rows.append(row)
         if on_epoch is not None:
             on_epoch(row)
+        if on_epoch_state is not None:
+            on_epoch_state({"epoch": epoch, "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+                            "generator": generator.get_state(), "rng": torch.get_rng_state()})
     return rows
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
