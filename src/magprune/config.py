@@ -279,7 +279,7 @@ def _steps(raw: Any, model_name: str) -> list[PruneStep]:
     steps: list[PruneStep] = []
     for i, item in enumerate(raw):
         repeat = item.get("repeat", 1) if isinstance(item, dict) else 1
-        repeat = _number(repeat, f"prune[{i}].repeat", 1, integer=True)
+        repeat = _number(repeat, f"prune[{i}].repeat", 1, 1000, integer=True)
         step = _step(item, i, model_name)
         # ``repeat: n`` is shorthand for n identical steps: Han's iterative pruning with one rule.
         steps += [copy.deepcopy(step) for _ in range(repeat)]
@@ -355,8 +355,8 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Experim
     path = Path(path)
     try:
         text = path.read_text()
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read config ({exc.strerror})") from exc
+    except (OSError, ValueError) as exc:  # ValueError: a path with a NUL byte
+        raise ConfigError(f"{path}: cannot read config ({getattr(exc, 'strerror', None) or exc})") from exc
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:

@@ -60,8 +60,8 @@ def build_model(config: ExperimentConfig) -> nn.Module:
         kwargs["dropout"] = config.train.dropout
     try:
         return create_model(config.model.name, **kwargs)
-    except TypeError as exc:
-        raise ValueError(f"model.kwargs: {config.model.name} does not accept {kwargs!r} ({exc})") from exc
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise ConfigError(f"model.kwargs: {config.model.name} cannot be built with {kwargs!r} ({exc})") from exc
 
 
 class RunWriter:
@@ -95,7 +95,7 @@ class RunWriter:
         write_atomic(self.run_dir / "metrics.csv", buffer.getvalue().encode())
 
     def resume_checkpoint(self, state: dict[str, Any]) -> None:
-        if not self.enabled:
+        if not self.checkpoints:  # output.checkpoints: false trades crash safety for disk
             return
         buffer = io.BytesIO()
         torch.save(state, buffer)
@@ -153,13 +153,17 @@ def run_experiment(config: ExperimentConfig, run_dir: str | Path, *, data_dir: s
     if distributed.is_main():
         lock = lock_run_dir(run_dir)  # released when the run ends or the process dies
         check_writable(run_dir)
-    writer = RunWriter(run_dir, config.output.checkpoints or resume, enabled=distributed.is_main())
+    writer = RunWriter(run_dir, config.output.checkpoints, enabled=distributed.is_main())
     writer.lock = lock
     writer.write("config.yaml", config.to_yaml().encode())
     echo(f"{config.name}: {config.model.name} on {config.data.dataset} "
          f"({len(train[1])} train / {len(test[1])} test)")
     torch.manual_seed(config.seed)
     model = build_model(config).to(device)
+    for i, step in enumerate(config.prune):  # a freeze that cannot apply is a config error: say so before training
+        frozen = _freeze(model, step.retrain.freeze, f"prune[{i}].retrain.freeze")
+        if frozen is not None:
+            frozen.remove()
     pruner = Pruner(model)
     penalized = list(pruner.params.values())
     handles: list[Any] = []
