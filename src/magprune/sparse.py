@@ -216,7 +216,7 @@ def _decode_param(path: Path, name: str, meta: Mapping, arrays: Mapping[str, np.
 
 
 def load_compressed(path: str | os.PathLike) -> dict[str, Tensor]:
-    """Read a compressed file back into a state_dict of exact dense tensors; corrupt files raise CompressedFormatError."""
+    """Read a compressed file back into a state_dict of exact tensors; corrupt files raise CompressedFormatError."""
     path = Path(path)
     arrays, metadata = _read(path)
     if metadata.get("format") != FORMAT:
@@ -471,8 +471,8 @@ def sparsify(model: nn.Module, *, batch_size: int = 1, example_input: Tensor | N
         sparse = sparse_cls(module)
         x = torch.randn(shape)
         with torch.inference_mode():
-            dense_ms = _best_ms(lambda m=module: m(x), repeats)
-            sparse_ms = _best_ms(lambda m=sparse: m(x), repeats)
+            dense_ms = _best_ms(lambda m=module, x=x: m(x), repeats)
+            sparse_ms = _best_ms(lambda m=sparse, x=x: m(x), repeats)
         converted = dense_ms >= min_speedup * sparse_ms
         decisions.append(SparsifyDecision(name, type(module).__name__, density, dense_ms, sparse_ms, converted))
         if converted:
