@@ -175,3 +175,21 @@ def shrink(model: nn.Module) -> nn.Module:
                 new.bias.copy_(bias)
         model.set_submodule(name, new)
     return model
+
+
+def resize_to(model: nn.Module, state_dict: dict[str, Tensor]) -> nn.Module:
+    """Replace the Linear/Conv2d layers of ``model`` whose weight shapes differ from ``state_dict``'s by layers of
+    the stored shapes (how a shrunk model is rebuilt from its registry architecture), then load the state_dict."""
+    for name, module in list(model.named_modules()):
+        weight = state_dict.get(f"{name}.weight")
+        if weight is None or not isinstance(module, _LAYERS) or tuple(weight.shape) == tuple(module.weight.shape):
+            continue
+        has_bias = f"{name}.bias" in state_dict
+        if isinstance(module, nn.Linear):
+            new: nn.Module = nn.Linear(weight.shape[1], weight.shape[0], bias=has_bias)
+        else:
+            new = nn.Conv2d(weight.shape[1], weight.shape[0], module.kernel_size, module.stride, module.padding,
+                            module.dilation, bias=has_bias, padding_mode=module.padding_mode)
+        model.set_submodule(name, new)
+    model.load_state_dict(state_dict, strict=True)
+    return model

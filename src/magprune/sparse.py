@@ -129,8 +129,12 @@ def _state_dict(source: nn.Module | Mapping[str, Tensor]) -> dict[str, Tensor]:
     return dict(source.state_dict() if isinstance(source, nn.Module) else source)
 
 
-def save_compressed(source: nn.Module | Mapping[str, Tensor], path: str | os.PathLike) -> dict[str, dict]:
-    """Write a model (or state_dict) in the compressed format, atomically; returns the per-tensor metadata."""
+def save_compressed(source: nn.Module | Mapping[str, Tensor], path: str | os.PathLike,
+                    metadata: Mapping[str, str] | None = None) -> dict[str, dict]:
+    """Write a model (or state_dict) in the compressed format, atomically; returns the per-tensor metadata.
+
+    ``metadata`` adds string entries to the header (``magprune export`` records the model's registry name there).
+    """
     from safetensors.numpy import save
 
     arrays: dict[str, np.ndarray] = {}
@@ -143,8 +147,9 @@ def save_compressed(source: nn.Module | Mapping[str, Tensor], path: str | os.Pat
                         "nnz": int(parts["values"].size) if "values" in parts else int(tensor.numel()),
                         "crc32": {part: zlib.crc32(np.ascontiguousarray(a).tobytes()) for part, a in parts.items()}}
         arrays.update({f"{name}/{part}": np.ascontiguousarray(a) for part, a in parts.items()})
-    metadata = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "params": json.dumps(params)}
-    _atomic_write(Path(path), save(arrays, metadata=metadata))
+    header = {**(metadata or {}), "format": FORMAT, "format_version": str(FORMAT_VERSION),
+              "params": json.dumps(params)}
+    _atomic_write(Path(path), save(arrays, metadata=header))
     return params
 
 
@@ -302,15 +307,18 @@ def _csr_arrays(weight2d: Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 def _spmm(indptr: np.ndarray, cols: np.ndarray, vals: np.ndarray, bias: np.ndarray, x2d: np.ndarray) -> np.ndarray:
     """y = x W^T + b for x of shape (batch, in) with W in CSR; returns (batch, out)."""
-    from magprune._kernels import csr_matmul_t, csr_matvec
+    from magprune import _kernels as k
 
     n_out = indptr.shape[0] - 1
+    parallel = vals.size * x2d.shape[0] >= k.PARALLEL_MIN_WORK
     if x2d.shape[0] == 1:
         out = np.empty(n_out, dtype=np.float32)
-        csr_matvec(indptr, cols, vals, np.ascontiguousarray(x2d[0]), bias, out)
+        (k.csr_matvec if parallel else k.csr_matvec_serial)(indptr, cols, vals, np.ascontiguousarray(x2d[0]), bias,
+                                                             out)
         return out[None]
     out = np.empty((n_out, x2d.shape[0]), dtype=np.float32)
-    csr_matmul_t(indptr, cols, vals, np.ascontiguousarray(x2d.T), bias, out)
+    (k.csr_matmul_t if parallel else k.csr_matmul_t_serial)(indptr, cols, vals, np.ascontiguousarray(x2d.T), bias,
+                                                             out)
     return out.T
 
 
@@ -381,7 +389,7 @@ class SparseConv2d(nn.Module):
         self.density = self.vals.size / max(weight.numel(), 1)
 
     def forward(self, x: Tensor) -> Tensor:
-        from magprune._kernels import csr_matmul_t
+        from magprune import _kernels as k
 
         _check_input(self, x)
         batch, _, height, width = x.shape
@@ -389,8 +397,9 @@ class SparseConv2d(nn.Module):
         out_w = (width + 2 * self.padding[1] - self.dilation[1] * (self.kernel_size[1] - 1) - 1) // self.stride[1] + 1
         patches = _as_numpy(F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride))
         out = np.empty((batch, self.out_channels, out_h * out_w), dtype=np.float32)
-        for b in range(batch):
-            csr_matmul_t(self.indptr, self.cols, self.vals, patches[b], self.bias_array, out[b])
+        parallel = self.vals.size * batch * out_h * out_w >= k.PARALLEL_MIN_WORK
+        (k.csr_conv if parallel else k.csr_conv_serial)(self.indptr, self.cols, self.vals, patches, self.bias_array,
+                                                        out)
         return torch.from_numpy(out).reshape(batch, self.out_channels, out_h, out_w)
 
 
@@ -479,3 +488,56 @@ def sparsify(model: nn.Module, *, batch_size: int = 1, example_input: Tensor | N
             model.set_submodule(name, sparse)
     model.sparsify_decisions = decisions
     return model
+
+
+# ----------------------------------------------------------------------------------------------- measuring
+@dataclass(frozen=True)
+class BenchRow:
+    name: str
+    shape: str
+    density: float
+    batch_size: int
+    dense_ms: float
+    sparse_ms: float
+
+    @property
+    def speedup(self) -> float:
+        return self.dense_ms / self.sparse_ms
+
+
+def bench_model(model: nn.Module, input_shape: tuple[int, ...], batch_sizes: tuple[int, ...] = (1, 32, 256),
+                repeats: int = 10) -> list[BenchRow]:
+    """Latency, dense vs sparse, of every Linear/Conv2d layer and of the whole model (sparse = every candidate
+    layer sparse, i.e. ``sparsify`` with no speed test) at each batch size; best of ``repeats`` runs."""
+    model = copy.deepcopy(model).eval()
+    rows = []
+    for batch in batch_sizes:
+        x = torch.randn(batch, *input_shape)
+        shapes = _layer_inputs(model, x)
+        whole = sparsify(model, batch_size=batch, example_input=x, min_speedup=0.0, repeats=1)
+        with torch.inference_mode():
+            for name, module in model.named_modules():
+                sparse = whole.get_submodule(name) if name else None
+                if not isinstance(sparse, SparseLinear | SparseConv2d):
+                    continue
+                layer_x = torch.randn(batch, *shapes[name])
+                shape = "x".join(map(str, module.weight.shape))
+                rows.append(BenchRow(name, shape, sparse.density, batch,
+                                     _best_ms(lambda m=module, x=layer_x: m(x), repeats),
+                                     _best_ms(lambda m=sparse, x=layer_x: m(x), repeats)))
+            n_weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear | nn.Conv2d))
+            n_kept = sum(int(m.weight.count_nonzero()) for m in model.modules() if isinstance(m, nn.Linear | nn.Conv2d))
+            rows.append(BenchRow("(whole model)", "x".join(map(str, (batch, *input_shape))), n_kept / n_weights,
+                                 batch, _best_ms(lambda x=x: model(x), repeats),
+                                 _best_ms(lambda x=x, m=whole: m(x), repeats)))
+    return rows
+
+
+def format_bench(rows: list[BenchRow]) -> str:
+    lines = [f"{'layer':<14} {'weight':<14} {'density':>7} {'batch':>5} {'dense ms':>9} {'sparse ms':>9} "
+             f"{'speedup':>7} {'dense/s':>9} {'sparse/s':>9}"]
+    for r in rows:
+        lines.append(f"{r.name:<14} {r.shape:<14} {r.density:>7.3f} {r.batch_size:>5} {r.dense_ms:>9.3f} "
+                     f"{r.sparse_ms:>9.3f} {r.speedup:>6.2f}x {1e3 * r.batch_size / r.dense_ms:>9.0f} "
+                     f"{1e3 * r.batch_size / r.sparse_ms:>9.0f}")
+    return "\n".join(lines)
