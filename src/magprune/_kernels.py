@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-BATCH_BLOCK = 64  # batch columns per pass: keeps the gathered input rows of a block in cache at large batch sizes
+BATCH_BLOCK = 64  # at most this many batch columns per block
 PARALLEL_MIN_WORK = 1 << 18  # multiply-adds below which the serial kernel is used
 
 
@@ -38,21 +38,28 @@ def _matvec(indptr, cols, vals, x, bias, out):  # pragma: no cover - compiled
         out[o] = bias[o] + ((a0 + a1) + (a2 + a3))
 
 
-def _matmul_t(indptr, cols, vals, xt, bias, out):  # pragma: no cover - compiled
-    """out[o, :] = bias[o] + sum_k vals[k] * xt[cols[k], :]: y^T = W x^T with the batch contiguous in memory."""
+def _matmul_t(indptr, cols, vals, xtb, bias, outb):  # pragma: no cover - compiled
+    """outb[blk, o, :] = bias[o] + sum_k vals[k] * xtb[blk, cols[k], :]: y^T = W x^T, batch in blocks of columns.
+
+    The batch is split into blocks (xtb has shape (blocks, in, width)) so each gathered input row is a short
+    contiguous vector and one block of inputs stays in cache; rows and blocks are spread over the threads.
+    """
     n_rows = indptr.shape[0] - 1
-    batch = xt.shape[1]
-    for j0 in range(0, batch, BATCH_BLOCK):
-        j1 = min(j0 + BATCH_BLOCK, batch)
-        for o in prange(n_rows):
-            b = bias[o]
-            for j in range(j0, j1):
-                out[o, j] = b
-            for k in range(indptr[o], indptr[o + 1]):
-                v = vals[k]
-                c = cols[k]
-                for j in range(j0, j1):
-                    out[o, j] += v * xt[c, j]
+    width = xtb.shape[2]
+    for task in prange(xtb.shape[0] * n_rows):
+        blk = task // n_rows
+        o = task % n_rows
+        xb = xtb[blk]
+        acc = np.empty(width, dtype=np.float32)  # a fresh buffer: the compiler can keep it apart from the inputs
+        b = bias[o]
+        for j in range(width):
+            acc[j] = b
+        for k in range(indptr[o], indptr[o + 1]):
+            v = vals[k]
+            xr = xb[cols[k]]
+            for j in range(width):
+                acc[j] += v * xr[j]
+        outb[blk, o, :] = acc
 
 
 def _conv(indptr, cols, vals, patches, bias, out):  # pragma: no cover - compiled
@@ -62,14 +69,17 @@ def _conv(indptr, cols, vals, patches, bias, out):  # pragma: no cover - compile
     for task in prange(patches.shape[0] * n_rows):
         b = task // n_rows
         o = task % n_rows
+        pb = patches[b]
+        acc = np.empty(positions, dtype=np.float32)
         bo = bias[o]
         for j in range(positions):
-            out[b, o, j] = bo
+            acc[j] = bo
         for k in range(indptr[o], indptr[o + 1]):
             v = vals[k]
-            c = cols[k]
+            pr = pb[cols[k]]
             for j in range(positions):
-                out[b, o, j] += v * patches[b, c, j]
+                acc[j] += v * pr[j]
+        out[b, o, :] = acc
 
 
 _OPTIONS = {"fastmath": True, "cache": True, "nogil": True}

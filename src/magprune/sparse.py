@@ -316,10 +316,15 @@ def _spmm(indptr: np.ndarray, cols: np.ndarray, vals: np.ndarray, bias: np.ndarr
         (k.csr_matvec if parallel else k.csr_matvec_serial)(indptr, cols, vals, np.ascontiguousarray(x2d[0]), bias,
                                                              out)
         return out[None]
-    out = np.empty((n_out, x2d.shape[0]), dtype=np.float32)
-    (k.csr_matmul_t if parallel else k.csr_matmul_t_serial)(indptr, cols, vals, np.ascontiguousarray(x2d.T), bias,
-                                                             out)
-    return out.T
+    batch, n_in = x2d.shape
+    blocks = math.ceil(batch / k.BATCH_BLOCK)
+    width = math.ceil(batch / blocks)
+    if blocks * width != batch:
+        x2d = np.concatenate([x2d, np.zeros((blocks * width - batch, n_in), dtype=np.float32)])
+    xtb = np.ascontiguousarray(x2d.reshape(blocks, width, n_in).transpose(0, 2, 1))
+    outb = np.empty((blocks, n_out, width), dtype=np.float32)
+    (k.csr_matmul_t if parallel else k.csr_matmul_t_serial)(indptr, cols, vals, xtb, bias, outb)
+    return outb.transpose(0, 2, 1).reshape(blocks * width, n_out)[:batch]
 
 
 def _check_input(module: nn.Module, x: Tensor) -> None:
