@@ -117,3 +117,20 @@ def test_sparsify_converts_only_measured_wins_and_matches_outputs():
     assert all(d.dense_ms > 0 and d.sparse_ms > 0 for d in never.sparsify_decisions)
     with torch.inference_mode():
         torch.testing.assert_close(forced(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("min_work", [0, 1 << 62])  # parallel and serial kernels
+def test_linear_kernels_parallel_and_serial_with_padded_batches(monkeypatch, min_work):
+    from magprune import _kernels
+
+    monkeypatch.setattr(_kernels, "PARALLEL_MIN_WORK", min_work)
+    torch.manual_seed(4)
+    linear = nn.Linear(257, 33)
+    with torch.no_grad():
+        linear.weight.mul_(torch.rand_like(linear.weight) < 0.3)
+        linear.weight[5] = 0  # an empty row
+    sparse = SparseLinear(linear)
+    for batch in (1, 3, 130):  # 130 = 3 blocks of 44, two padding rows
+        x = torch.randn(batch, 257)
+        with torch.inference_mode():
+            torch.testing.assert_close(sparse(x), linear(x), rtol=1e-4, atol=1e-5)
