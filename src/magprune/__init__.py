@@ -6,6 +6,8 @@ from magprune.models import create_model, list_models, register_model
 from magprune.report import SparsityReport, sparsity_report
 from magprune.retrain import DropoutRescaler, freeze, rescaled_dropout, weight_penalty
 from magprune.schedules import GradualCubic, Iterative, OneShot, PruningSchedule
+from magprune.shrink import shrink
+from magprune.sparse import load_compressed, load_compressed_into, save_compressed, sparsify
 
 __version__ = "0.1.0"
 
@@ -27,8 +29,13 @@ __all__ = [
     "freeze",
     "han2015",
     "list_models",
+    "load_compressed",
+    "load_compressed_into",
     "register_model",
     "rescaled_dropout",
+    "save_compressed",
+    "shrink",
+    "sparsify",
     "sparsity_report",
     "weight_penalty",
 ]

@@ -67,6 +67,91 @@ class UsageError(ValueError):
     """Bad input from the command line: reported in one line, exit status 2."""
 
 
+def _load_run(run_dir: Path):
+    """The pruned model of a run directory, masks applied, with its registry name and constructor kwargs."""
+    import torch
+
+    from magprune.pipeline import load_run
+
+    try:
+        model, masks, config = load_run(run_dir)
+    except FileNotFoundError as exc:
+        raise UsageError(str(exc)) from exc
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, keep in masks.items():
+            if name not in params or params[name].shape != keep.shape:
+                raise UsageError(f"{run_dir / 'masks.safetensors'}: mask {name!r} does not fit the model's "
+                                 "parameters")
+            params[name].mul_(keep.to(params[name].dtype))
+    return model.eval(), config.model.name, dict(config.model.kwargs)
+
+
+def _export(args: argparse.Namespace) -> int:
+    import json
+
+    from safetensors.torch import save
+
+    from magprune.shrink import shrink
+    from magprune.sparse import _atomic_write, format_size_report, save_compressed, size_report
+
+    run_dir = Path(args.run_dir)
+    model, name, kwargs = _load_run(run_dir)
+    meta = {"model": json.dumps({"name": name, "kwargs": kwargs})}
+    if args.format == "compressed":
+        out = Path(args.out or run_dir / "model.compressed.safetensors")
+        save_compressed(model, out, metadata=meta)
+        print(format_size_report(size_report(model), out.stat().st_size))
+    else:
+        out = Path(args.out or run_dir / "model.shrunk.safetensors")
+        small = shrink(model)
+        _atomic_write(out, save({k: v.contiguous() for k, v in small.state_dict().items()},
+                                metadata={"format": "magprune-shrunk", **meta}))
+        before = sum(p.numel() for p in model.parameters())
+        after = sum(p.numel() for p in small.parameters())
+        print(f"shrunk {name}: {before:,} -> {after:,} parameters")
+        for layer, module in small.named_modules():
+            if hasattr(module, "weight") and module.weight is not None:
+                print(f"  {layer}: {tuple(module.weight.shape)}")
+    print(f"wrote {out}")
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    import json
+
+    from safetensors import safe_open
+
+    from magprune.shrink import resize_to
+    from magprune.sparse import bench_model, format_bench, load_compressed
+
+    path = Path(args.model_file)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+    except Exception as error:
+        raise SystemExit(f"magprune: cannot read {path}: {error}") from error
+    if "model" not in metadata:
+        raise SystemExit(f"magprune: {path} does not say which model it holds (write it with 'magprune export')")
+    spec = json.loads(metadata["model"])
+    model = magprune.create_model(spec["name"], **spec["kwargs"])
+    if metadata.get("format") == "magprune-shrunk":
+        from safetensors.torch import load_file
+
+        resize_to(model, load_file(path))
+    else:
+        model.load_state_dict(load_compressed(path), strict=True)
+    if args.input_shape:
+        shape = tuple(int(s) for s in args.input_shape.split(","))
+    else:
+        first = next(m for m in model.modules() if hasattr(m, "weight") and m.weight is not None and m.weight.ndim > 1)
+        shape = (first.in_features,) if first.weight.ndim == 2 else (first.in_channels, 28, 28)
+    batches = tuple(int(b) for b in args.batch_sizes.split(","))
+    print(f"{spec['name']} from {path}, input {shape}; best of {args.repeats} runs")
+    print(format_bench(bench_model(model.eval(), shape, batches, repeats=args.repeats)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="magprune",
@@ -103,6 +188,23 @@ def build_parser() -> argparse.ArgumentParser:
                                  description="Print report.md of a run: the Table 1 row and the per-layer table.")
     report.add_argument("run_dir", metavar="RUN_DIR")
     report.set_defaults(func=_report)
+
+
+    export = commands.add_parser("export", help="write a run's pruned model compressed or shrunk",
+                                 description="Export RUN_DIR (config.yaml, model.safetensors, masks.safetensors) "
+                                 "as a compressed sparse file or as a smaller dense (shrunk) model.")
+    export.add_argument("run_dir", metavar="RUN_DIR")
+    export.add_argument("--format", choices=["compressed", "shrunk"], required=True)
+    export.add_argument("--out", metavar="FILE", help="output file (default RUN_DIR/model.<format>.safetensors)")
+    export.set_defaults(func=_export)
+    bench = commands.add_parser("bench", help="latency and throughput, dense vs sparse, per layer",
+                                description="Time every Linear/Conv2d layer and the whole model dense vs sparse.")
+    bench.add_argument("model_file", metavar="MODEL_FILE", help="a file written by 'magprune export'")
+    bench.add_argument("--batch-sizes", default="1,32,256", help="comma-separated (default 1,32,256)")
+    bench.add_argument("--input-shape", help="per-example input shape, e.g. 1,28,28 (default: from the first layer;"
+                       " 28x28 images for conv nets)")
+    bench.add_argument("--repeats", type=int, default=10, help="timed runs per measurement, best kept (default 10)")
+    bench.set_defaults(func=_bench)
     return parser
 
 

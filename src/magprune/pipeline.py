@@ -435,8 +435,19 @@ def load_run(run_dir: str | Path) -> tuple[nn.Module, dict[str, Tensor], Experim
     for name in ("config.yaml", "model.safetensors", "masks.safetensors"):
         if not (run_dir / name).is_file():
             raise FileNotFoundError(f"{run_dir} is not a finished run directory: {name} is missing")
-    config = from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
+    try:
+        config = from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
+    except yaml.YAMLError as exc:
+        raise RunError(f"{run_dir / 'config.yaml'}: not valid YAML") from exc
     model = build_model(config)
-    model.load_state_dict(load_safetensors((run_dir / "model.safetensors").read_bytes()), strict=True)
-    masks = load_safetensors((run_dir / "masks.safetensors").read_bytes())
+    for name in ("model.safetensors", "masks.safetensors"):
+        try:
+            tensors = load_safetensors((run_dir / name).read_bytes())
+            if name == "model.safetensors":
+                model.load_state_dict(tensors, strict=True)
+            else:
+                masks = tensors
+        except Exception as exc:  # truncated, corrupted or another architecture's file
+            raise RunError(f"{run_dir / name}: cannot be loaded into {config.model.name} "
+                           f"({type(exc).__name__}: {str(exc).splitlines()[0][:300]})") from exc
     return model, masks, config

@@ -1,0 +1,61 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+import magprune
+from magprune.shrink import resize_to
+from magprune.sparse import load_compressed
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": SRC}
+    return subprocess.run([sys.executable, "-m", "magprune.cli", *args], capture_output=True, text=True, env=env,
+                          timeout=120)
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    torch.manual_seed(0)
+    model = magprune.create_model("lenet-300-100")
+    pruner = magprune.Pruner(model)
+    pruner.prune(magprune.LayerSparsity({"fc1": 0.97, "fc2": 0.97, "fc3": 0.8}))
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"model": {"name": "lenet-300-100", "kwargs": {}}}))
+    save_file(model.state_dict(), tmp_path / "model.safetensors")
+    save_file(pruner.state_dict()["masks"], tmp_path / "masks.safetensors")
+    return tmp_path, model.eval()
+
+
+def test_export_compressed_and_shrunk_then_bench(run_dir):
+    path, model = run_dir
+    done = _cli("export", str(path), "--format", "compressed")
+    assert done.returncode == 0, done.stderr
+    assert "total" in done.stdout
+    state = load_compressed(path / "model.compressed.safetensors")
+    for key, value in model.state_dict().items():
+        assert torch.equal(state[key], value)
+
+    out = path / "small.safetensors"
+    done = _cli("export", str(path), "--format", "shrunk", "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    small = resize_to(magprune.create_model("lenet-300-100"), load_file(out)).eval()
+    assert small.fc1.out_features < 300
+    x = torch.randn(4, 784)
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), model(x))
+
+    done = _cli("bench", str(path / "model.compressed.safetensors"), "--batch-sizes", "1,4", "--repeats", "1")
+    assert done.returncode == 0, done.stderr
+    assert "fc1" in done.stdout and "(whole model)" in done.stdout
+
+
+def test_export_refuses_a_bad_run_dir(tmp_path):
+    done = _cli("export", str(tmp_path), "--format", "compressed")
+    assert done.returncode != 0 and "config.yaml" in done.stderr
