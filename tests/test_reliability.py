@@ -123,3 +123,19 @@ def test_a_truncated_checkpoint_is_refused(tmp_path):
 def test_resume_needs_a_run_directory(tmp_path):
     out = magprune(["run", "--resume", "nowhere", "--no-progress"], tmp_path)
     assert out.returncode == 2 and "holds no config.yaml" in out.stderr
+
+
+def test_corrupt_or_foreign_model_files_are_refused_by_name(tmp_path):
+    done = magprune(["run", str(CONFIG), "--out", "run", "--no-progress", "--set", "train.epochs=1",
+                     "--set", "prune=[]"], tmp_path)
+    assert done.returncode == 0, done.stderr
+    model_file = tmp_path / "run" / "model.safetensors"
+    good = model_file.read_bytes()
+    model_file.write_bytes(good[: len(good) // 2])
+    out = magprune(["export", "run", "--format", "compressed"], tmp_path)
+    assert out.returncode == 2 and "model.safetensors" in out.stderr and "Traceback" not in out.stderr
+    model_file.write_bytes(good)
+    config = tmp_path / "run" / "config.yaml"
+    config.write_text(config.read_text().replace("in_features: 64", "in_features: 100"))
+    out = magprune(["export", "run", "--format", "compressed"], tmp_path)
+    assert out.returncode == 2 and "cannot be loaded into lenet-300-100" in out.stderr and "size mismatch" in out.stderr

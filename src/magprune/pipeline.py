@@ -449,5 +449,5 @@ def load_run(run_dir: str | Path) -> tuple[nn.Module, dict[str, Tensor], Experim
                 masks = tensors
         except Exception as exc:  # truncated, corrupted or another architecture's file
             raise RunError(f"{run_dir / name}: cannot be loaded into {config.model.name} "
-                           f"({type(exc).__name__}: {str(exc).splitlines()[0][:300]})") from exc
+                           f"({type(exc).__name__}: {' '.join(str(exc).split())[:400]})") from exc
     return model, masks, config
