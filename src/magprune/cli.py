@@ -92,8 +92,9 @@ def _export(args: argparse.Namespace) -> int:
 
     from safetensors.torch import save
 
+    from magprune._io import write_atomic
     from magprune.shrink import shrink
-    from magprune.sparse import _atomic_write, format_size_report, save_compressed, size_report
+    from magprune.sparse import format_size_report, save_compressed, size_report
 
     run_dir = Path(args.run_dir)
     model, name, kwargs = _load_run(run_dir)
@@ -105,7 +106,7 @@ def _export(args: argparse.Namespace) -> int:
     else:
         out = Path(args.out or run_dir / "model.shrunk.safetensors")
         small = shrink(model)
-        _atomic_write(out, save({k: v.contiguous() for k, v in small.state_dict().items()},
+        write_atomic(out, save({k: v.contiguous() for k, v in small.state_dict().items()},
                                 metadata={"format": "magprune-shrunk", **meta}))
         before = sum(p.numel() for p in model.parameters())
         after = sum(p.numel() for p in small.parameters())

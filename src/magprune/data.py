@@ -5,7 +5,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
-import tempfile
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -14,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor
+
+from magprune._io import write_atomic
 
 ENV_VAR = "MAGPRUNE_DATA"
 
@@ -191,23 +192,6 @@ def verify(dataset: str, directory: str | os.PathLike[str]) -> None:
         if path is None:
             raise DataError(f"{dataset}: {directory} lacks {stem}[.gz]")
         check_bytes(_read_bytes(path), sha, str(path))
-
-
-def write_atomic(path: Path, data: bytes, *, before_replace: Callable[[], None] | None = None) -> None:
-    """Write ``data`` to ``path`` via a temp file in the same directory, fsync and rename: never a half file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        if before_replace is not None:
-            before_replace()
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 Split = tuple[Tensor, Tensor]

@@ -20,7 +20,6 @@ import copy
 import json
 import math
 import os
-import tempfile
 import time
 import zlib
 from collections.abc import Mapping
@@ -31,6 +30,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from magprune._io import write_atomic
 
 FORMAT = "magprune-compressed"
 FORMAT_VERSION = 1
@@ -111,20 +112,6 @@ def encode(tensor: Tensor) -> tuple[str, dict[str, np.ndarray]]:
 
 
 # ----------------------------------------------------------------------------------------------- files
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _state_dict(source: nn.Module | Mapping[str, Tensor]) -> dict[str, Tensor]:
     return dict(source.state_dict() if isinstance(source, nn.Module) else source)
 
@@ -149,7 +136,7 @@ def save_compressed(source: nn.Module | Mapping[str, Tensor], path: str | os.Pat
         arrays.update({f"{name}/{part}": np.ascontiguousarray(a) for part, a in parts.items()})
     header = {**(metadata or {}), "format": FORMAT, "format_version": str(FORMAT_VERSION),
               "params": json.dumps(params)}
-    _atomic_write(Path(path), save(arrays, metadata=header))
+    write_atomic(Path(path), save(arrays, metadata=header))
     return params
 
 
