@@ -65,6 +65,22 @@ def test_sigkill_then_resume_gives_the_uninterrupted_result(point, reference, tm
         assert torch.equal(masks[name], ref_masks[name]), name
 
 
+@pytest.mark.parametrize("point", ["batch:0:2:13", "saved:1:1:10"])
+def test_step_checkpoints_resume_mid_epoch(point, reference, tmp_path):
+    """output.checkpoint_every = 5: a kill mid-epoch resumes from the last 5-step checkpoint, not the epoch start."""
+    args = ["run", str(CONFIG), "--out", "run", "--no-progress", "--set", "output.checkpoint_every=5"]
+    killed = magprune(args, tmp_path, MAGPRUNE_CRASH_AT=point)
+    assert killed.returncode == -9, killed.stderr[-500:]
+    resumed = magprune(["run", "--resume", "run", "--no-progress"], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert ", batch 10" in resumed.stdout
+    weights, masks, rows = outcome(tmp_path / "run")
+    ref_weights, ref_masks, ref_rows = reference
+    assert rows == ref_rows
+    assert all(torch.equal(weights[n], ref_weights[n]) for n in ref_weights)
+    assert all(torch.equal(masks[n], ref_masks[n]) for n in ref_masks)
+
+
 def test_a_second_run_on_the_same_directory_is_refused(tmp_path):
     from magprune.pipeline import lock_run_dir
 

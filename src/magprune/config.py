@@ -85,6 +85,7 @@ class PruneStep:
 class OutputConfig:
     dir: str | None = None
     checkpoints: bool = True
+    checkpoint_every: int = 0  # also checkpoint every this many optimizer steps inside an epoch (0: per epoch)
 
 
 @dataclass
@@ -287,11 +288,13 @@ def _steps(raw: Any, model_name: str) -> list[PruneStep]:
 
 
 def _output(raw: Any) -> OutputConfig:
-    raw = _keys(raw, "output", ["dir", "checkpoints"])
+    raw = _keys(raw, "output", ["dir", "checkpoints", "checkpoint_every"])
     directory = raw.get("dir")
     if directory is not None and not isinstance(directory, str):
         raise ConfigError(f"output.dir: must be a directory path (string) or null, got {directory!r}")
-    return OutputConfig(dir=directory, checkpoints=_bool(raw.get("checkpoints", True), "output.checkpoints"))
+    return OutputConfig(dir=directory, checkpoints=_bool(raw.get("checkpoints", True), "output.checkpoints"),
+                        checkpoint_every=_number(raw.get("checkpoint_every", 0), "output.checkpoint_every", 0,
+                                                 integer=True))
 
 
 def from_dict(raw: Any) -> ExperimentConfig:

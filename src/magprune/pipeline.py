@@ -193,8 +193,9 @@ def run_experiment(config: ExperimentConfig, run_dir: str | Path, *, data_dir: s
         position = (saved["step"], saved["epoch"])
         dense_error, steps, current = saved["dense_error"], list(saved["steps"]), dict(saved["current"])
         torch.set_rng_state(saved["rng"])
+        inside = f", batch {saved['fit']['batch']}" if saved["fit"] and saved["fit"].get("batch") else ""
         echo(f"resuming {run_dir} at {'dense training' if position[0] == 0 else f'step {position[0]}'}, "
-             f"after epoch {position[1]}")
+             f"after epoch {position[1]}{inside}")
 
     def save(step: int, epoch: int, fit_state: dict[str, Any] | None) -> None:
         writer.resume_checkpoint({
@@ -204,7 +205,11 @@ def run_experiment(config: ExperimentConfig, run_dir: str | Path, *, data_dir: s
         crash_point(f"saved:{step}:{epoch}")
 
     def epoch_saver(step: int) -> Callable[[dict[str, Any]], None]:
-        return lambda state: save(step, state["epoch"], state)
+        def saver(state: dict[str, Any]) -> None:
+            save(step, state["epoch"], state)
+            if state.get("batch"):
+                crash_point(f"saved:{step}:{state['epoch']}:{state['batch']}")
+        return saver
 
     def batch_hook(step: int) -> Callable[[int, int], None] | None:
         if not os.environ.get(CRASH_ENV):
@@ -215,7 +220,8 @@ def run_experiment(config: ExperimentConfig, run_dir: str | Path, *, data_dir: s
     if position[0] == 0:
         fit(model, train, test, config.train, lr=config.train.lr, epochs=config.train.epochs, seed=config.seed,
             stage="dense", penalized=penalized, on_epoch=logger(0), on_epoch_state=epoch_saver(0),
-            resume=fit_resume, on_batch=batch_hook(0), progress=progress)
+            resume=fit_resume, on_batch=batch_hook(0), checkpoint_every=config.output.checkpoint_every,
+            progress=progress)
         _, dense_error = evaluate(model, *test, batch_size=config.train.eval_batch_size)
         echo(f"dense: test error {100 * dense_error:.2f}%")
         writer.checkpoint("dense", model, {}, {"stage": "dense", "test_error": dense_error})
@@ -244,7 +250,7 @@ def run_experiment(config: ExperimentConfig, run_dir: str | Path, *, data_dir: s
             fit(model, train, test, config.train, lr=config.train.lr * step.retrain.lr_fraction,
                 epochs=step.retrain.epochs, seed=config.seed + i, stage=f"retrain-{i}", penalized=penalized,
                 on_optimizer=attach, on_epoch=logger(i), on_epoch_state=epoch_saver(i), resume=fit_resume,
-                on_batch=batch_hook(i), progress=progress)
+                on_batch=batch_hook(i), checkpoint_every=config.output.checkpoint_every, progress=progress)
         finally:
             if frozen is not None:
                 frozen.remove()

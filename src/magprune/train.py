@@ -71,6 +71,7 @@ def fit(
     on_epoch_state: Callable[[dict[str, Any]], None] | None = None,
     resume: dict[str, Any] | None = None,
     on_batch: Callable[[int, int], None] | None = None,
+    checkpoint_every: int = 0,
     progress: bool = True,
 ) -> list[dict[str, Any]]:
     """Train ``model`` for ``epochs`` on whole-tensor data; returns one metrics row per epoch.
@@ -81,7 +82,9 @@ def fit(
 
     After each epoch ``on_epoch_state`` gets everything needed to continue exactly from there (epoch, optimizer,
     lr schedule, shuffling generator and global RNG states); giving that back as ``resume`` skips the finished
-    epochs and continues as if never interrupted.
+    epochs and continues as if never interrupted. With ``checkpoint_every`` > 0 the same state also goes to
+    ``on_epoch_state`` every that many optimizer steps inside an epoch (with the batch position, the epoch's
+    shuffling state and the running sums of the epoch's metrics), and resuming from it continues mid-epoch.
     """
     from tqdm import tqdm
 
@@ -95,13 +98,17 @@ def fit(
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda it: lr_factor(cfg.lr_schedule, it, steps_per_epoch, total))
     generator = torch.Generator().manual_seed(seed)
-    first_epoch = 1
+    first_epoch, skip, partial = 1, 0, [0.0, 0, 0]
     if resume is not None:
         optimizer.load_state_dict(resume["optimizer"])
         schedule.load_state_dict(resume["schedule"])
         generator.set_state(resume["generator"])
         torch.set_rng_state(resume["rng"])
         first_epoch = resume["epoch"] + 1
+        if resume.get("batch"):  # mid-epoch: replay that epoch's shuffle, skip the batches already trained
+            skip = resume["batch"]
+            if distributed.is_main():  # the saved sums are over all ranks already
+                partial = list(resume["partial"])
     if on_optimizer is not None:
         on_optimizer(optimizer)
     penalize = cfg.regularization != "none" and cfg.strength > 0 and penalized
@@ -109,11 +116,14 @@ def fit(
     for epoch in range(first_epoch, epochs + 1):
         start = time.perf_counter()
         model.train()
-        loss_sum, wrong, seen = 0.0, 0, 0
+        loss_sum, wrong, seen = partial if epoch == first_epoch else (0.0, 0, 0)
+        epoch_generator = generator.get_state()
         batches = torch.randperm(len(y), generator=generator).split(cfg.batch_size)
+        if epoch == first_epoch and skip:
+            batches = batches[skip:]
         bar = tqdm(batches, desc=f"{stage} {epoch}/{epochs}", leave=False,
                    disable=not progress or not distributed.is_main(), unit="batch")
-        for batch, global_idx in enumerate(bar):
+        for batch, global_idx in enumerate(bar, start=skip if epoch == first_epoch else 0):
             if on_batch is not None:
                 on_batch(epoch, batch)
             idx = distributed.shard(global_idx)
@@ -128,6 +138,13 @@ def fit(
             loss_sum += loss.item() * len(yb)
             wrong += int((out.argmax(1) != yb).sum())
             seen += len(yb)
+            done = batch + 1
+            if checkpoint_every and on_epoch_state is not None and done % checkpoint_every == 0 \
+                    and done < steps_per_epoch:
+                on_epoch_state({"epoch": epoch - 1, "batch": done, "generator": epoch_generator,
+                                "partial": distributed.sum_over_ranks([loss_sum, wrong, seen]),
+                                "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+                                "rng": torch.get_rng_state()})
         bar.close()
         loss_sum, wrong, seen = distributed.sum_over_ranks([loss_sum, wrong, seen])
         test_loss, test_error = evaluate(model, *test, batch_size=cfg.eval_batch_size)
