@@ -111,3 +111,56 @@ def test_tradeoff_curves_on_digits():
     # the harshest pruning without retraining costs accuracy, and retraining wins most of it back
     assert curves["L2 reg w/o retrain"][-1][1] > 0.05
     assert curves["L2 reg w/ retrain"][-1][1] < curves["L2 reg w/o retrain"][-1][1]
+
+
+CONFIG = __import__("pathlib").Path(__file__).resolve().parents[1] / "configs" / "digits-tiny.yaml"
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    from magprune.config import load_config
+    from magprune.pipeline import run_experiment
+
+    run_dir = tmp_path_factory.mktemp("run") / "tiny"
+    run_experiment(load_config(CONFIG), run_dir, progress=False, echo=lambda m: None)
+    return run_dir
+
+
+def test_cli_sensitivity_writes_figure_tables_and_a_valid_snippet(tiny_run, tmp_path):
+    import json
+
+    import yaml
+
+    from magprune.cli import main
+    from magprune.config import from_dict, load_config
+
+    out = tmp_path / "sens"
+    assert main(["sensitivity", str(tiny_run), "--grid", "0,0.5,0.9", "--max-drop", "1", "--out", str(out),
+                 "--no-progress"]) == 0
+    assert_png(out / "sensitivity.png")
+    rows = (out / "sensitivity.csv").read_text().splitlines()
+    assert rows[0] == "layer,kind,sparsity,metric,drop" and len(rows) == 1 + 3 * 3
+    summary = json.loads((out / "sensitivity.json").read_text())
+    assert set(summary["recommended_sparsity"]) == {"fc1", "fc2", "fc3"}
+    snippet = yaml.safe_load((out / "recommended.yaml").read_text())
+    config = from_dict({**load_config(CONFIG).to_dict(), **snippet})
+    assert config.prune[0].criterion == "sparsity"
+    assert config.prune[0].sparsity == summary["recommended_sparsity"]
+    assert main(["sensitivity", str(tiny_run), "--grid", "0,1.5", "--out", str(out), "--no-progress"]) == 2
+
+
+def test_cli_tradeoff_writes_figure_and_table(tmp_path):
+    from magprune.cli import main
+
+    out = tmp_path / "trade"
+    assert main(["tradeoff", str(CONFIG), "--grid", "0.5,0.9", "--out", str(out), "--no-progress",
+                 "--set", "train.epochs=1", "--set", "prune.0.retrain.epochs=1"]) == 0
+    assert_png(out / "tradeoff.png")
+    lines = (out / "tradeoff.csv").read_text().splitlines()
+    assert lines[0] == "recipe,sparsity,accuracy_loss" and len(lines) == 1 + 5 * 2
+
+
+def test_run_report_embeds_its_histograms(tiny_run):
+    report = (tiny_run / "report.md").read_text()
+    assert "![" in report and "(histograms.png)" in report
+    assert_png(tiny_run / "histograms.png")

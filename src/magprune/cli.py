@@ -63,6 +63,58 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _grid(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError as exc:
+        raise UsageError(f"--grid must be comma-separated numbers in [0, 1), got {text!r}") from exc
+
+
+def _sensitivity(args: argparse.Namespace) -> int:
+    from magprune.analysis import dense_model_of_run, run_sensitivity, train_dense
+    from magprune.config import load_config
+
+    source = Path(args.source)
+    if source.is_dir():
+        if args.set:
+            raise UsageError("--set applies to a CONFIG, not to a run directory")
+        model, config = dense_model_of_run(source)
+        out = Path(args.out or source / "sensitivity")
+    elif source.is_file():
+        config = load_config(source, args.set)
+        model = train_dense(config, args.data_dir, progress=not args.no_progress)
+        out = Path(args.out or Path("runs") / f"{source.stem}-sensitivity")
+    else:
+        raise UsageError(f"{source} is neither a run directory nor a config file")
+    if not 0 <= args.max_drop < 100:
+        raise UsageError(f"--max-drop is in percentage points, in [0, 100), got {args.max_drop}")
+    if args.workers < 0:
+        raise UsageError(f"--workers must be >= 0, got {args.workers}")
+    try:
+        run_sensitivity(model, config, out, data_dir=args.data_dir, grid=_grid(args.grid),
+                        max_drop=args.max_drop / 100, workers=args.workers, progress=not args.no_progress)
+    except ValueError as exc:  # a bad grid value, named by the scan's validation
+        if type(exc) is not ValueError:
+            raise
+        raise UsageError(str(exc)) from exc
+    return 0
+
+
+def _tradeoff(args: argparse.Namespace) -> int:
+    from magprune.analysis import run_tradeoff
+    from magprune.config import load_config
+
+    config = load_config(args.config, args.set)
+    out = Path(args.out or Path("runs") / f"{Path(args.config).stem}-tradeoff")
+    try:
+        run_tradeoff(config, out, data_dir=args.data_dir, grid=_grid(args.grid), progress=not args.no_progress)
+    except ValueError as exc:
+        if type(exc) is not ValueError:
+            raise
+        raise UsageError(str(exc)) from exc
+    return 0
+
+
 class UsageError(ValueError):
     """Bad input from the command line: reported in one line, exit status 2."""
 
@@ -190,6 +242,35 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("run_dir", metavar="RUN_DIR")
     report.set_defaults(func=_report)
 
+    sens = commands.add_parser("sensitivity", help="prune one layer at a time, plot accuracy, recommend targets",
+                               description="Han et al.'s sensitivity analysis (Fig. 6): prune each layer alone over "
+                               "a grid of sparsities, no retraining; write sensitivity.csv/.json/.png and a "
+                               "recommended.yaml prune step for an accuracy-drop budget.")
+    sens.add_argument("source", metavar="RUN_DIR|CONFIG",
+                      help="a run directory (its dense checkpoint is scanned) or a config (trained dense first)")
+    sens.add_argument("--grid", default=",".join(str(g) for g in (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8,
+                                                                      0.9, 0.95, 0.98)),
+                      help="comma-separated sparsities to try (default 0,0.1,...,0.9,0.95,0.98)")
+    sens.add_argument("--max-drop", type=float, default=0.5,
+                      help="accuracy drop budget in percentage points for the recommendation (default 0.5)")
+    sens.add_argument("--workers", type=int, default=0, help="worker processes for the evaluations (default 0)")
+    sens.add_argument("--out", metavar="DIR", help="output directory (default RUN_DIR/sensitivity)")
+    sens.add_argument("--data-dir", metavar="DIR", help="directory with the IDX files")
+    sens.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config overrides")
+    sens.add_argument("--no-progress", action="store_true", help="no progress bars")
+    sens.set_defaults(func=_sensitivity)
+
+    trade = commands.add_parser("tradeoff", help="accuracy loss vs parameters pruned: L1/L2, +/- retraining",
+                                description="Han et al.'s Fig. 5 for a config: dense with L1 and with L2, each "
+                                "pruned along the grid with and without retraining, plus iterative L2; writes "
+                                "tradeoff.csv/.json/.png.")
+    trade.add_argument("config", metavar="CONFIG")
+    trade.add_argument("--grid", default="0.5,0.7,0.8,0.9,0.95", help="comma-separated sparsities")
+    trade.add_argument("--out", metavar="DIR", help="output directory (default runs/<config>-tradeoff)")
+    trade.add_argument("--data-dir", metavar="DIR", help="directory with the IDX files")
+    trade.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config overrides")
+    trade.add_argument("--no-progress", action="store_true", help="no progress bars")
+    trade.set_defaults(func=_tradeoff)
 
     export = commands.add_parser("export", help="write a run's pruned model compressed or shrunk",
                                  description="Export RUN_DIR (config.yaml, model.safetensors, masks.safetensors) "

@@ -227,6 +227,13 @@ def run_experiment(config: ExperimentConfig, run_dir: str | Path, *, data_dir: s
         writer.checkpoint("dense", model, {}, {"stage": "dense", "test_error": dense_error})
         position, fit_resume = (1, -1), None
     dense_report = sparsity_report(model, test[0][:1])
+    # Weights for the histograms (Han's Fig. 7): dense, right after the last prune, after the last retraining.
+    snapshots: dict[str, dict[str, Tensor]] = {}
+    if position[0] <= 1 and position[1] < 0:
+        snapshots["dense"] = {n: p.detach().cpu().clone() for n, p in pruner.params.items()}
+    elif (run_dir / "checkpoints" / "dense.safetensors").is_file():
+        dense_tensors = load_safetensors((run_dir / "checkpoints" / "dense.safetensors").read_bytes())
+        snapshots["dense"] = {n: dense_tensors[f"model.{n}"] for n in pruner.params if f"model.{n}" in dense_tensors}
 
     rescaler = DropoutRescaler(model, pruner) if any(
         isinstance(m, nn.modules.dropout._DropoutNd) for m in model.modules()) else None
@@ -236,6 +243,7 @@ def run_experiment(config: ExperimentConfig, run_dir: str | Path, *, data_dir: s
         if i > position[0] or position[1] < 0:  # step i not started: prune now
             fit_resume = None
             densities = pruner.prune(build_criterion(step))
+            snapshots["pruned"] = {n: p.detach().cpu().clone() for n, p in pruner.params.items()}
             _, pruned_error = evaluate(model, *test, batch_size=config.train.eval_batch_size)
             current = {"densities": densities, "pruned_error": pruned_error}
             writer.log({"stage": f"prune-{i}", "step": i, "test_error": pruned_error, "sparsity": pruner.sparsity()})
@@ -269,6 +277,15 @@ def run_experiment(config: ExperimentConfig, run_dir: str | Path, *, data_dir: s
         save(i + 1, -1, None)
 
     _, final_error = evaluate(model, *test, batch_size=config.train.eval_batch_size)
+    if config.prune:
+        snapshots["retrained"] = {n: p.detach().cpu().clone() for n, p in pruner.params.items()}
+    figures = []
+    if distributed.is_main() and snapshots:
+        from magprune.plots import plot_weight_histograms
+
+        plot_weight_histograms(snapshots, run_dir / "histograms.png",
+                               title=f"{config.model.name}: weights per layer ({', '.join(snapshots)})")
+        figures.append(("Weight distribution per layer (Han et al. Fig. 7)", "histograms.png"))
     final_report = sparsity_report(model, test[0][:1])
     writer.write("model.safetensors", save_safetensors(_plain(model.state_dict())))
     masks = _plain(pruner.masks) or {n: torch.ones_like(p, dtype=torch.bool).cpu() for n, p in pruner.params.items()}
@@ -289,6 +306,7 @@ def run_experiment(config: ExperimentConfig, run_dir: str | Path, *, data_dir: s
         "steps": steps,
         "report": final_report.as_dict(),
         "wall_seconds": time.perf_counter() - start,
+        "figures": figures,
         "machine": {**machine_info(), "load_average_start": load_average_start,
                     "processes": distributed.world_size()},
     }
@@ -423,6 +441,8 @@ def render_report(summary: dict[str, Any]) -> str:
         for s in summary["steps"]:
             lines.append(f"| {s['step']} | {s['criterion']} | {100 * s['sparsity']:.2f}% | "
                          f"{100 * s['error_pruned']:.2f}% | {100 * s['error_retrained']:.2f}% |")
+    for caption, file in summary.get("figures", []):
+        lines += ["", f"## {caption}", "", f"![{caption}]({file})"]
     machine = summary["machine"]
     load = machine.get("load_average")
     lines += ["", f"Wall time {summary['wall_seconds']:.0f} s on {machine['cpu_count']} CPU cores "
