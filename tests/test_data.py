@@ -123,3 +123,16 @@ def test_real_mnist_loads_and_matches_its_checksums():
     assert x.shape == (60000, 1, 28, 28) and xt.shape == (10000, 1, 28, 28)
     assert y.bincount().tolist()[:3] == [5923, 6742, 5958]
     assert abs(float(x.mean()) - 0.1307) < 1e-3
+
+
+def test_atomic_writes_get_normal_file_permissions(tmp_path):
+    import os
+    import stat
+
+    from magprune._io import write_atomic
+
+    write_atomic(tmp_path / "f.bin", b"x")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE((tmp_path / "f.bin").stat().st_mode) == 0o666 & ~mask
+    assert (tmp_path / "f.bin").read_bytes() == b"x" and not list(tmp_path.glob("*.tmp"))

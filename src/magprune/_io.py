@@ -8,6 +8,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_umask()  # what open() would give; mkstemp's own 0600 would hide run files from others
+
+
 def write_atomic(path: str | os.PathLike[str], data: bytes, *,
                  before_replace: Callable[[], None] | None = None) -> None:
     """Write ``data`` to ``path`` via a temp file in the same directory, fsync and rename: never a half file.
@@ -19,6 +28,7 @@ def write_atomic(path: str | os.PathLike[str], data: bytes, *,
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), _FILE_MODE)
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
