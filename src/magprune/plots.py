@@ -97,8 +97,9 @@ def plot_weight_histograms(stages: Mapping[str, Mapping[str, torch.Tensor]], pat
             ax.hist(nonzero.numpy(), bins=bins, range=(-bound, bound), histtype="step", linewidth=1.2,
                     label=f"{stage} ({nonzero.numel():,} nonzero)")
         ax.set_title(layer)
+        ax.set_yscale("log")  # a pruned layer keeps ~10% of the weights: on a linear axis its bars vanish
         ax.set_xlabel("weight value")
-        ax.set_ylabel("count")
+        ax.set_ylabel("count (log scale)")
         ax.legend(fontsize="x-small")
     for ax in list(axes.flat)[len(layers):]:
         ax.axis("off")
