@@ -4,7 +4,8 @@ whole model, at batch 1, 32 and 256, measured side by side in one run.
     python benchmarks/inference.py [--quick]
 
 Writes benchmarks/results/inference[_quick].{json,md}. Sets OMP_WAIT_POLICY=PASSIVE unless already set: torch's
-and numba's OpenMP pools otherwise spin against each other on a 2-core machine (see docs/deploy.md).
+OpenMP threads otherwise spin after each dense call and take the cores from the sparse kernels' threads on a 2-core
+machine (see docs/deploy.md).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import time
 import warnings
 from pathlib import Path
 
-import numba
+import llvmlite
 import numpy as np
 import scipy
 import scipy.sparse
@@ -134,12 +135,21 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _host_cpu() -> str:
+    """The CPU as LLVM sees it (the kernels are compiled for it), e.g. znver3 with its vector extensions."""
+    import llvmlite.binding as llvm
+
+    features = llvm.get_host_cpu_features()
+    vector = [f for f in ("avx512f", "avx2", "fma", "neon", "sve") if features.get(f)]
+    return f"{llvm.get_host_cpu_name()} ({', '.join(vector) or 'no wide vectors'})"
+
+
 def machine() -> dict:
     return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
             "cpu_count": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-            "numpy": np.__version__, "scipy": scipy.__version__, "numba": numba.__version__,
+            "numpy": np.__version__, "scipy": scipy.__version__, "llvmlite": llvmlite.__version__,
             "magprune": magprune.__version__, "torch_threads": torch.get_num_threads(),
-            "numba_threads": numba.get_num_threads(), "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),
+            "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"), "llvm_host_cpu": _host_cpu(),
             "load_average_start": os.getloadavg()}
 
 

@@ -1,3 +1,5 @@
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -121,16 +123,73 @@ def test_sparsify_converts_only_measured_wins_and_matches_outputs():
 
 @pytest.mark.parametrize("min_work", [0, 1 << 62])  # parallel and serial kernels
 def test_linear_kernels_parallel_and_serial_with_padded_batches(monkeypatch, min_work):
-    from magprune import _kernels
+    from magprune import _simd
 
-    monkeypatch.setattr(_kernels, "PARALLEL_MIN_WORK", min_work)
+    monkeypatch.setattr(_simd, "PARALLEL_MIN_WORK", min_work)
     torch.manual_seed(4)
     linear = nn.Linear(257, 33)
     with torch.no_grad():
         linear.weight.mul_(torch.rand_like(linear.weight) < 0.3)
         linear.weight[5] = 0  # an empty row
     sparse = SparseLinear(linear)
-    for batch in (1, 3, 130):  # 130 = 3 blocks of 44, two padding rows
+    for batch in (1, 2, 3, 8, 9, 17, 32, 33, 130):  # widths 8/16/32 and padded blocks
         x = torch.randn(batch, 257)
         with torch.inference_mode():
             torch.testing.assert_close(sparse(x), linear(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("n_in, index_dtype", [(200, np.uint8), (3000, np.uint16), (70000, np.uint32)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_simd_kernel_matches_numpy_for_every_width_index_type_and_tiling(n_in, index_dtype, threads):
+    from magprune._simd import CSRProduct
+    from magprune.sparse import _csr_arrays
+
+    rng = np.random.default_rng(n_in)
+    weight = rng.standard_normal((37, n_in)).astype(np.float32) * (rng.random((37, n_in)) < 0.05)
+    weight[3] = 0  # an empty row
+    weight[4, :] = rng.standard_normal(n_in)  # a full one
+    indptr, cols, vals = _csr_arrays(torch.from_numpy(weight))
+    assert cols.dtype == index_dtype
+    for tile_rows in (n_in, 64):  # one tile, and many (row pointers split per tile)
+        product = CSRProduct(indptr, cols, vals, n_in, tile_rows)
+        assert product.tiles.shape == (-(-n_in // tile_rows) + 1, 37)
+        for m in (8, 16, 24, 32, 64, 72):  # every kernel width, and chunks of mixed widths
+            x = rng.standard_normal((2, n_in, m)).astype(np.float32)
+            out = np.full((2, 37, m), 0.5, dtype=np.float32)
+            product.matmul(x, out, threads, widest=64)
+            exact = weight.astype(np.float64) @ x + 0.5
+            scale = np.abs(weight).astype(np.float64) @ np.abs(x) + 1.0  # float32 rounding grows with the row
+            assert (np.abs(out - exact) <= 1e-5 * scale).all()
+        vector = x[0, :, 0].copy()
+        out = np.full(37, 0.5, dtype=np.float32)
+        product.matvec(vector, out, threads)
+        exact = weight.astype(np.float64) @ vector + 0.5
+        assert (np.abs(out - exact) <= 1e-5 * (np.abs(weight).astype(np.float64) @ np.abs(vector) + 1.0)).all()
+    copied = copy.deepcopy(product)  # cached addresses are rebuilt for the copy's own arrays
+    del product
+    out = np.zeros((1, 37, 8), dtype=np.float32)
+    copied.matmul(np.ones((1, n_in, 8), dtype=np.float32), out, threads)
+    np.testing.assert_allclose(out[0, :, 0], weight.astype(np.float64).sum(axis=1), rtol=1e-4, atol=1e-2)
+
+
+def test_simd_kernel_rejects_layouts_it_cannot_read():
+    from magprune._simd import CSRProduct
+
+    indptr, cols, vals = np.zeros(4, np.int32), np.zeros(0, np.uint16), np.zeros(0, np.float32)
+    product = CSRProduct(indptr, cols, vals, 4)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        product.matmul(np.zeros((1, 4, 12), np.float32), np.zeros((1, 3, 12), np.float32), 1)
+    with pytest.raises(ValueError, match="float32"):
+        product.matvec(np.zeros(4, np.float64), np.zeros(3, np.float32), 1)
+    with pytest.raises(ValueError, match="int32 row pointers"):
+        CSRProduct(indptr.astype(np.int64), cols, vals, 4)
+
+
+def test_sparse_conv_with_output_positions_not_a_multiple_of_8():
+    torch.manual_seed(5)
+    conv = nn.Conv2d(3, 6, 3, stride=2, padding=1)  # 13x13 input -> 7x7 = 49 positions
+    with torch.no_grad():
+        conv.weight.mul_(torch.rand_like(conv.weight) < 0.4)
+    x = torch.randn(3, 3, 13, 13)
+    with torch.inference_mode():
+        torch.testing.assert_close(SparseConv2d(conv)(x), conv(x), rtol=1e-4, atol=1e-5)

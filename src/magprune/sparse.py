@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from magprune._io import write_atomic
+from magprune._simd import CSRProduct
 
 FORMAT = "magprune-compressed"
 FORMAT_VERSION = 1
@@ -287,31 +288,32 @@ def format_size_report(rows: list[SizeRow], file_bytes: int | None = None) -> st
 # ----------------------------------------------------------------------------------------------- inference
 def _csr_arrays(weight2d: Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     parts = encode_csr(_as_numpy(weight2d.float()))
-    # int32 row pointers: the kernels index with them on every row, and int32 holds any layer below 2^31 nonzeros
-    return parts["indptr"].astype(np.int32 if parts["indptr"][-1] < 2**31 else np.int64), parts["cols"], \
-        np.ascontiguousarray(parts["values"], dtype=np.float32)
+    if parts["indptr"][-1] >= 2**31:
+        raise ValueError(f"a layer with {int(parts['indptr'][-1]):,} nonzeros is beyond the sparse kernels' 32-bit "
+                         "row pointers; keep it dense")
+    # int32 row pointers: the kernels index with them on every row
+    return parts["indptr"].astype(np.int32), parts["cols"], np.ascontiguousarray(parts["values"], dtype=np.float32)
 
 
-def _spmm(indptr: np.ndarray, cols: np.ndarray, vals: np.ndarray, bias: np.ndarray, x2d: np.ndarray) -> np.ndarray:
-    """y = x W^T + b for x of shape (batch, in) with W in CSR; returns (batch, out)."""
-    from magprune import _kernels as k
-
-    n_out = indptr.shape[0] - 1
-    parallel = vals.size * x2d.shape[0] >= k.PARALLEL_MIN_WORK
-    if x2d.shape[0] == 1:
-        out = np.empty(n_out, dtype=np.float32)
-        (k.csr_matvec if parallel else k.csr_matvec_serial)(indptr, cols, vals, np.ascontiguousarray(x2d[0]), bias,
-                                                             out)
-        return out[None]
+def _spmm(product: CSRProduct, bias: np.ndarray, x2d: np.ndarray) -> np.ndarray:
+    """y = x W^T + b for x of shape (batch, in); returns (batch, out)."""
     batch, n_in = x2d.shape
-    blocks = math.ceil(batch / k.BATCH_BLOCK)
-    width = math.ceil(batch / blocks)
+    threads = torch.get_num_threads()
+    if batch == 1:
+        out = bias.copy()
+        product.matvec(np.ascontiguousarray(x2d[0]), out, threads)
+        return out[None]
+    # y^T = W x^T, the batch cut into blocks of at most 32 columns (a multiple of 8, padded with zeros)
+    width = 32 if batch > 32 else -(-batch // 8) * 8
+    blocks = -(-batch // width)
+    x = torch.from_numpy(x2d)
     if blocks * width != batch:
-        x2d = np.concatenate([x2d, np.zeros((blocks * width - batch, n_in), dtype=np.float32)])
-    xtb = np.ascontiguousarray(x2d.reshape(blocks, width, n_in).transpose(0, 2, 1))
-    outb = np.empty((blocks, n_out, width), dtype=np.float32)
-    (k.csr_matmul_t if parallel else k.csr_matmul_t_serial)(indptr, cols, vals, xtb, bias, outb)
-    return outb.transpose(0, 2, 1).reshape(blocks * width, n_out)[:batch]
+        x = torch.cat([x, x.new_zeros(blocks * width - batch, n_in)])
+    xb = x.view(blocks, width, n_in).transpose(1, 2).contiguous().numpy()  # torch copies with its threads
+    outb = np.empty((blocks, product.n_rows, width), dtype=np.float32)
+    outb[:] = bias[:, None]
+    product.matmul(xb, outb, threads)
+    return outb.transpose(0, 2, 1).reshape(blocks * width, product.n_rows)[:batch]
 
 
 def _check_input(module: nn.Module, x: Tensor) -> None:
@@ -325,8 +327,9 @@ def _check_input(module: nn.Module, x: Tensor) -> None:
 class SparseLinear(nn.Module):
     """Drop-in inference replacement for ``nn.Linear`` with the weight held in CSR (narrow column indices).
 
-    Runs a numba CSR kernel (parallel over output rows; batches use y^T = W x^T so each gathered input row is
-    contiguous). float32 CPU only, no autograd. Not scriptable by ``torch.jit`` nor exportable by ``torch.export``
+    Runs the SIMD CSR kernels of ``magprune._simd`` on torch's thread count (rows split over threads; batches use
+    y^T = W x^T in blocks of up to 32 columns, so each nonzero multiplies one contiguous input row held in cache).
+    float32 CPU only, no autograd. Not scriptable by ``torch.jit`` nor exportable by ``torch.export``
     (the kernel is outside torch); convert to dense with :meth:`to_dense` for those.
     """
 
@@ -334,6 +337,7 @@ class SparseLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.indptr, self.cols, self.vals = _csr_arrays(linear.weight.detach())
+        self.product = CSRProduct(self.indptr, self.cols, self.vals, self.in_features)
         bias = linear.bias.detach() if linear.bias is not None else torch.zeros(self.out_features)
         self.bias_array = _as_numpy(bias.float()).copy()
         self.has_bias = linear.bias is not None
@@ -347,7 +351,7 @@ class SparseLinear(nn.Module):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"SparseLinear expects last dim {self.in_features}, got shape {list(x.shape)}")
         lead = x.shape[:-1]
-        y = _spmm(self.indptr, self.cols, self.vals, self.bias_array, _as_numpy(x.reshape(-1, self.in_features)))
+        y = _spmm(self.product, self.bias_array, _as_numpy(x.reshape(-1, self.in_features)))
         return torch.from_numpy(np.ascontiguousarray(y)).reshape(*lead, self.out_features)
 
     def to_dense(self) -> nn.Linear:
@@ -376,23 +380,25 @@ class SparseConv2d(nn.Module):
         self.stride, self.padding, self.dilation = conv.stride, conv.padding, conv.dilation
         weight = conv.weight.detach()
         self.indptr, self.cols, self.vals = _csr_arrays(weight.reshape(weight.shape[0], -1))
+        self.product = CSRProduct(self.indptr, self.cols, self.vals, weight[0].numel())
         bias = conv.bias.detach() if conv.bias is not None else torch.zeros(self.out_channels)
         self.bias_array = _as_numpy(bias.float()).copy()
         self.density = self.vals.size / max(weight.numel(), 1)
 
     def forward(self, x: Tensor) -> Tensor:
-        from magprune import _kernels as k
-
         _check_input(self, x)
         batch, _, height, width = x.shape
         out_h = (height + 2 * self.padding[0] - self.dilation[0] * (self.kernel_size[0] - 1) - 1) // self.stride[0] + 1
         out_w = (width + 2 * self.padding[1] - self.dilation[1] * (self.kernel_size[1] - 1) - 1) // self.stride[1] + 1
-        patches = _as_numpy(F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride))
-        out = np.empty((batch, self.out_channels, out_h * out_w), dtype=np.float32)
-        parallel = self.vals.size * batch * out_h * out_w >= k.PARALLEL_MIN_WORK
-        (k.csr_conv if parallel else k.csr_conv_serial)(self.indptr, self.cols, self.vals, patches, self.bias_array,
-                                                        out)
-        return torch.from_numpy(out).reshape(batch, self.out_channels, out_h, out_w)
+        positions = out_h * out_w
+        padded = -(-positions // 8) * 8  # the kernels take the output positions 8 at a time
+        patches = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)
+        if padded != positions:
+            patches = F.pad(patches, (0, padded - positions))
+        out = np.empty((batch, self.out_channels, padded), dtype=np.float32)
+        out[:] = self.bias_array[None, :, None]
+        self.product.matmul(_as_numpy(patches), out, torch.get_num_threads())
+        return torch.from_numpy(out[:, :, :positions]).reshape(batch, self.out_channels, out_h, out_w)
 
 
 @dataclass(frozen=True)
