@@ -9,8 +9,9 @@ in milliseconds. The functions are called through ctypes, which releases the GIL
 in parallel.
 
 Kernels, per column-index width (uint8/16/32):
-- ``spmm_{W}``: ``out[r, 0:W] += sum_k vals[k] * x[cols[k], 0:W]`` for rows ``r0 <= r < r1``, x and out row-major
-  with leading dimensions ``ldx`` and ``ldo``; W in WIDTHS (1 to 8 vectors of 8 floats);
+- ``spmm_{W}``: ``out[r, c:c+W] += sum_k vals[k] * x[cols[k], c:c+W]`` for rows ``r0 <= r < r1`` and ``chunks``
+  consecutive column chunks c, over ``blocks`` blocks of x and out (row-major, leading dimensions ``ldx``/``ldo``);
+  W in WIDTHS (1 to 8 vectors of 8 floats);
 - ``spmv``: ``out[r] += sum_k vals[k] * x[cols[k]]`` (batch 1), scalar loads into four accumulators (AVX2
   gathers were measured no faster on this project's AMD EPYC).
 """
@@ -28,7 +29,7 @@ WIDTHS = (8, 16, 32, 64)  # floats per block row: 1, 2, 4, 8 AVX vectors of 8 la
 _INDEX_TYPES = {np.dtype(np.uint8): "i8", np.dtype(np.uint16): "i16", np.dtype(np.uint32): "i32"}
 _VEC = "<8 x float>"
 _MATVEC_SIGNATURE = ctypes.CFUNCTYPE(None, *([ctypes.c_void_p] * 6 + [ctypes.c_int64] * 2))
-_SIGNATURE = ctypes.CFUNCTYPE(None, *([ctypes.c_void_p] * 5 + [ctypes.c_int64, ctypes.c_void_p] + [ctypes.c_int64] * 3))
+_SIGNATURE = ctypes.CFUNCTYPE(None, *([ctypes.c_void_p] * 5 + [ctypes.c_int64, ctypes.c_void_p] + [ctypes.c_int64] * 7))
 
 PARALLEL_MIN_WORK = 1 << 18  # multiply-adds below which one thread does it all: waking threads costs more
 
@@ -43,13 +44,23 @@ def _function_ir(width: int, index: str) -> str:
     vectors = width // 8
     unroll = 2 if vectors <= 4 else 1  # 8 vectors x 2 sets would not fit the 16 AVX registers
     lines = [f"define void @spmm_{width}_{index}(ptr noalias %starts, ptr noalias %ends, ptr noalias %cols, "
-             "ptr noalias %vals, ptr noalias %x, i64 %ldx, ptr noalias %out, i64 %ldo, i64 %r0, i64 %r1) nounwind {",
-             "entry:", "  %any = icmp ult i64 %r0, %r1", "  br i1 %any, label %row, label %exit",
-             "row:", "  %o = phi i64 [%r0, %entry], [%o.next, %store]",
+             "ptr noalias %vals, ptr noalias %x, i64 %ldx, ptr noalias %out, i64 %ldo, i64 %r0, i64 %r1, "
+             "i64 %chunks, i64 %blocks, i64 %xstep, i64 %ostep) nounwind {",
+             # for each block b < blocks (x and out advance by xstep/ostep floats) and each of ``chunks`` column
+             # chunks of W floats: the rows r0 <= r < r1
+             "entry:", "  %any = icmp ult i64 %r0, %r1", "  br i1 %any, label %block, label %exit",
+             "block:", "  %b = phi i64 [0, %entry], [%b.next, %block.end]",
+             "  %xboff = mul nuw i64 %b, %xstep", "  %xb = getelementptr float, ptr %x, i64 %xboff",
+             "  %oboff = mul nuw i64 %b, %ostep", "  %ob = getelementptr float, ptr %out, i64 %oboff",
+             "  br label %chunk",
+             "chunk:", "  %ch = phi i64 [0, %block], [%ch.next, %chunk.end]",
+             f"  %choff = mul nuw i64 %ch, {width}", "  %xc = getelementptr float, ptr %xb, i64 %choff",
+             "  %oc = getelementptr float, ptr %ob, i64 %choff", "  br label %row",
+             "row:", "  %o = phi i64 [%r0, %chunk], [%o.next, %store]",
              "  %sp = getelementptr i32, ptr %starts, i64 %o", "  %s32 = load i32, ptr %sp",
              "  %ep = getelementptr i32, ptr %ends, i64 %o", "  %e32 = load i32, ptr %ep",
              "  %s = zext i32 %s32 to i64", "  %e = zext i32 %e32 to i64",
-             "  %ooff = mul nuw i64 %o, %ldo", "  %orow = getelementptr float, ptr %out, i64 %ooff"]
+             "  %ooff = mul nuw i64 %o, %ldo", "  %orow = getelementptr float, ptr %oc, i64 %ooff"]
     for i in range(vectors):
         lines += [f"  %op{i} = getelementptr float, ptr %orow, i64 {8 * i}",
                   f"  %init{i} = load {_VEC}, ptr %op{i}, align 4"]
@@ -64,7 +75,7 @@ def _function_ir(width: int, index: str) -> str:
     def nonzero(tag: str, k: str, acc: str, new: str) -> list[str]:
         out = [f"  %cp{tag} = getelementptr {index}, ptr %cols, i64 {k}", f"  %cn{tag} = load {index}, ptr %cp{tag}",
                f"  %c{tag} = zext {index} %cn{tag} to i64", f"  %xoff{tag} = mul nuw i64 %c{tag}, %ldx",
-               f"  %xr{tag} = getelementptr float, ptr %x, i64 %xoff{tag}",
+               f"  %xr{tag} = getelementptr float, ptr %xc, i64 %xoff{tag}",
                f"  %vp{tag} = getelementptr float, ptr %vals, i64 {k}", f"  %v{tag} = load float, ptr %vp{tag}",
                f"  %vi{tag} = insertelement {_VEC} poison, float %v{tag}, i32 0",
                f"  %vb{tag} = shufflevector {_VEC} %vi{tag}, {_VEC} poison, <8 x i32> zeroinitializer"]
@@ -93,7 +104,11 @@ def _function_ir(width: int, index: str) -> str:
         results = [f"%acc0.{i}" for i in range(vectors)]
     lines += [f"  store {_VEC} {r}, ptr %op{i}, align 4" for i, r in enumerate(results)]
     lines += ["  %o.next = add nuw i64 %o, 1", "  %rows.left = icmp ult i64 %o.next, %r1",
-              "  br i1 %rows.left, label %row, label %exit", "exit:", "  ret void", "}"]
+              "  br i1 %rows.left, label %row, label %chunk.end",
+              "chunk.end:", "  %ch.next = add nuw i64 %ch, 1", "  %chunks.left = icmp ult i64 %ch.next, %chunks",
+              "  br i1 %chunks.left, label %chunk, label %block.end",
+              "block.end:", "  %b.next = add nuw i64 %b, 1", "  %blocks.left = icmp ult i64 %b.next, %blocks",
+              "  br i1 %blocks.left, label %block, label %exit", "exit:", "  ret void", "}"]
     return "\n".join(lines)
 
 
@@ -206,14 +221,15 @@ def tile_pointers(indptr: np.ndarray, cols: np.ndarray, n_in: int, tile_rows: in
     return np.ascontiguousarray(tiles.astype(np.int32))
 
 
-def column_chunks(m: int, widest: int = 32) -> list[tuple[int, int]]:
-    """(offset, width) pieces covering ``m`` columns (a multiple of 8) with kernel widths, widest first."""
-    chunks, start = [], 0
+def column_chunks(m: int, widest: int = 32) -> list[tuple[int, int, int]]:
+    """(offset, width, count) runs of kernel-width chunks covering ``m`` columns (a multiple of 8), widest first."""
+    runs, start = [], 0
     while start < m:
         width = max(w for w in WIDTHS if w <= min(widest, m - start))
-        chunks.append((start, width))
-        start += width
-    return chunks
+        count = (m - start) // width
+        runs.append((start, width, count))
+        start += width * count
+    return runs
 
 
 class CSRProduct:
@@ -274,7 +290,8 @@ class CSRProduct:
 
     def matmul(self, x: np.ndarray, out: np.ndarray, threads: int, widest: int = 32) -> None:
         """out[b] += W @ x[b] for every b: x (B, n_in, m) and out (B, n_rows, m) C-contiguous float32, m a
-        multiple of 8. Each thread walks all blocks, input tiles and column chunks of its rows."""
+        multiple of 8. Each thread takes a range of rows; per input tile and chunk width one kernel call walks all
+        blocks and column chunks of those rows."""
         batches, n_in, m = x.shape
         if m % 8 or n_in != self.n_in or out.shape != (batches, self.n_rows, m) or x.dtype != np.float32 \
                 or out.dtype != np.float32 or not (x.flags.c_contiguous and out.flags.c_contiguous):
@@ -282,15 +299,16 @@ class CSRProduct:
                              f"with m a multiple of 8, got {x.dtype} {x.shape} and {out.dtype} {out.shape}")
         if m == 0 or batches == 0:
             return
-        chunks = [(offset * 4, kernel(width, self.cols.dtype)) for offset, width in column_chunks(m, widest)]
+        runs = [(offset * 4, count, kernel(width, self.cols.dtype))
+                for offset, width, count in column_chunks(m, widest)]
         bounds, (cp, vp) = self._bounds, self._data
-        xp, op, x_step, o_step = x.ctypes.data, out.ctypes.data, x.strides[0], out.strides[0]
+        xp, op = x.ctypes.data, out.ctypes.data
+        x_step, o_step = x.strides[0] // 4, out.strides[0] // 4
 
         def job(rows: tuple[int, int]) -> None:
-            for b in range(batches):
-                for starts, ends in itertools.pairwise(bounds):
-                    for offset, fn in chunks:
-                        fn(starts, ends, cp, vp, xp + b * x_step + offset, m, op + b * o_step + offset, m, *rows)
+            for starts, ends in itertools.pairwise(bounds):
+                for offset, count, fn in runs:
+                    fn(starts, ends, cp, vp, xp + offset, m, op + offset, m, *rows, count, batches, x_step, o_step)
 
         work = self.vals.size * batches * m
         self._run(job, self._ranges(threads if work >= PARALLEL_MIN_WORK else 1))
