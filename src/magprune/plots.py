@@ -72,9 +72,17 @@ def plot_tradeoff(curves: Mapping[str, Sequence[tuple[float, float]]], path: str
     ax.axhline(0.0, color="grey", linestyle=":", linewidth=1)
     ax.set_xlabel("parameters pruned away (%)")
     ax.set_ylabel("accuracy loss (percentage points)")
+    largest = max((100 * abs(loss) for points in curves.values() for _, loss in points), default=0.0)
+    if largest > 5.0:
+        # one collapsing curve (pruning without retraining) would flatten the others into a line at zero
+        from matplotlib.ticker import FuncFormatter
+
+        ax.set_yscale("symlog", linthresh=1.0)
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+        ax.set_ylabel("accuracy loss (points; log scale beyond ±1)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
+    ax.legend(fontsize="small", loc="best")
     path = _save(fig, path)
     plt.close(fig)
     return path
