@@ -193,3 +193,33 @@ def test_sparse_conv_with_output_positions_not_a_multiple_of_8():
     x = torch.randn(3, 3, 13, 13)
     with torch.inference_mode():
         torch.testing.assert_close(SparseConv2d(conv)(x), conv(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("min_work", [0, 1 << 62])  # parallel and serial
+@pytest.mark.parametrize("padding, size", [(0, 13), (2, 9), (1, 24)])  # output widths 11, 9, 24
+def test_direct_sparse_conv_matches_dense_conv(monkeypatch, min_work, padding, size):
+    from magprune import _simd
+
+    monkeypatch.setattr(_simd, "PARALLEL_MIN_WORK", min_work)
+    torch.manual_seed(6)
+    conv = nn.Conv2d(4, 7, (3, 5), padding=padding)
+    with torch.no_grad():
+        conv.weight.mul_(torch.rand_like(conv.weight) < 0.3)
+        conv.weight[2] = 0  # an output channel with no inputs: bias only
+    sparse = SparseConv2d(conv)
+    for batch in (1, 3):
+        x = torch.randn(batch, 4, size, size + 3)
+        with torch.inference_mode():
+            torch.testing.assert_close(sparse(x), conv(x), rtol=1e-4, atol=1e-5)
+    assert len(sparse._direct) == 1  # one product per input size, reused
+
+
+def test_direct_conv_refuses_a_buffer_it_would_overrun():
+    from magprune._simd import CSRProduct
+
+    product = CSRProduct(np.array([0, 1], np.int32), np.array([40], np.uint16), np.ones(1, np.float32), 48)
+    out = np.zeros((1, 1, 2, 8), np.float32)
+    with pytest.raises(ValueError, match="read past"):
+        product.conv_rows(np.zeros(48 + 7, np.float32), out, 2, 8, 1)  # row 1 reads floats 48..55
+    product.conv_rows(np.ones(48 + 8, np.float32), out, 2, 8, 1)
+    assert (out == 1).all()

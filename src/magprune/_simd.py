@@ -312,3 +312,34 @@ class CSRProduct:
 
         work = self.vals.size * batches * m
         self._run(job, self._ranges(threads if work >= PARALLEL_MIN_WORK else 1))
+
+    def conv_rows(self, x: np.ndarray, out: np.ndarray, out_h: int, row_step: int, threads: int) -> None:
+        """Direct convolution at stride 1 without im2col. The columns of this product are offsets into one image
+        of the padded input (c * Hp * Wp + kh * Wp + kw) and ``x`` is the flat padded batch, B images of
+        ``n_in`` floats plus a tail of at least w8 floats; ``out`` is (B, n_rows, out_h, w8) with w8 the output
+        width rounded up to 8. For every image, output row oh and nonzero k:
+        ``out[b, o, oh, :] += vals[k] * x[b * n_in + oh * row_step + cols[k] : ... + w8]`` (lanes past the true
+        output width read neighbouring input and are discarded by the caller)."""
+        batches, n_rows, rows, w8 = out.shape
+        if rows != out_h or n_rows != self.n_rows or w8 % 8 or out.dtype != np.float32 or x.dtype != np.float32 \
+                or x.ndim != 1 or not (x.flags.c_contiguous and out.flags.c_contiguous):
+            raise ValueError(f"conv_rows wants a flat float32 x and a C-contiguous float32 out (B, {self.n_rows}, "
+                             f"{out_h}, w8) with w8 a multiple of 8, got {x.dtype} {x.shape}, {out.dtype} {out.shape}")
+        reach = int(self.cols.max()) if self.cols.size else 0
+        if batches and (batches - 1) * self.n_in + (out_h - 1) * row_step + reach + w8 > x.size:
+            raise ValueError(f"conv_rows: x holds {x.size} floats, the product would read past them")
+        if batches == 0 or out_h == 0 or w8 == 0:
+            return
+        runs = [(offset * 4, count, kernel(width, self.cols.dtype)) for offset, width, count in column_chunks(w8, 64)]
+        starts, ends = self._bounds[0], self._bounds[-1]
+        (cp, vp), xp, op = self._data, x.ctypes.data, out.ctypes.data
+        image_out = n_rows * out_h * w8
+
+        def job(rows: tuple[int, int]) -> None:
+            for oh in range(out_h):
+                for offset, count, fn in runs:
+                    fn(starts, ends, cp, vp, xp + 4 * oh * row_step + offset, 1, op + 4 * oh * w8 + offset,
+                       out_h * w8, *rows, count, batches, self.n_in, image_out)
+
+        work = self.vals.size * batches * out_h * w8
+        self._run(job, self._ranges(threads if work >= PARALLEL_MIN_WORK else 1))

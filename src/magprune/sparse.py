@@ -370,26 +370,48 @@ class SparseLinear(nn.Module):
 
 
 class SparseConv2d(nn.Module):
-    """Inference replacement for ``nn.Conv2d`` (groups=1): im2col, then the CSR kernel per image."""
+    """Inference replacement for ``nn.Conv2d`` (groups=1, zero padding).
+
+    At stride 1 without dilation it convolves directly: each nonzero weight (c, kh, kw) multiplies a shifted row of
+    the padded input, no im2col (the column index becomes an offset into the image, one product per input size,
+    cached). Other strides and dilations go through ``F.unfold`` and the CSR x dense kernel.
+    """
 
     def __init__(self, conv: nn.Conv2d) -> None:
         super().__init__()
         if conv.groups != 1 or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
             raise ValueError("SparseConv2d supports groups=1, zero padding given as integers")
         self.out_channels, self.kernel_size = conv.out_channels, conv.kernel_size
+        self.in_channels = conv.in_channels
         self.stride, self.padding, self.dilation = conv.stride, conv.padding, conv.dilation
         weight = conv.weight.detach()
         self.indptr, self.cols, self.vals = _csr_arrays(weight.reshape(weight.shape[0], -1))
         self.product = CSRProduct(self.indptr, self.cols, self.vals, weight[0].numel())
+        self._direct: dict[tuple[int, int], CSRProduct] = {}
         bias = conv.bias.detach() if conv.bias is not None else torch.zeros(self.out_channels)
         self.bias_array = _as_numpy(bias.float()).copy()
         self.density = self.vals.size / max(weight.numel(), 1)
+
+    def _direct_product(self, padded_h: int, padded_w: int) -> CSRProduct:
+        key = (padded_h, padded_w)
+        if key not in self._direct:
+            kh, kw = self.kernel_size
+            flat = self.cols.astype(np.int64)
+            channel, rest = np.divmod(flat, kh * kw)
+            row, col = np.divmod(rest, kw)
+            offsets = channel * padded_h * padded_w + row * padded_w + col  # still ascending within each row
+            image = self.in_channels * padded_h * padded_w
+            self._direct[key] = CSRProduct(self.indptr, offsets.astype(smallest_uint(image)), self.vals, image,
+                                           tile_rows=max(image, 1))
+        return self._direct[key]
 
     def forward(self, x: Tensor) -> Tensor:
         _check_input(self, x)
         batch, _, height, width = x.shape
         out_h = (height + 2 * self.padding[0] - self.dilation[0] * (self.kernel_size[0] - 1) - 1) // self.stride[0] + 1
         out_w = (width + 2 * self.padding[1] - self.dilation[1] * (self.kernel_size[1] - 1) - 1) // self.stride[1] + 1
+        if self.stride == (1, 1) and self.dilation == (1, 1):
+            return self._forward_direct(x, out_h, out_w)
         positions = out_h * out_w
         padded = -(-positions // 8) * 8  # the kernels take the output positions 8 at a time
         patches = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)
@@ -399,6 +421,21 @@ class SparseConv2d(nn.Module):
         out[:] = self.bias_array[None, :, None]
         self.product.matmul(_as_numpy(patches), out, torch.get_num_threads())
         return torch.from_numpy(out[:, :, :positions]).reshape(batch, self.out_channels, out_h, out_w)
+
+    def _forward_direct(self, x: Tensor, out_h: int, out_w: int) -> Tensor:
+        batch = x.shape[0]
+        padded_h, padded_w = x.shape[2] + 2 * self.padding[0], x.shape[3] + 2 * self.padding[1]
+        w8 = -(-out_w // 8) * 8
+        image = self.in_channels * padded_h * padded_w
+        # the padded batch, flat, with a tail: the last rows' vector loads run up to w8 - 1 floats past the image
+        flat = np.zeros(batch * image + w8, dtype=np.float32)
+        flat[:batch * image].reshape(batch, self.in_channels, padded_h, padded_w)[
+            :, :, self.padding[0]:self.padding[0] + x.shape[2], self.padding[1]:self.padding[1] + x.shape[3]] = \
+            _as_numpy(x)
+        out = np.empty((batch, self.out_channels, out_h, w8), dtype=np.float32)
+        out[:] = self.bias_array[None, :, None, None]
+        self._direct_product(padded_h, padded_w).conv_rows(flat, out, out_h, padded_w, torch.get_num_threads())
+        return torch.from_numpy(np.ascontiguousarray(out[..., :out_w]) if w8 != out_w else out)
 
 
 @dataclass(frozen=True)
