@@ -89,6 +89,7 @@ class Pruner:
         self.refresh_every = refresh_every
         self.rezero = rezero
         self._multipliers: dict[str, Tensor] = {}
+        self._kept_counts: dict[str, tuple[tuple[int, int], int]] = {}
         self._grad_handles: list[RemovableHandle] = []
         self._optimizers: dict[int, OptimizerHandle] = {}
 
@@ -194,6 +195,15 @@ class Pruner:
                 param.grad.mul_(self._multiplier(name))
 
         return hook
+
+    def _kept(self, name: str) -> int:
+        """Number of kept connections of ``name``, cached until its mask changes (in place or replaced)."""
+        mask = self.masks[name]
+        key = (id(mask), mask._version)
+        cached = self._kept_counts.get(name)
+        if cached is None or cached[0] != key:
+            cached = self._kept_counts[name] = (key, int(mask.count_nonzero()))
+        return cached[1]
 
     def _multiplier(self, name: str) -> Tensor:
         """The mask in the form multiplied into weights and gradients at each step, cached."""
@@ -339,7 +349,11 @@ class OptimizerHandle:
                 weight.mul_(mult)
 
     def _revived(self) -> bool:
-        return any(bool((self.pruner.params[n].detach()[~self.pruner.masks[n]]).any()) for n in self._owned())
+        # More nonzero weights than kept connections means a pruned one moved. One counting pass and no temporary:
+        # the exact test by boolean indexing took ~1.3 ms on LeNet-300-100, 1% of every step at refresh_every=100.
+        # It misses a revival only if as many kept weights are exactly 0.0 at the same time; check() is exact.
+        return any(int(torch.count_nonzero(self.pruner.params[n].detach())) > self.pruner._kept(n)
+                   for n in self._owned())
 
     def _refresh_second_moments(self) -> None:
         for name in self._owned():
