@@ -387,3 +387,17 @@ def test_auto_mode_repairs_a_hand_written_gradient(convnet, batch):
     assert handle.rezero_every_step
     with pytest.raises(ValueError, match="rezero must be"):
         Pruner(convnet, rezero="never")
+
+
+def test_revival_check_follows_masks_changed_in_place(convnet, batch):
+    optimizer = torch.optim.SGD(convnet.parameters(), lr=0.1)
+    pruner = Pruner(convnet, refresh_every=1)
+    handle = pruner.attach(optimizer)
+    pruner.prune(LayerSparsity(0.5))
+    train(convnet, optimizer, batch, 2)  # the kept counts are cached here
+    pruner.prune(LayerSparsity(0.8))  # masks shrink in place: the cached counts must not be reused
+    assert not handle._revived()
+    name = next(iter(pruner.masks))
+    with torch.no_grad():
+        pruner.params[name][~pruner.masks[name]] = 1.0  # a few pruned weights come back
+    assert handle._revived()
