@@ -12,8 +12,8 @@ Kernels, per column-index width (uint8/16/32):
 - ``spmm_{W}``: ``out[r, c:c+W] += sum_k vals[k] * x[cols[k], c:c+W]`` for rows ``r0 <= r < r1`` and ``chunks``
   consecutive column chunks c, over ``blocks`` blocks of x and out (row-major, leading dimensions ``ldx``/``ldo``);
   W in WIDTHS (1 to 8 vectors of 8 floats);
-- ``spmv``: ``out[r] += sum_k vals[k] * x[cols[k]]`` (batch 1), scalar loads into four accumulators (AVX2
-  gathers were measured no faster on this project's AMD EPYC).
+- ``spmv``: ``out[r] += sum_k vals[k] * x[cols[k]]`` (batch 1), four nonzeros per vector multiply-add with
+  scalar loads of x (AVX2 gathers were measured no faster on this project's AMD EPYC).
 """
 
 from __future__ import annotations
@@ -113,7 +113,12 @@ def _function_ir(width: int, index: str) -> str:
 
 
 def _matvec_ir(index: str) -> str:
-    """IR of ``out[o] += sum_k vals[k] * x[cols[k]]`` (batch 1): scalar loads, four independent accumulators."""
+    """IR of ``out[o] += sum_k vals[k] * x[cols[k]]`` (batch 1).
+
+    Four nonzeros at a time: one load of four column indices, one of four values, four scalar loads of x inserted
+    into a vector, one vector multiply-add; two such groups per pass into two accumulators. Half the loads of a
+    scalar loop (measured 1.2x faster; AVX2 gathers and software prefetch were no faster than scalar)."""
+    groups, vec = 2, "<4 x float>"
     lines = [f"define void @spmv_{index}(ptr noalias %starts, ptr noalias %ends, ptr noalias %cols, "
              "ptr noalias %vals, ptr noalias %x, ptr noalias %out, i64 %r0, i64 %r1) nounwind {",
              "entry:", "  %any = icmp ult i64 %r0, %r1", "  br i1 %any, label %row, label %exit",
@@ -123,29 +128,38 @@ def _matvec_ir(index: str) -> str:
              "  %s = zext i32 %s32 to i64", "  %e = zext i32 %e32 to i64",
              "  %outp = getelementptr float, ptr %out, i64 %o", "  %init = load float, ptr %outp",
              "  br label %loop", "loop:", "  %k = phi i64 [%s, %row], [%k.next, %body]"]
-    lines += [f"  %acc{u} = phi float [{'%init' if u == 0 else '0.0'}, %row], [%new{u}, %body]" for u in range(4)]
-    lines += ["  %k.next = add nuw i64 %k, 4", "  %more = icmp ule i64 %k.next, %e",
+    lines += [f"  %acc{g} = phi {vec} [zeroinitializer, %row], [%new{g}, %body]" for g in range(groups)]
+    lines += [f"  %k.next = add nuw i64 %k, {4 * groups}", "  %more = icmp ule i64 %k.next, %e",
               "  br i1 %more, label %body, label %rest", "body:"]
-
-    def term(tag: str, k: str) -> list[str]:
-        return [f"  %cp{tag} = getelementptr {index}, ptr %cols, i64 {k}", f"  %cn{tag} = load {index}, ptr %cp{tag}",
-                f"  %c{tag} = zext {index} %cn{tag} to i64", f"  %xp{tag} = getelementptr float, ptr %x, i64 %c{tag}",
-                f"  %xv{tag} = load float, ptr %xp{tag}", f"  %vp{tag} = getelementptr float, ptr %vals, i64 {k}",
-                f"  %v{tag} = load float, ptr %vp{tag}", f"  %m{tag} = fmul contract float %v{tag}, %xv{tag}"]
-
-    for u in range(4):
-        k = "%k" if u == 0 else f"%k{u}"
-        if u:
-            lines.append(f"  {k} = add nuw i64 %k, {u}")
-        lines += [*term(str(u), k), f"  %new{u} = fadd contract float %acc{u}, %m{u}"]
-    lines += ["  br label %loop", "rest:", "  %s01 = fadd float %acc0, %acc1", "  %s23 = fadd float %acc2, %acc3",
-              "  %sum = fadd float %s01, %s23", "  br label %tail",
+    for g in range(groups):
+        k = "%k" if g == 0 else f"%k{g}"
+        if g:
+            lines.append(f"  {k} = add nuw i64 %k, {4 * g}")
+        lines += [f"  %cp{g} = getelementptr {index}, ptr %cols, i64 {k}",
+                  f"  %cv{g} = load <4 x {index}>, ptr %cp{g}, align 1",
+                  f"  %ci{g} = zext <4 x {index}> %cv{g} to <4 x i64>"]
+        gathered = "poison"
+        for j in range(4):
+            lines += [f"  %c{g}.{j} = extractelement <4 x i64> %ci{g}, i32 {j}",
+                      f"  %xp{g}.{j} = getelementptr float, ptr %x, i64 %c{g}.{j}",
+                      f"  %x{g}.{j} = load float, ptr %xp{g}.{j}",
+                      f"  %xv{g}.{j} = insertelement {vec} {gathered}, float %x{g}.{j}, i32 {j}"]
+            gathered = f"%xv{g}.{j}"
+        lines += [f"  %vp{g} = getelementptr float, ptr %vals, i64 {k}",
+                  f"  %vv{g} = load {vec}, ptr %vp{g}, align 4", f"  %m{g} = fmul contract {vec} %vv{g}, {gathered}",
+                  f"  %new{g} = fadd contract {vec} %acc{g}, %m{g}"]
+    lines += ["  br label %loop", "rest:", f"  %both = fadd {vec} %acc0, %acc1",
+              f"  %sum = call reassoc float @llvm.vector.reduce.fadd.v4f32(float %init, {vec} %both)",
+              "  br label %tail",
               "tail:", "  %kt = phi i64 [%k, %rest], [%kt.next, %tailbody]",
               "  %t = phi float [%sum, %rest], [%t.next, %tailbody]", "  %left = icmp ult i64 %kt, %e",
-              "  br i1 %left, label %tailbody, label %store", "tailbody:"]
-    lines += [*term("t", "%kt"), "  %t.next = fadd contract float %t, %mt", "  %kt.next = add nuw i64 %kt, 1",
-              "  br label %tail"]
-    lines += ["store:", "  store float %t, ptr %outp", "  %o.next = add nuw i64 %o, 1",
+              "  br i1 %left, label %tailbody, label %store", "tailbody:",
+              f"  %cpt = getelementptr {index}, ptr %cols, i64 %kt", f"  %cnt = load {index}, ptr %cpt",
+              f"  %ct = zext {index} %cnt to i64", "  %xpt = getelementptr float, ptr %x, i64 %ct",
+              "  %xvt = load float, ptr %xpt", "  %vpt = getelementptr float, ptr %vals, i64 %kt",
+              "  %vt = load float, ptr %vpt", "  %mt = fmul contract float %vt, %xvt",
+              "  %t.next = fadd contract float %t, %mt", "  %kt.next = add nuw i64 %kt, 1", "  br label %tail",
+              "store:", "  store float %t, ptr %outp", "  %o.next = add nuw i64 %o, 1",
               "  %rows.left = icmp ult i64 %o.next, %r1", "  br i1 %rows.left, label %row, label %exit",
               "exit:", "  ret void", "}"]
     return "\n".join(lines)
@@ -159,8 +173,10 @@ def _compile() -> None:
     llvm.initialize_native_asmprinter()
     machine = llvm.Target.from_default_triple().create_target_machine(
         cpu=llvm.get_host_cpu_name(), features=llvm.get_host_cpu_features().flatten(), opt=3)
-    module = llvm.parse_assembly("\n\n".join([_function_ir(w, t) for w in WIDTHS for t in _INDEX_TYPES.values()]
-                                              + [_matvec_ir(t) for t in _INDEX_TYPES.values()]))
+    module = llvm.parse_assembly("\n\n".join(
+        ["declare float @llvm.vector.reduce.fadd.v4f32(float, <4 x float>)"]
+        + [_function_ir(w, t) for w in WIDTHS for t in _INDEX_TYPES.values()]
+        + [_matvec_ir(t) for t in _INDEX_TYPES.values()]))
     module.verify()
     builder = llvm.create_pass_builder(machine, llvm.create_pipeline_tuning_options(speed_level=3))
     builder.getModulePassManager().run(module, builder)
