@@ -223,3 +223,56 @@ def test_direct_conv_refuses_a_buffer_it_would_overrun():
         product.conv_rows(np.zeros(48 + 7, np.float32), out, 2, 8, 1)  # row 1 reads floats 48..55
     product.conv_rows(np.ones(48 + 8, np.float32), out, 2, 8, 1)
     assert (out == 1).all()
+
+
+def _with_dead_inputs() -> nn.Module:
+    """LeNet-300-100 at Han's densities whose fc1 ignores the image border, as a trained one does (MNIST's border
+    pixels are always 0, so their weights decay and are pruned): long runs of zeros in the index stream."""
+    model = _han("lenet-300-100")
+    with torch.no_grad():
+        border = torch.ones(28, 28, dtype=torch.bool)
+        border[4:24, 4:24] = False
+        model.fc1.weight[:, border.reshape(-1)] = 0
+    return model
+
+
+def test_index_streams_are_stored_deflated_and_still_exact(tmp_path, monkeypatch):
+    from magprune import sparse
+
+    model = _with_dead_inputs()
+    path, plain = tmp_path / "z.safetensors", tmp_path / "plain.safetensors"
+    params = save_compressed(model, path)
+    assert "codes" in params["fc1.weight"]["deflated"]
+    assert any(r.encoding.endswith("+z") for r in size_report(model))
+    fresh = load_compressed_into(magprune.create_model("lenet-300-100"), path)
+    for key, value in model.state_dict().items():
+        assert torch.equal(fresh.state_dict()[key], value), key
+    monkeypatch.setattr(sparse, "DEFLATE_MIN_SAVING", 2.0)  # never deflate: what version 1 wrote
+    monkeypatch.setattr(sparse, "FORMAT_VERSION", 1)
+    assert "deflated" not in save_compressed(model, plain)["fc1.weight"]
+    assert path.stat().st_size < 0.95 * plain.stat().st_size
+    load_compressed_into(magprune.create_model("lenet-300-100"), plain)  # version 1 files still load
+
+
+def test_a_deflated_part_that_does_not_inflate_is_refused(tmp_path):
+    import json
+    import zlib
+
+    from safetensors import safe_open
+    from safetensors.numpy import load_file, save_file
+
+    path = tmp_path / "z.safetensors"
+    save_compressed(_with_dead_inputs(), path)
+    arrays = load_file(str(path))
+    with safe_open(str(path), framework="numpy") as f:
+        metadata = f.metadata()
+    params = json.loads(metadata["params"])
+    good = arrays["fc1.weight/codes"]
+    for bad, match in ((np.frombuffer(b"not a zlib stream", np.uint8), "corrupt"),
+                       (np.frombuffer(zlib.compress(good.tobytes()[:-5]), np.uint8), "inflates to")):
+        # a consistent checksum, so only the inflation can catch it
+        arrays["fc1.weight/codes"] = bad
+        params["fc1.weight"]["crc32"]["codes"] = zlib.crc32(bad.tobytes())
+        save_file(arrays, str(tmp_path / "bad.safetensors"), metadata={**metadata, "params": json.dumps(params)})
+        with pytest.raises(CompressedFormatError, match=f"fc1.weight/codes.*{match}"):
+            load_compressed(tmp_path / "bad.safetensors")
