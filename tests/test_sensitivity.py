@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from magprune.demo import DigitsMLP, accuracy, fit, load_digits_split
-from magprune.plots import plot_sensitivity, plot_tradeoff, plot_weight_histograms
+from magprune.plots import plot_sensitivity, plot_tradeoff, plot_weight_histograms, sample_weights
 from magprune.sensitivity import evaluate_with_targets, sensitivity_scan
 
 
@@ -73,7 +73,21 @@ def test_figures_are_valid_pngs(trained, tmp_path):
     weights = {n: p.detach() for n, p in model.named_parameters() if n.endswith("weight")}
     pruned = {n: w * (w.abs() > w.abs().median()) for n, w in weights.items()}
     assert_png(plot_weight_histograms({"dense": weights, "pruned": pruned}, tmp_path / "hist.png"))
+    assert_png(plot_tradeoff({"L2 w/o retrain": [(0.5, 0.001), (0.9, 0.4)], "L2 w/ retrain": [(0.9, 0.002)]},
+                             tmp_path / "symlog.png"))  # one collapsing curve: the symlog axis
+    samples = sample_weights(weights, limit=100)
+    assert_png(plot_weight_histograms({"dense": samples}, tmp_path / "sampled.png",
+                                      sizes={n: w.numel() for n, w in weights.items()}))
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_weight_samples_are_bounded_strided_copies():
+    big, small = torch.arange(1000.0), torch.arange(50.0)
+    samples = sample_weights({"big": big, "small": small}, limit=300)
+    assert samples["big"].numel() <= 300 and torch.equal(samples["big"], big[::4])  # 1000 / 300 -> every 4th
+    assert torch.equal(samples["small"], small)
+    samples["small"][0] = 7.0
+    assert small[0] == 0.0  # a copy, not a view
 
 
 def test_tradeoff_curves_on_digits():

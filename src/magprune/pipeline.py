@@ -24,6 +24,7 @@ from magprune.criteria import GlobalSparsity, LayerSparsity, StdThreshold, han20
 from magprune.data import load_dataset, write_atomic
 from magprune.masks import Pruner
 from magprune.models import create_model
+from magprune.plots import sample_weights
 from magprune.report import sparsity_report
 from magprune.retrain import DropoutRescaler, freeze
 from magprune.train import evaluate, fit
@@ -230,10 +231,12 @@ def run_experiment(config: ExperimentConfig, run_dir: str | Path, *, data_dir: s
     # Weights for the histograms (Han's Fig. 7): dense, right after the last prune, after the last retraining.
     snapshots: dict[str, dict[str, Tensor]] = {}
     if position[0] <= 1 and position[1] < 0:
-        snapshots["dense"] = {n: p.detach().cpu().clone() for n, p in pruner.params.items()}
+        snapshots["dense"] = sample_weights(pruner.params)
     elif (run_dir / "checkpoints" / "dense.safetensors").is_file():
         dense_tensors = load_safetensors((run_dir / "checkpoints" / "dense.safetensors").read_bytes())
-        snapshots["dense"] = {n: dense_tensors[f"model.{n}"] for n in pruner.params if f"model.{n}" in dense_tensors}
+        snapshots["dense"] = sample_weights({n: dense_tensors[f"model.{n}"] for n in pruner.params
+                                             if f"model.{n}" in dense_tensors})
+        del dense_tensors
 
     rescaler = DropoutRescaler(model, pruner) if any(
         isinstance(m, nn.modules.dropout._DropoutNd) for m in model.modules()) else None
@@ -243,7 +246,7 @@ def run_experiment(config: ExperimentConfig, run_dir: str | Path, *, data_dir: s
         if i > position[0] or position[1] < 0:  # step i not started: prune now
             fit_resume = None
             densities = pruner.prune(build_criterion(step))
-            snapshots["pruned"] = {n: p.detach().cpu().clone() for n, p in pruner.params.items()}
+            snapshots["pruned"] = sample_weights(pruner.params)
             _, pruned_error = evaluate(model, *test, batch_size=config.train.eval_batch_size)
             current = {"densities": densities, "pruned_error": pruned_error}
             writer.log({"stage": f"prune-{i}", "step": i, "test_error": pruned_error, "sparsity": pruner.sparsity()})
@@ -278,13 +281,14 @@ def run_experiment(config: ExperimentConfig, run_dir: str | Path, *, data_dir: s
 
     _, final_error = evaluate(model, *test, batch_size=config.train.eval_batch_size)
     if config.prune:
-        snapshots["retrained"] = {n: p.detach().cpu().clone() for n, p in pruner.params.items()}
+        snapshots["retrained"] = sample_weights(pruner.params)
     figures = []
     if distributed.is_main() and snapshots:
         from magprune.plots import plot_weight_histograms
 
         plot_weight_histograms(snapshots, run_dir / "histograms.png",
-                               title=f"{config.model.name}: weights per layer ({', '.join(snapshots)})")
+                               title=f"{config.model.name}: weights per layer ({', '.join(snapshots)})",
+                               sizes={n: p.numel() for n, p in pruner.params.items()})
         figures.append(("Weight distribution per layer (Han et al. Fig. 7)", "histograms.png"))
     final_report = sparsity_report(model, test[0][:1])
     writer.write("model.safetensors", save_safetensors(_plain(model.state_dict())))

@@ -7,6 +7,7 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from magprune.sensitivity import SensitivityResult
@@ -88,10 +89,28 @@ def plot_tradeoff(curves: Mapping[str, Sequence[tuple[float, float]]], path: str
     return path
 
 
+HISTOGRAM_SAMPLE = 1 << 20  # weights kept per layer and stage for the histograms
+
+
+def sample_weights(params: Mapping[str, torch.Tensor], limit: int = HISTOGRAM_SAMPLE) -> dict[str, torch.Tensor]:
+    """A CPU copy of every 1-in-k weight of each tensor, at most ``limit`` per tensor: what the histograms need,
+    without a full copy of a VGG-16 (553 MB) per stage. Tensors up to ``limit`` are copied whole."""
+    samples = {}
+    for name, tensor in params.items():
+        flat = tensor.detach().reshape(-1)
+        stride = max(-(-flat.numel() // limit), 1)
+        samples[name] = flat[::stride].cpu().clone()
+    return samples
+
+
 def plot_weight_histograms(stages: Mapping[str, Mapping[str, torch.Tensor]], path: str | os.PathLike, *,
-                           bins: int = 101, title: str = "Weight distribution per layer") -> Path:
+                           bins: int = 101, title: str = "Weight distribution per layer",
+                           sizes: Mapping[str, int] | None = None) -> Path:
     """One panel per layer, one histogram per stage (e.g. "dense", "pruned", "retrained"), zeros left out of
-    pruned stages so the removed band near zero shows (Han et al. Fig. 7)."""
+    pruned stages so the removed band near zero shows (Han et al. Fig. 7).
+
+    ``sizes`` gives each layer's full number of weights when the stages hold samples (:func:`sample_weights`):
+    counts are then scaled up to the whole layer and the legend's nonzero counts marked as estimates."""
     plt = _pyplot()
     layers = list(next(iter(stages.values())))
     cols = min(len(layers), 4)
@@ -102,8 +121,10 @@ def plot_weight_histograms(stages: Mapping[str, Mapping[str, torch.Tensor]], pat
         bound = max(float(v.abs().max()) for v in values.values()) or 1.0
         for stage, v in values.items():
             nonzero = v[v != 0]
+            scale = (sizes[layer] / max(v.numel(), 1)) if sizes and layer in sizes else 1.0
+            count = f"~{round(nonzero.numel() * scale):,}" if scale > 1 else f"{nonzero.numel():,}"
             ax.hist(nonzero.numpy(), bins=bins, range=(-bound, bound), histtype="step", linewidth=1.2,
-                    label=f"{stage} ({nonzero.numel():,} nonzero)")
+                    weights=np.full(nonzero.numel(), scale), label=f"{stage} ({count} nonzero)")
         ax.set_title(layer)
         ax.set_yscale("log")  # a pruned layer keeps ~10% of the weights: on a linear axis its bars vanish
         ax.set_xlabel("weight value")
