@@ -276,3 +276,32 @@ def test_a_deflated_part_that_does_not_inflate_is_refused(tmp_path):
         save_file(arrays, str(tmp_path / "bad.safetensors"), metadata={**metadata, "params": json.dumps(params)})
         with pytest.raises(CompressedFormatError, match=f"fc1.weight/codes.*{match}"):
             load_compressed(tmp_path / "bad.safetensors")
+
+
+def test_torch_backend_matches_dense_and_survives_copying():
+    torch.manual_seed(8)
+    linear = nn.Linear(120, 30)
+    with torch.no_grad():
+        linear.weight.mul_(torch.rand_like(linear.weight) < 0.2)
+    sparse = SparseLinear(linear, backend="torch")
+    for batch in (1, 7, 64):
+        x = torch.randn(batch, 120)
+        with torch.inference_mode():
+            torch.testing.assert_close(sparse(x), linear(x), rtol=1e-4, atol=1e-5)
+        with torch.no_grad():
+            torch.testing.assert_close(sparse(x), linear(x), rtol=1e-4, atol=1e-5)
+    copied = copy.deepcopy(sparse)  # after first use: holds a sparse CSR tensor, which deepcopy cannot copy
+    x = torch.randn(3, 2, 120)
+    with torch.inference_mode():
+        torch.testing.assert_close(copied(x), linear(x), rtol=1e-4, atol=1e-5)
+    assert "backend='torch'" in repr(copied)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        SparseLinear(linear, backend="mkl")
+
+
+def test_sparsify_records_the_backend_it_chose():
+    model = _han("lenet-300-100")
+    forced = sparsify(model, batch_size=32, min_speedup=0.0, repeats=1)
+    for decision in forced.sparsify_decisions:
+        assert decision.converted and decision.backend in ("simd", "torch")
+        assert forced.get_submodule(decision.name).backend == decision.backend

@@ -368,23 +368,50 @@ def _check_input(module: nn.Module, x: Tensor) -> None:
                            "torch.inference_mode() (it has no backward)")
 
 
+BACKENDS = ("simd", "torch")
+
+
 class SparseLinear(nn.Module):
     """Drop-in inference replacement for ``nn.Linear`` with the weight held in CSR (narrow column indices).
 
-    Runs the SIMD CSR kernels of ``magprune._simd`` on torch's thread count (rows split over threads; batches use
-    y^T = W x^T in blocks of up to 32 columns, so each nonzero multiplies one contiguous input row held in cache).
+    ``backend="simd"`` (default) runs the SIMD CSR kernels of ``magprune._simd`` on torch's thread count (rows
+    split over threads; batches use y^T = W x^T in blocks of up to 32 columns, so each nonzero multiplies one
+    contiguous input row held in cache). ``backend="torch"`` runs ``torch.addmm`` with a ``torch.sparse_csr``
+    weight (int32 indices, built on first use): slower on large layers, but with less per-call overhead, so
+    faster on small ones at larger batches; :func:`sparsify` measures both.
     float32 CPU only, no autograd. Not scriptable by ``torch.jit`` nor exportable by ``torch.export``
     (the kernel is outside torch); convert to dense with :meth:`to_dense` for those.
     """
 
-    def __init__(self, linear: nn.Linear) -> None:
+    def __init__(self, linear: nn.Linear, backend: str = "simd") -> None:
         super().__init__()
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        self.backend = backend
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.indptr, self.cols, self.vals = _csr_arrays(linear.weight.detach())
-        self.product = CSRProduct(self.indptr, self.cols, self.vals, self.in_features)
+        self.product = CSRProduct(self.indptr, self.cols, self.vals, self.in_features) if backend == "simd" else None
+        self._torch_csr: Tensor | None = None
         bias = linear.bias.detach() if linear.bias is not None else torch.zeros(self.out_features)
         self.bias_array = _as_numpy(bias.float()).copy()
         self.has_bias = linear.bias is not None
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_torch_csr"] = None  # rebuilt on first use: sparse CSR tensors do not deepcopy
+        return state
+
+    def _torch_forward(self, x2d: Tensor) -> Tensor:
+        if self._torch_csr is None:
+            import warnings
+
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+                self._torch_csr = torch.sparse_csr_tensor(
+                    torch.from_numpy(self.indptr.astype(np.int32)), torch.from_numpy(self.cols.astype(np.int32)),
+                    torch.from_numpy(self.vals), (self.out_features, self.in_features), check_invariants=True)
+                self._torch_bias = torch.from_numpy(self.bias_array)[:, None]
+        return torch.addmm(self._torch_bias, self._torch_csr, x2d.T).T  # F.linear fails under inference_mode
 
     @property
     def density(self) -> float:
@@ -395,6 +422,8 @@ class SparseLinear(nn.Module):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"SparseLinear expects last dim {self.in_features}, got shape {list(x.shape)}")
         lead = x.shape[:-1]
+        if self.backend == "torch":
+            return self._torch_forward(x.reshape(-1, self.in_features)).reshape(*lead, self.out_features)
         y = _spmm(self.product, self.bias_array, _as_numpy(x.reshape(-1, self.in_features)))
         return torch.from_numpy(np.ascontiguousarray(y)).reshape(*lead, self.out_features)
 
@@ -410,7 +439,8 @@ class SparseLinear(nn.Module):
         return linear
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, density={self.density:.3f}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, density={self.density:.3f}, "
+                f"backend={self.backend!r}")
 
 
 class SparseConv2d(nn.Module):
@@ -490,6 +520,7 @@ class SparsifyDecision:
     dense_ms: float
     sparse_ms: float
     converted: bool
+    backend: str = "simd"
 
     @property
     def speedup(self) -> float:
@@ -532,9 +563,10 @@ def sparsify(model: nn.Module, *, batch_size: int = 1, example_input: Tensor | N
     """A copy of ``model`` whose Linear (and Conv2d) layers run sparse where that is measured to be faster.
 
     Each candidate layer (density <= ``max_density``) is timed dense vs sparse on random input of ``batch_size``
-    rows, and converted only when the sparse module is at least ``min_speedup`` times faster, so a converted layer
-    should never be slower than dense. Conv2d layers are considered only when ``example_input`` is given (their
-    spatial size comes from it). The decisions are on the returned model as ``sparsify_decisions``.
+    rows (a Linear with both sparse backends, the faster one kept), and converted only when the sparse module is at
+    least ``min_speedup`` times faster, so a converted layer should never be slower than dense. Conv2d layers are
+    considered only when ``example_input`` is given (their spatial size comes from it). The decisions are on the
+    returned model as ``sparsify_decisions``.
     """
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
@@ -556,13 +588,17 @@ def sparsify(model: nn.Module, *, batch_size: int = 1, example_input: Tensor | N
         if density > max_density:
             decisions.append(SparsifyDecision(name, type(module).__name__, density, math.nan, math.nan, False))
             continue
-        sparse = sparse_cls(module)
+        candidates = [sparse_cls(module)]
+        if sparse_cls is SparseLinear:
+            candidates.append(SparseLinear(module, backend="torch"))
         x = torch.randn(shape)
         with torch.inference_mode():
             dense_ms = _best_ms(lambda m=module, x=x: m(x), repeats)
-            sparse_ms = _best_ms(lambda m=sparse, x=x: m(x), repeats)
+            sparse_ms, sparse = min(((_best_ms(lambda m=c, x=x: m(x), repeats), c) for c in candidates),
+                                    key=lambda timed: timed[0])
         converted = dense_ms >= min_speedup * sparse_ms
-        decisions.append(SparsifyDecision(name, type(module).__name__, density, dense_ms, sparse_ms, converted))
+        decisions.append(SparsifyDecision(name, type(module).__name__, density, dense_ms, sparse_ms, converted,
+                                          getattr(sparse, "backend", "simd")))
         if converted:
             model.set_submodule(name, sparse)
     model.sparsify_decisions = decisions
