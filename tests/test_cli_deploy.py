@@ -55,6 +55,17 @@ def test_export_compressed_and_shrunk_then_bench(run_dir):
     assert done.returncode == 0, done.stderr
     assert "fc1" in done.stdout and "(whole model)" in done.stdout
 
+    # damaged files: one line naming the file and what is wrong, exit status 2, no traceback
+    data = (path / "model.compressed.safetensors").read_bytes()
+    flipped = bytearray(data)
+    flipped[-20] ^= 0xFF
+    (path / "flipped.safetensors").write_bytes(bytes(flipped))
+    (path / "truncated.safetensors").write_bytes(data[:200])
+    for name, why in (("flipped", "checksum"), ("truncated", "cannot read")):
+        done = _cli("bench", str(path / f"{name}.safetensors"), "--batch-sizes", "1", "--repeats", "1")
+        assert done.returncode == 2, done.stderr
+        assert why in done.stderr and f"{name}.safetensors" in done.stderr and "Traceback" not in done.stderr
+
 
 def test_export_refuses_a_bad_run_dir(tmp_path):
     done = _cli("export", str(tmp_path), "--format", "compressed")

@@ -182,10 +182,10 @@ def _bench(args: argparse.Namespace) -> int:
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
-    except Exception as error:
-        raise SystemExit(f"magprune: cannot read {path}: {error}") from error
+    except Exception as error:  # safetensors raises its own error types for missing, truncated or garbled files
+        raise UsageError(f"cannot read {path}: {error}") from error
     if "model" not in metadata:
-        raise SystemExit(f"magprune: {path} does not say which model it holds (write it with 'magprune export')")
+        raise UsageError(f"{path} does not say which model it holds (write it with 'magprune export')")
     spec = json.loads(metadata["model"])
     model = magprune.create_model(spec["name"], **spec["kwargs"])
     if metadata.get("format") == "magprune-shrunk":
@@ -299,11 +299,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     from magprune.config import ConfigError
     from magprune.data import DataError
     from magprune.pipeline import RunError
+    from magprune.sparse import CompressedFormatError
     from magprune.train import TrainingDiverged
 
     try:
         return args.func(args)
-    except (ConfigError, DataError, UsageError, RunError) as exc:
+    except (ConfigError, DataError, UsageError, RunError, CompressedFormatError) as exc:
         print(f"magprune {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except TrainingDiverged as exc:
