@@ -65,6 +65,11 @@ def test_export_compressed_and_shrunk_then_bench(run_dir):
         done = _cli("bench", str(path / f"{name}.safetensors"), "--batch-sizes", "1", "--repeats", "1")
         assert done.returncode == 2, done.stderr
         assert why in done.stderr and f"{name}.safetensors" in done.stderr and "Traceback" not in done.stderr
+    good = str(path / "model.compressed.safetensors")
+    for args, why in ((["--batch-sizes", "0"], "--batch-sizes"), (["--batch-sizes", "a"], "--batch-sizes"),
+                      (["--input-shape", "3,3"], "does not fit"), (["--repeats", "0"], "--repeats")):
+        done = _cli("bench", good, *args)
+        assert done.returncode == 2 and why in done.stderr and "Traceback" not in done.stderr, done.stderr
 
 
 def test_export_refuses_a_bad_run_dir(tmp_path):

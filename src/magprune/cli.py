@@ -170,9 +170,20 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_ints(text: str, option: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        values = ()
+    if not values or min(values) < 1:
+        raise UsageError(f"{option} must be comma-separated integers >= 1, got {text!r}")
+    return values
+
+
 def _bench(args: argparse.Namespace) -> int:
     import json
 
+    import torch
     from safetensors import safe_open
 
     from magprune.shrink import resize_to
@@ -195,11 +206,19 @@ def _bench(args: argparse.Namespace) -> int:
     else:
         model.load_state_dict(load_compressed(path), strict=True)
     if args.input_shape:
-        shape = tuple(int(s) for s in args.input_shape.split(","))
+        shape = _positive_ints(args.input_shape, "--input-shape")
     else:
         first = next(m for m in model.modules() if hasattr(m, "weight") and m.weight is not None and m.weight.ndim > 1)
         shape = (first.in_features,) if first.weight.ndim == 2 else (first.in_channels, 28, 28)
-    batches = tuple(int(b) for b in args.batch_sizes.split(","))
+    batches = _positive_ints(args.batch_sizes, "--batch-sizes")
+    if args.repeats < 1:
+        raise UsageError(f"--repeats must be >= 1, got {args.repeats}")
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, *shape))
+    except RuntimeError as error:
+        raise UsageError(f"an input of shape {list(shape)} does not fit {spec['name']} ({error}); "
+                         "give the per-example shape with --input-shape") from error
     print(f"{spec['name']} from {path}, input {shape}; best of {args.repeats} runs")
     print(format_bench(bench_model(model.eval(), shape, batches, repeats=args.repeats)))
     return 0
