@@ -75,3 +75,12 @@ def test_export_compressed_and_shrunk_then_bench(run_dir):
 def test_export_refuses_a_bad_run_dir(tmp_path):
     done = _cli("export", str(tmp_path), "--format", "compressed")
     assert done.returncode != 0 and "config.yaml" in done.stderr
+
+
+def test_export_to_a_place_that_cannot_be_written_is_one_line(run_dir):
+    path, _ = run_dir
+    blocker = path / "a-file"
+    blocker.write_text("not a directory")
+    done = _cli("export", str(path), "--format", "compressed", "--out", str(blocker / "m.safetensors"))
+    assert done.returncode == 2, done.stderr
+    assert f"{blocker / 'm.safetensors'}: cannot write there" in done.stderr and "Traceback" not in done.stderr

@@ -24,8 +24,11 @@ def write_atomic(path: str | os.PathLike[str], data: bytes, *,
     ``before_replace`` runs between the fsync and the rename (the crash tests kill the process there).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as error:  # name the file the caller asked for, not the temp file
+        raise OSError(error.errno, f"cannot write there ({error.strerror})", str(path)) from error
     try:
         with os.fdopen(fd, "wb") as f:
             os.fchmod(f.fileno(), _FILE_MODE)

@@ -326,6 +326,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, DataError, UsageError, RunError, CompressedFormatError) as exc:
         print(f"magprune {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # an output path that cannot be written, a file that vanished: one line, not a traceback
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"magprune {args.command}: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 2
     except TrainingDiverged as exc:
         print(f"magprune {args.command}: stopped: {exc}", file=sys.stderr)
         return 1
