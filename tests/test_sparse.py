@@ -126,6 +126,7 @@ def test_linear_kernels_parallel_and_serial_with_padded_batches(monkeypatch, min
     from magprune import _simd
 
     monkeypatch.setattr(_simd, "PARALLEL_MIN_WORK", min_work)
+    monkeypatch.setattr(_simd, "PARALLEL_MIN_NONZEROS", min_work)
     torch.manual_seed(4)
     linear = nn.Linear(257, 33)
     with torch.no_grad():
@@ -140,9 +141,13 @@ def test_linear_kernels_parallel_and_serial_with_padded_batches(monkeypatch, min
 
 @pytest.mark.parametrize("n_in, index_dtype", [(200, np.uint8), (3000, np.uint16), (70000, np.uint32)])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_simd_kernel_matches_numpy_for_every_width_index_type_and_tiling(n_in, index_dtype, threads):
+def test_simd_kernel_matches_numpy_for_every_width_index_type_and_tiling(n_in, index_dtype, threads, monkeypatch):
+    from magprune import _simd
     from magprune._simd import CSRProduct
     from magprune.sparse import _csr_arrays
+
+    monkeypatch.setattr(_simd, "PARALLEL_MIN_WORK", 0)  # small products too: the row split is what is tested
+    monkeypatch.setattr(_simd, "PARALLEL_MIN_NONZEROS", 0)
 
     rng = np.random.default_rng(n_in)
     weight = rng.standard_normal((37, n_in)).astype(np.float32) * (rng.random((37, n_in)) < 0.05)
@@ -201,6 +206,7 @@ def test_direct_sparse_conv_matches_dense_conv(monkeypatch, min_work, padding, s
     from magprune import _simd
 
     monkeypatch.setattr(_simd, "PARALLEL_MIN_WORK", min_work)
+    monkeypatch.setattr(_simd, "PARALLEL_MIN_NONZEROS", min_work)
     torch.manual_seed(6)
     conv = nn.Conv2d(4, 7, (3, 5), padding=padding)
     with torch.no_grad():
