@@ -274,6 +274,7 @@ class CSRProduct:
         self._data = (self.cols.ctypes.data, self.vals.ctypes.data)
         self._row_nnz_end = np.concatenate([self.tiles[0, :1], self.tiles[-1]]) if self.n_rows else None
         self._splits: dict[int, list[tuple[int, int]]] = {}
+        self._reach = int(self.cols.max()) if self.cols.size else 0  # the largest column (conv_rows' bounds check)
 
     def __getstate__(self) -> dict:
         return {"n_in": self.n_in, "cols": self.cols, "vals": self.vals, "tiles": self.tiles}
@@ -345,8 +346,7 @@ class CSRProduct:
                 or x.ndim != 1 or not (x.flags.c_contiguous and out.flags.c_contiguous):
             raise ValueError(f"conv_rows wants a flat float32 x and a C-contiguous float32 out (B, {self.n_rows}, "
                              f"{out_h}, w8) with w8 a multiple of 8, got {x.dtype} {x.shape}, {out.dtype} {out.shape}")
-        reach = int(self.cols.max()) if self.cols.size else 0
-        if batches and (batches - 1) * self.n_in + (out_h - 1) * row_step + reach + w8 > x.size:
+        if batches and (batches - 1) * self.n_in + (out_h - 1) * row_step + self._reach + w8 > x.size:
             raise ValueError(f"conv_rows: x holds {x.size} floats, the product would read past them")
         if batches == 0 or out_h == 0 or w8 == 0:
             return

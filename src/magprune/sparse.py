@@ -460,7 +460,9 @@ class SparseConv2d(nn.Module):
         self.stride, self.padding, self.dilation = conv.stride, conv.padding, conv.dilation
         weight = conv.weight.detach()
         self.indptr, self.cols, self.vals = _csr_arrays(weight.reshape(weight.shape[0], -1))
-        self.product = CSRProduct(self.indptr, self.cols, self.vals, weight[0].numel())
+        self.direct = self.stride == (1, 1) and self.dilation == (1, 1)
+        # the im2col product only for the strides that need it; the direct one is built per input size
+        self.product = None if self.direct else CSRProduct(self.indptr, self.cols, self.vals, weight[0].numel())
         self._direct: dict[tuple[int, int], CSRProduct] = {}
         bias = conv.bias.detach() if conv.bias is not None else torch.zeros(self.out_channels)
         self.bias_array = _as_numpy(bias.float()).copy()
@@ -484,7 +486,7 @@ class SparseConv2d(nn.Module):
         batch, _, height, width = x.shape
         out_h = (height + 2 * self.padding[0] - self.dilation[0] * (self.kernel_size[0] - 1) - 1) // self.stride[0] + 1
         out_w = (width + 2 * self.padding[1] - self.dilation[1] * (self.kernel_size[1] - 1) - 1) // self.stride[1] + 1
-        if self.stride == (1, 1) and self.dilation == (1, 1):
+        if self.direct:
             return self._forward_direct(x, out_h, out_w)
         positions = out_h * out_w
         padded = -(-positions // 8) * 8  # the kernels take the output positions 8 at a time
