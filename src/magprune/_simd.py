@@ -5,8 +5,15 @@ nonzeros: one broadcast weight times one contiguous row of the input per nonzero
 only the short loop over the block's columns and keeps the accumulators in memory, with its SLP vectorizer off:
 2-3x slower than the kernels below. Its matrix-vector loop also did not run in parallel. llvmlite (numba's LLVM
 binding, PyPI wheels wherever torch has them; no C compiler needed) compiles this IR for the host CPU on first use,
-in milliseconds. The functions are called through ctypes, which releases the GIL, so row ranges run on a thread pool
-in parallel.
+in milliseconds.
+
+Calls are planned as *records* (one kernel call with its arguments each) grouped into *tasks* (row ranges; the
+records of one task run in order, since they add into the same output rows). One ctypes call hands a whole plan to
+compiled code: the calling thread and the pool's worker threads take tasks from an atomic counter until none are
+left, so a worker that wakes late costs half its delay, not all of it. Workers spin for SPIN_SECONDS after each plan
+(back-to-back calls, and the layers of one forward pass, find them awake), then sleep in Python on an Event, with no
+CPU use. A Python ``ThreadPoolExecutor`` (tried first) took 0.1-0.3 ms per call to wake its thread and pass the GIL
+around: 20% of a 1 ms batch-1 product.
 
 Kernels, per column-index width (uint8/16/32):
 - ``spmm_{W}``: ``out[r, c:c+W] += sum_k vals[k] * x[cols[k], c:c+W]`` for rows ``r0 <= r < r1`` and ``chunks``
@@ -18,28 +25,44 @@ Kernels, per column-index width (uint8/16/32):
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import itertools
+import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
+import time
 
 import numpy as np
 
 WIDTHS = (8, 16, 32, 64)  # floats per block row: 1, 2, 4, 8 AVX vectors of 8 lanes
 _INDEX_TYPES = {np.dtype(np.uint8): "i8", np.dtype(np.uint16): "i16", np.dtype(np.uint32): "i32"}
 _VEC = "<8 x float>"
-_MATVEC_SIGNATURE = ctypes.CFUNCTYPE(None, *([ctypes.c_void_p] * 6 + [ctypes.c_int64] * 2))
-_SIGNATURE = ctypes.CFUNCTYPE(None, *([ctypes.c_void_p] * 5 + [ctypes.c_int64, ctypes.c_void_p] + [ctypes.c_int64] * 7))
+_VOID, _I64 = ctypes.c_void_p, ctypes.c_int64
+_ENTRY_POINTS = {  # name: ctypes signature of the plan-running functions
+    "run_records": ctypes.CFUNCTYPE(None, _VOID, _I64, _I64, _I64, _I64),
+    "post": ctypes.CFUNCTYPE(_I64, _VOID, _VOID, _I64, _VOID, _VOID, _I64, _I64, _I64),
+    "finish": ctypes.CFUNCTYPE(None, _VOID, _I64),
+    "worker_loop": ctypes.CFUNCTYPE(_I64, _VOID, _VOID, _I64),
+    "spin_probe": ctypes.CFUNCTYPE(None, _VOID, _I64),
+}
+RECORD = 16  # int64 per record: kind (0 spmm, 1 spmv), function address, up to 14 arguments (x, out as offsets)
+SPMM, SPMV = 0, 1
+MAX_TASKS = (1 << 20) - 1  # the task counter and count share one 64-bit word with the plan's sequence number
+SPIN_SECONDS = 2e-4  # how long a worker stays awake for the next plan (OpenMP's default active wait is longer)
+MAX_WORKERS = 63  # post() reports sleeping workers as bits of an int64
+CHUNKS_PER_THREAD = 4  # tasks per thread: finer balances late wake-ups, coarser re-reads fewer input tiles
 
 # Below these sizes one thread does it all: waking a pool thread costs ~50 us, more than it saves (measured on 2
 # cores: a 300x784 layer at 8% is faster serial up to batch 32, a 4096x4096 one at 9% parallel from batch 1).
 PARALLEL_MIN_WORK = 1 << 22  # multiply-adds of a batched product (nonzeros x columns)
 PARALLEL_MIN_NONZEROS = 1 << 19  # nonzeros of a matrix-vector product (batch 1)
 
-_lock = threading.Lock()
-_functions: dict[tuple[int, str], ctypes._CFuncPtr] = {}
+_lock = threading.Lock()  # compiling
+_pool_lock = threading.Lock()  # starting the pool
+_addresses: dict[tuple[int, str], int] = {}
+_entry: dict[str, ctypes._CFuncPtr] = {}
 _engine = None  # keeps the compiled code alive
-_pool: ThreadPoolExecutor | None = None
+_pool: _Pool | None = None
 
 
 def _function_ir(width: int, index: str) -> str:
@@ -168,6 +191,127 @@ def _matvec_ir(index: str) -> str:
     return "\n".join(lines)
 
 
+def _pause_ir(triple: str) -> tuple[str, str]:
+    """(declaration, call) of the spin-wait hint of the target, or nothing where there is none."""
+    if triple.startswith(("x86_64", "i386", "i686")):
+        return "declare void @llvm.x86.sse2.pause()", "  call void @llvm.x86.sse2.pause()"
+    if triple.startswith(("aarch64", "arm64")):
+        return "declare void @llvm.aarch64.hint(i32)", "  call void @llvm.aarch64.hint(i32 1)"
+    return "", ""
+
+
+# The plan word (job[0]): sequence number << 40 | number of tasks << 20 | next task to take. Taking a task is one
+# compare-and-swap on it, so a thread never takes a task of a plan that has been replaced. job[8]: tasks finished
+# (its own cache line); job[16], job[17]: addresses of the task table ((first record, count) pairs) and the records;
+# job[18]: stop; job[19], job[20]: input and output base addresses. A worker's own line: state (0 awake, 1 gone to
+# sleep), last sequence number seen.
+_JOB_FINISHED, _JOB_TASKS, _JOB_RECORDS, _JOB_STOP, _JOB_X, _JOB_OUT = 8, 16, 17, 18, 19, 20
+_STATE_STRIDE = 8  # int64 per worker: one cache line each
+
+
+def _pool_ir(pause: str) -> str:
+    """IR of the plan runner: records, tasks taken from the atomic counter, post/finish for the calling thread,
+    and the workers' spin-then-sleep loop."""
+    args = [f"%a{j}" for j in range(RECORD - 2)]
+    loads = []
+    for j in range(RECORD - 2):
+        loads += [f"  %ap{j} = getelementptr i64, ptr %rec, i64 {2 + j}", f"  %a{j} = load i64, ptr %ap{j}"]
+    # records hold input/output offsets; the bases of this call's arrays are added here (spmm: arguments 4 and 6,
+    # spmv: 4 and 5), so a cached plan is never written to and serves concurrent calls
+    mm = [*args[:4], "%xa", args[5], "%oa.mm", *args[7:]]
+    mv = [*args[:4], "%xa", "%oa.mv", *args[6:8]]
+    mm_args = ", ".join(f"i64 {a}" for a in mm)
+    mv_args = ", ".join(f"i64 {a}" for a in mv)
+    mask = (1 << 20) - 1
+    # Kernel arguments go through the records as int64 and are passed as such: pointers and int64 travel in the
+    # same registers under the x86-64 and AArch64 C calling conventions.
+    return "\n".join([
+        "define void @run_records(ptr %recs, i64 %first, i64 %count, i64 %xbase, i64 %obase) nounwind {",
+        "entry:", "  %end = add i64 %first, %count", "  %any = icmp ult i64 %first, %end",
+        "  br i1 %any, label %loop, label %exit",
+        "loop:", "  %i = phi i64 [%first, %entry], [%i.next, %next]", f"  %off = mul i64 %i, {RECORD}",
+        "  %rec = getelementptr i64, ptr %recs, i64 %off", "  %kind = load i64, ptr %rec",
+        "  %fnp = getelementptr i64, ptr %rec, i64 1", "  %fn = load ptr, ptr %fnp", *loads,
+        "  %xa = add i64 %a4, %xbase", "  %oa.mm = add i64 %a6, %obase", "  %oa.mv = add i64 %a5, %obase",
+        f"  %mv = icmp eq i64 %kind, {SPMV}", "  br i1 %mv, label %callmv, label %callmm",
+        "callmm:", f"  call void %fn({mm_args})", "  br label %next",
+        "callmv:", f"  call void %fn({mv_args})", "  br label %next",
+        "next:", "  %i.next = add i64 %i, 1", "  %more = icmp ult i64 %i.next, %end",
+        "  br i1 %more, label %loop, label %exit", "exit:", "  ret void", "}", "",
+        "define void @run_tasks(ptr %job) nounwind {",
+        "entry:", "  br label %take",
+        "take:", "  %w = load atomic i64, ptr %job seq_cst, align 8", f"  %next = and i64 %w, {mask}",
+        "  %n.hi = lshr i64 %w, 20", f"  %n = and i64 %n.hi, {mask}", "  %left = icmp ult i64 %next, %n",
+        "  br i1 %left, label %try, label %exit",
+        "try:", "  %w1 = add i64 %w, 1", "  %cx = cmpxchg ptr %job, i64 %w, i64 %w1 seq_cst seq_cst",
+        "  %ok = extractvalue { i64, i1 } %cx, 1", "  br i1 %ok, label %run, label %take",
+        # the plan cannot be replaced while a task taken from it is unfinished: its tables are read after the CAS
+        "run:", f"  %tp = getelementptr i64, ptr %job, i64 {_JOB_TASKS}", "  %tasks = load ptr, ptr %tp",
+        f"  %rp = getelementptr i64, ptr %job, i64 {_JOB_RECORDS}", "  %recs = load ptr, ptr %rp",
+        f"  %xp = getelementptr i64, ptr %job, i64 {_JOB_X}", "  %xbase = load i64, ptr %xp",
+        f"  %op = getelementptr i64, ptr %job, i64 {_JOB_OUT}", "  %obase = load i64, ptr %op",
+        "  %toff = mul i64 %next, 2", "  %tq = getelementptr i64, ptr %tasks, i64 %toff",
+        "  %first = load i64, ptr %tq", "  %cq = getelementptr i64, ptr %tq, i64 1", "  %count = load i64, ptr %cq",
+        "  call void @run_records(ptr %recs, i64 %first, i64 %count, i64 %xbase, i64 %obase)",
+        f"  %fp = getelementptr i64, ptr %job, i64 {_JOB_FINISHED}",
+        "  %old = atomicrmw add ptr %fp, i64 1 seq_cst", "  br label %take",
+        "exit:", "  ret void", "}", "",
+        # post: publish a plan, then report which workers have gone to sleep (bit i: worker i); the store of the
+        # plan word and the workers' store of their state are both seq_cst, so a worker about to sleep either sees
+        # the plan or is seen asleep and woken by the caller
+        "define i64 @post(ptr %job, ptr %states, i64 %workers, ptr %tasks, ptr %recs, i64 %n, i64 %xbase, "
+        "i64 %obase) nounwind {",
+        "entry:", f"  %fp = getelementptr i64, ptr %job, i64 {_JOB_FINISHED}",
+        "  store atomic i64 0, ptr %fp seq_cst, align 8",
+        f"  %tp = getelementptr i64, ptr %job, i64 {_JOB_TASKS}", "  store ptr %tasks, ptr %tp",
+        f"  %rp = getelementptr i64, ptr %job, i64 {_JOB_RECORDS}", "  store ptr %recs, ptr %rp",
+        f"  %xp = getelementptr i64, ptr %job, i64 {_JOB_X}", "  store i64 %xbase, ptr %xp",
+        f"  %op = getelementptr i64, ptr %job, i64 {_JOB_OUT}", "  store i64 %obase, ptr %op",
+        "  %w = load atomic i64, ptr %job seq_cst, align 8", "  %seq = lshr i64 %w, 40", "  %seq1 = add i64 %seq, 1",
+        "  %seqm = and i64 %seq1, 16777215", "  %hi = shl i64 %seqm, 40", "  %nn = shl i64 %n, 20",
+        "  %word = or i64 %hi, %nn", "  store atomic i64 %word, ptr %job seq_cst, align 8",
+        "  %any = icmp sgt i64 %workers, 0", "  br i1 %any, label %scan, label %done",
+        "scan:", "  %i = phi i64 [0, %entry], [%i.next, %scan]", "  %m = phi i64 [0, %entry], [%m.next, %scan]",
+        f"  %soff = mul i64 %i, {_STATE_STRIDE}", "  %sp = getelementptr i64, ptr %states, i64 %soff",
+        "  %st = load atomic i64, ptr %sp seq_cst, align 8", "  %bit = shl i64 %st, %i",
+        "  %m.next = or i64 %m, %bit", "  %i.next = add i64 %i, 1", "  %more = icmp slt i64 %i.next, %workers",
+        "  br i1 %more, label %scan, label %done",
+        "done:", "  %mask = phi i64 [0, %entry], [%m.next, %scan]", "  ret i64 %mask", "}", "",
+        # finish: the caller takes tasks too, then waits for those other threads still run
+        "define void @finish(ptr %job, i64 %n) nounwind {",
+        "entry:", "  call void @run_tasks(ptr %job)", f"  %fp = getelementptr i64, ptr %job, i64 {_JOB_FINISHED}",
+        "  br label %wait",
+        "wait:", "  %f = load atomic i64, ptr %fp seq_cst, align 8", "  %all = icmp sge i64 %f, %n",
+        "  br i1 %all, label %exit, label %spin", "spin:", pause, "  br label %wait",
+        "exit:", "  ret void", "}", "",
+        # worker_loop: run plans as they are posted; after ``spin`` idle rounds announce sleep and return 1 (the
+        # Python side waits on its Event), or return 0 when stopped
+        "define i64 @worker_loop(ptr %job, ptr %me, i64 %spin) nounwind {",
+        "entry:", "  store atomic i64 0, ptr %me seq_cst, align 8", "  %lastp = getelementptr i64, ptr %me, i64 1",
+        f"  %stopp = getelementptr i64, ptr %job, i64 {_JOB_STOP}", "  br label %check",
+        "check:", "  %i = phi i64 [0, %entry], [%i.next, %idle], [0, %work]",
+        "  %stop = load atomic i64, ptr %stopp seq_cst, align 8", "  %stopped = icmp ne i64 %stop, 0",
+        "  br i1 %stopped, label %ret0, label %look",
+        "look:", "  %w = load atomic i64, ptr %job seq_cst, align 8", "  %seq = lshr i64 %w, 40",
+        "  %last = load i64, ptr %lastp", "  %new = icmp ne i64 %seq, %last", "  br i1 %new, label %work, label %idle",
+        "work:", "  %s = phi i64 [%seq, %look], [%seq2, %wake]", "  store i64 %s, ptr %lastp",
+        "  call void @run_tasks(ptr %job)", "  br label %check",
+        "idle:", pause, "  %i.next = add i64 %i, 1", "  %go = icmp ult i64 %i.next, %spin",
+        "  br i1 %go, label %check, label %sleep",
+        "sleep:", "  store atomic i64 1, ptr %me seq_cst, align 8",
+        "  %w2 = load atomic i64, ptr %job seq_cst, align 8",
+        "  %seq2 = lshr i64 %w2, 40", "  %last2 = load i64, ptr %lastp", "  %new2 = icmp ne i64 %seq2, %last2",
+        "  br i1 %new2, label %wake, label %ret1",
+        "wake:", "  store atomic i64 0, ptr %me seq_cst, align 8", "  br label %work",
+        "ret1:", "  ret i64 1", "ret0:", "  ret i64 0", "}", "",
+        # spin_probe: ``n`` idle rounds of the worker loop, for calibrating SPIN_SECONDS to rounds
+        "define void @spin_probe(ptr %word, i64 %n) nounwind {",
+        "entry:", "  br label %loop", "loop:", "  %i = phi i64 [0, %entry], [%i.next, %loop]",
+        "  %w = load atomic i64, ptr %word seq_cst, align 8", pause, "  %i.next = add i64 %i, 1",
+        "  %go = icmp ult i64 %i.next, %n", "  br i1 %go, label %loop, label %exit", "exit:", "  ret void", "}",
+    ])
+
+
 def _compile() -> None:
     global _engine
     import llvmlite.binding as llvm
@@ -176,10 +320,11 @@ def _compile() -> None:
     llvm.initialize_native_asmprinter()
     machine = llvm.Target.from_default_triple().create_target_machine(
         cpu=llvm.get_host_cpu_name(), features=llvm.get_host_cpu_features().flatten(), opt=3)
+    pause_declaration, pause = _pause_ir(llvm.get_process_triple())
     module = llvm.parse_assembly("\n\n".join(
-        ["declare float @llvm.vector.reduce.fadd.v4f32(float, <4 x float>)"]
+        ["declare float @llvm.vector.reduce.fadd.v4f32(float, <4 x float>)", pause_declaration]
         + [_function_ir(w, t) for w in WIDTHS for t in _INDEX_TYPES.values()]
-        + [_matvec_ir(t) for t in _INDEX_TYPES.values()]))
+        + [_matvec_ir(t) for t in _INDEX_TYPES.values()] + [_pool_ir(pause)]))
     module.verify()
     builder = llvm.create_pass_builder(machine, llvm.create_pipeline_tuning_options(speed_level=3))
     builder.getModulePassManager().run(module, builder)
@@ -187,29 +332,140 @@ def _compile() -> None:
     engine.finalize_object()
     for width in WIDTHS:
         for index in _INDEX_TYPES.values():
-            _functions[width, index] = _SIGNATURE(engine.get_function_address(f"spmm_{width}_{index}"))
+            _addresses[width, index] = engine.get_function_address(f"spmm_{width}_{index}")
     for index in _INDEX_TYPES.values():
-        _functions[1, index] = _MATVEC_SIGNATURE(engine.get_function_address(f"spmv_{index}"))
+        _addresses[1, index] = engine.get_function_address(f"spmv_{index}")
+    for name, signature in _ENTRY_POINTS.items():
+        _entry[name] = signature(engine.get_function_address(name))
     _engine = engine
 
 
-def kernel(width: int, index_dtype: np.dtype) -> ctypes._CFuncPtr:
-    """The compiled kernel for a block ``width`` (one of WIDTHS, or 1 for the matrix-vector product) and a
-    column-index dtype (uint8/16/32)."""
-    with _lock:
-        if not _functions:
-            _compile()
-    return _functions[width, _INDEX_TYPES[np.dtype(index_dtype)]]
+def _ensure_compiled() -> None:
+    if not _entry:
+        with _lock:
+            if not _entry:
+                _compile()
 
 
-def _threads() -> ThreadPoolExecutor:
+def kernel(width: int, index_dtype: np.dtype) -> int:
+    """Address of the compiled kernel for a block ``width`` (one of WIDTHS, or 1 for the matrix-vector product)
+    and a column-index dtype (uint8/16/32)."""
+    _ensure_compiled()
+    return _addresses[width, _INDEX_TYPES[np.dtype(index_dtype)]]
+
+
+def _aligned_zeros(n: int) -> np.ndarray:
+    """n int64 zeros starting on a 64-byte boundary (one cache line per hot word)."""
+    raw = np.zeros(n + 8, dtype=np.int64)
+    skip = (-raw.ctypes.data % 64) // 8
+    return raw[skip:skip + n]
+
+
+class _Pool:
+    """Worker threads that run posted plans in compiled code, spinning briefly between plans."""
+
+    def __init__(self) -> None:
+        _ensure_compiled()
+        self.job = _aligned_zeros(32)
+        self.states = _aligned_zeros(MAX_WORKERS * _STATE_STRIDE)
+        self.threads: list[threading.Thread] = []
+        self.events: list[threading.Event] = []
+        self.lock = threading.Lock()
+        self.spin = self._calibrate()
+
+    def _calibrate(self) -> int:
+        rounds = 20000
+        start = time.perf_counter()
+        _entry["spin_probe"](self.job.ctypes.data + 8 * _JOB_STOP, rounds)
+        per_round = max((time.perf_counter() - start) / rounds, 1e-9)
+        return max(int(SPIN_SECONDS / per_round), 1)
+
+    def _grow(self, workers: int) -> None:
+        while len(self.threads) < min(workers, MAX_WORKERS):
+            i = len(self.threads)
+            self.states[i * _STATE_STRIDE] = 0
+            event = threading.Event()
+            thread = threading.Thread(target=self._work, args=(i, event), name=f"magprune-spmm-{i}", daemon=True)
+            self.events.append(event)
+            self.threads.append(thread)
+            thread.start()
+
+    def _work(self, i: int, event: threading.Event) -> None:
+        job, me = self.job.ctypes.data, self.states.ctypes.data + 8 * _STATE_STRIDE * i
+        loop = _entry["worker_loop"]
+        while loop(job, me, self.spin):  # ctypes releases the GIL for the whole native loop
+            event.wait()
+            event.clear()
+
+    def run(self, plan: Plan, x_address: int, out_address: int) -> None:
+        """Run every task of the plan on the calling thread and up to ``plan.threads - 1`` workers."""
+        threads = plan.threads
+        if not self.lock.acquire(blocking=False):  # another Python thread's plan is running: do this one alone
+            _entry["run_records"](plan.records_address, 0, plan.n_records, x_address, out_address)
+            return
+        try:
+            self._grow(threads - 1)
+            asleep = _entry["post"](self.job.ctypes.data, self.states.ctypes.data, len(self.threads),
+                                    plan.tasks_address, plan.records_address, plan.n_tasks, x_address, out_address)
+            for i, event in enumerate(self.events[:threads - 1]):
+                if asleep >> i & 1:
+                    event.set()
+            _entry["finish"](self.job.ctypes.data, plan.n_tasks)
+        finally:
+            self.lock.release()
+
+    def close(self) -> None:
+        self.job[_JOB_STOP] = 1
+        for event in self.events:
+            event.set()
+        for thread in self.threads:
+            thread.join(timeout=1.0)
+
+
+def _get_pool() -> _Pool:
     global _pool
-    with _lock:
-        if _pool is None:
-            import os
-
-            _pool = ThreadPoolExecutor(max(os.cpu_count() or 1, 1), thread_name_prefix="magprune-spmm")
+    if _pool is None:
+        with _pool_lock:
+            if _pool is None:
+                _pool = _Pool()
     return _pool
+
+
+def _shutdown() -> None:
+    if _pool is not None:
+        _pool.close()
+
+
+def _forget_pool_in_child() -> None:
+    global _pool, _lock, _pool_lock
+    _pool, _lock, _pool_lock = None, threading.Lock(), threading.Lock()  # the child has none of the parent's threads
+
+
+atexit.register(_shutdown)
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool_in_child)
+
+
+class Plan:
+    """Kernel calls for one call shape: ``records`` (n, RECORD) int64 with input/output addresses as offsets, and
+    ``tasks`` (t, 2) int64, each a (first record, count) run of records that must run in order on one thread."""
+
+    def __init__(self, per_task: list[list[list[int]]], threads: int) -> None:
+        if len(per_task) > MAX_TASKS:
+            raise ValueError(f"a plan has at most {MAX_TASKS} tasks, got {len(per_task)}")
+        self.records = np.array([r for task in per_task for r in task], dtype=np.int64).reshape(-1, RECORD)
+        counts = np.array([len(task) for task in per_task], dtype=np.int64)
+        self.tasks = np.ascontiguousarray(np.stack([np.cumsum(counts) - counts, counts], axis=1))
+        self.n_records, self.n_tasks = self.records.shape[0], self.tasks.shape[0]
+        self.records_address, self.tasks_address = self.records.ctypes.data, self.tasks.ctypes.data
+        self.threads = threads if self.n_tasks > 1 else 1
+
+    def run(self, x_address: int, out_address: int) -> None:
+        if self.threads <= 1:
+            _ensure_compiled()
+            _entry["run_records"](self.records_address, 0, self.n_records, x_address, out_address)
+        else:
+            _get_pool().run(self, x_address, out_address)
 
 
 def row_splits(indptr: np.ndarray, parts: int) -> list[tuple[int, int]]:
@@ -254,8 +510,8 @@ def column_chunks(m: int, widest: int = 32) -> list[tuple[int, int, int]]:
 class CSRProduct:
     """A CSR matrix ready for the kernels: row pointers split by input tile, narrow column indices, float32 values.
 
-    Array addresses and per-thread-count row ranges are cached (numpy's ``.ctypes`` costs microseconds per call);
-    pickling and copying keep only the arrays.
+    Plans (records and tasks, see the module docstring) are cached per call shape with the input and output
+    addresses left out; a call copies one and adds them in. Pickling and copying keep only the arrays.
     """
 
     def __init__(self, indptr: np.ndarray, cols: np.ndarray, vals: np.ndarray, n_in: int,
@@ -273,7 +529,7 @@ class CSRProduct:
         self._bounds = [self.tiles[t].ctypes.data for t in range(self.tiles.shape[0])]
         self._data = (self.cols.ctypes.data, self.vals.ctypes.data)
         self._row_nnz_end = np.concatenate([self.tiles[0, :1], self.tiles[-1]]) if self.n_rows else None
-        self._splits: dict[int, list[tuple[int, int]]] = {}
+        self._plans: dict[tuple, tuple[np.ndarray, np.ndarray, int]] = {}
         self._reach = int(self.cols.max()) if self.cols.size else 0  # the largest column (conv_rows' bounds check)
 
     def __getstate__(self) -> dict:
@@ -283,20 +539,16 @@ class CSRProduct:
         self.__dict__.update(state)
         self._prepare()
 
-    def _ranges(self, threads: int) -> list[tuple[int, int]]:
-        if threads <= 1:
+    def _ranges(self, parts: int) -> list[tuple[int, int]]:
+        if parts <= 1:
             return [(0, self.n_rows)] if self.n_rows else []
-        if threads not in self._splits:
-            self._splits[threads] = row_splits(self._row_nnz_end, threads)
-        return self._splits[threads]
+        return row_splits(self._row_nnz_end, parts)
 
-    def _run(self, job, ranges: list[tuple[int, int]]) -> None:
-        # the calling thread takes the first range itself: one thread wake-up fewer per call
-        pending = [_threads().submit(job, rows) for rows in ranges[1:]]
-        for rows in ranges[:1]:
-            job(rows)
-        for future in pending:
-            future.result()
+    def _plan(self, key: tuple, threads: int, per_task: list[list[list[int]]]) -> Plan:
+        if len(self._plans) >= 16:  # a model sees few shapes; do not grow without bound on varying ones
+            self._plans.clear()
+        plan = self._plans[key] = Plan(per_task, threads)
+        return plan
 
     def matvec(self, x: np.ndarray, out: np.ndarray, threads: int) -> None:
         """out += W @ x for x (n_in,) and out (n_rows,) contiguous float32. The vector stays in cache: untiled."""
@@ -304,15 +556,20 @@ class CSRProduct:
                 or out.dtype != np.float32 or not (x.flags.c_contiguous and out.flags.c_contiguous):
             raise ValueError(f"matvec wants contiguous float32 x ({self.n_in},) and out ({self.n_rows},), got "
                              f"{x.dtype} {x.shape} and {out.dtype} {out.shape}")
-        fn = kernel(1, self.cols.dtype)
-        args = (self._bounds[0], self._bounds[-1], *self._data, x.ctypes.data, out.ctypes.data)
-        self._run(lambda rows: fn(*args, *rows),
-                  self._ranges(threads if self.vals.size >= PARALLEL_MIN_NONZEROS else 1))
+        threads = threads if self.vals.size >= PARALLEL_MIN_NONZEROS else 1
+        plan = self._plans.get(("matvec", threads))
+        if plan is None:
+            fn = kernel(1, self.cols.dtype)
+            starts, ends = self._bounds[0], self._bounds[-1]
+            plan = self._plan(("matvec", threads), threads,
+                              [[[SPMV, fn, starts, ends, *self._data, 0, 0, *rows] + [0] * 6]
+                               for rows in self._ranges(threads * CHUNKS_PER_THREAD)])
+        plan.run(x.ctypes.data, out.ctypes.data)
 
     def matmul(self, x: np.ndarray, out: np.ndarray, threads: int, widest: int = 32) -> None:
         """out[b] += W @ x[b] for every b: x (B, n_in, m) and out (B, n_rows, m) C-contiguous float32, m a
-        multiple of 8. Each thread takes a range of rows; per input tile and chunk width one kernel call walks all
-        blocks and column chunks of those rows."""
+        multiple of 8. A task is a range of rows; its records walk the input tiles and, per tile and chunk width,
+        all blocks and column chunks of those rows."""
         batches, n_in, m = x.shape
         if m % 8 or n_in != self.n_in or out.shape != (batches, self.n_rows, m) or x.dtype != np.float32 \
                 or out.dtype != np.float32 or not (x.flags.c_contiguous and out.flags.c_contiguous):
@@ -320,19 +577,23 @@ class CSRProduct:
                              f"with m a multiple of 8, got {x.dtype} {x.shape} and {out.dtype} {out.shape}")
         if m == 0 or batches == 0:
             return
-        runs = [(offset * 4, count, kernel(width, self.cols.dtype))
-                for offset, width, count in column_chunks(m, widest)]
-        bounds, (cp, vp) = self._bounds, self._data
-        xp, op = x.ctypes.data, out.ctypes.data
+        threads = threads if self.vals.size * batches * m >= PARALLEL_MIN_WORK else 1
         x_step, o_step = x.strides[0] // 4, out.strides[0] // 4
-
-        def job(rows: tuple[int, int]) -> None:
-            for starts, ends in itertools.pairwise(bounds):
-                for offset, count, fn in runs:
-                    fn(starts, ends, cp, vp, xp + offset, m, op + offset, m, *rows, count, batches, x_step, o_step)
-
-        work = self.vals.size * batches * m
-        self._run(job, self._ranges(threads if work >= PARALLEL_MIN_WORK else 1))
+        key = ("matmul", threads, batches, m, widest, x_step, o_step)
+        plan = self._plans.get(key)
+        if plan is None:
+            runs = [(offset * 4, count, kernel(width, self.cols.dtype))
+                    for offset, width, count in column_chunks(m, widest)]
+            bounds, data = self._bounds, self._data
+            # each task reads all of x again: as many tasks as keep that below the bytes of the weight, so late
+            # threads can still be balanced where x is small (batch 32) and x is not re-read where it is large
+            weight_bytes = self.vals.nbytes + self.cols.nbytes
+            parts = threads * max(min(CHUNKS_PER_THREAD, weight_bytes // max(x.nbytes * threads, 1)), 1)
+            plan = self._plan(key, threads, [
+                [[SPMM, fn, starts, ends, *data, offset, m, offset, m, *rows, count, batches, x_step, o_step]
+                 for starts, ends in itertools.pairwise(bounds) for offset, count, fn in runs]
+                for rows in self._ranges(parts)])
+        plan.run(x.ctypes.data, out.ctypes.data)
 
     def conv_rows(self, x: np.ndarray, out: np.ndarray, out_h: int, row_step: int, threads: int) -> None:
         """Direct convolution at stride 1 without im2col. The columns of this product are offsets into one image
@@ -340,7 +601,8 @@ class CSRProduct:
         ``n_in`` floats plus a tail of at least w8 floats; ``out`` is (B, n_rows, out_h, w8) with w8 the output
         width rounded up to 8. For every image, output row oh and nonzero k:
         ``out[b, o, oh, :] += vals[k] * x[b * n_in + oh * row_step + cols[k] : ... + w8]`` (lanes past the true
-        output width read neighbouring input and are discarded by the caller)."""
+        output width read neighbouring input and are discarded by the caller). With more images than threads a
+        task is a run of images (each image's input read once), otherwise a range of output channels."""
         batches, n_rows, rows, w8 = out.shape
         if rows != out_h or n_rows != self.n_rows or w8 % 8 or out.dtype != np.float32 or x.dtype != np.float32 \
                 or x.ndim != 1 or not (x.flags.c_contiguous and out.flags.c_contiguous):
@@ -350,16 +612,25 @@ class CSRProduct:
             raise ValueError(f"conv_rows: x holds {x.size} floats, the product would read past them")
         if batches == 0 or out_h == 0 or w8 == 0:
             return
-        runs = [(offset * 4, count, kernel(width, self.cols.dtype)) for offset, width, count in column_chunks(w8, 64)]
-        starts, ends = self._bounds[0], self._bounds[-1]
-        (cp, vp), xp, op = self._data, x.ctypes.data, out.ctypes.data
-        image_out = n_rows * out_h * w8
+        threads = threads if self.vals.size * batches * out_h * w8 >= PARALLEL_MIN_WORK else 1
+        key = ("conv_rows", threads, batches, out_h, row_step, w8)
+        plan = self._plans.get(key)
+        if plan is None:
+            runs = [(offset * 4, count, kernel(width, self.cols.dtype))
+                    for offset, width, count in column_chunks(w8, 64)]
+            starts, ends, data = self._bounds[0], self._bounds[-1], self._data
+            image_out = n_rows * out_h * w8
 
-        def job(rows: tuple[int, int]) -> None:
-            for oh in range(out_h):
-                for offset, count, fn in runs:
-                    fn(starts, ends, cp, vp, xp + 4 * oh * row_step + offset, 1, op + 4 * oh * w8 + offset,
-                       out_h * w8, *rows, count, batches, self.n_in, image_out)
+            def calls(first: int, images: int, rows: tuple[int, int]) -> list[list[int]]:
+                x0, o0 = 4 * first * self.n_in, 4 * first * image_out
+                return [[SPMM, fn, starts, ends, *data, x0 + 4 * oh * row_step + offset, 1,
+                         o0 + 4 * oh * w8 + offset, out_h * w8, *rows, count, images, self.n_in, image_out]
+                        for oh in range(out_h) for offset, count, fn in runs]
 
-        work = self.vals.size * batches * out_h * w8
-        self._run(job, self._ranges(threads if work >= PARALLEL_MIN_WORK else 1))
+            if threads > 1 and batches >= 2 * threads:
+                cuts = np.linspace(0, batches, min(batches, threads * CHUNKS_PER_THREAD) + 1).astype(int)
+                per_task = [calls(a, b - a, (0, n_rows)) for a, b in itertools.pairwise(cuts)]
+            else:
+                per_task = [calls(0, batches, rows) for rows in self._ranges(threads * CHUNKS_PER_THREAD)]
+            plan = self._plan(key, threads, per_task)
+        plan.run(x.ctypes.data, out.ctypes.data)

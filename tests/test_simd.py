@@ -1,0 +1,110 @@
+"""The sparse kernels' thread pool: tasks shared between the caller and workers that spin, sleep and wake."""
+
+import multiprocessing
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from magprune import _simd
+from magprune._simd import CSRProduct
+
+
+def _product(rows: int, n_in: int, seed: int) -> tuple[CSRProduct, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    weight = (rng.standard_normal((rows, n_in)) * (rng.random((rows, n_in)) < 0.2)).astype(np.float32)
+    indptr = np.concatenate([[0], np.cumsum((weight != 0).sum(axis=1))]).astype(np.int32)
+    cols = np.nonzero(weight)[1].astype(np.uint16)
+    return CSRProduct(indptr, cols, weight[weight != 0], n_in, tile_rows=128), weight
+
+
+def _close(out: np.ndarray, exact: np.ndarray) -> bool:
+    return bool(np.allclose(out, exact, rtol=1e-4, atol=1e-4))
+
+
+@pytest.fixture
+def parallel_always(monkeypatch):
+    monkeypatch.setattr(_simd, "PARALLEL_MIN_WORK", 0)
+    monkeypatch.setattr(_simd, "PARALLEL_MIN_NONZEROS", 0)
+
+
+def test_workers_that_went_to_sleep_are_woken_for_the_next_plan(parallel_always):
+    product, weight = _product(300, 500, 0)
+    x = np.random.default_rng(1).standard_normal(500).astype(np.float32)
+    for _ in range(3):
+        out = np.zeros(300, np.float32)
+        product.matvec(x, out, 3)
+        assert _close(out, weight @ x)
+        pool = _simd._get_pool()
+        deadline = time.monotonic() + 5
+        while not all(pool.states[i * _simd._STATE_STRIDE] == 1 for i in range(len(pool.threads))):
+            assert time.monotonic() < deadline, "workers never went to sleep after their spin"
+            time.sleep(10 * _simd.SPIN_SECONDS)
+    assert len(pool.threads) >= 2
+
+
+def test_plans_from_several_python_threads_at_once(parallel_always):
+    products = [_product(64 + 7 * i, 300, i) for i in range(4)]
+    failures = []
+
+    def work(product, weight, seed):
+        rng = np.random.default_rng(seed)
+        for _ in range(30):
+            x = rng.standard_normal((2, 300, 16)).astype(np.float32)
+            out = np.zeros((2, weight.shape[0], 16), np.float32)
+            product.matmul(x, out, 2)
+            if not _close(out, weight @ x):
+                failures.append(seed)
+
+    threads = [threading.Thread(target=work, args=(p, w, i)) for i, (p, w) in enumerate(products)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not any(t.is_alive() for t in threads)
+    assert not failures
+
+
+def _child_product(queue):
+    _simd.PARALLEL_MIN_NONZEROS = 0
+    product, weight = _product(200, 300, 3)
+    x = np.ones(300, np.float32)
+    out = np.zeros(200, np.float32)
+    product.matvec(x, out, 2)
+    queue.put(_close(out, weight @ x))
+
+
+def test_a_forked_child_gets_its_own_pool(parallel_always):
+    product, weight = _product(200, 300, 3)
+    out = np.zeros(200, np.float32)
+    product.matvec(np.ones(300, np.float32), out, 2)  # the parent's pool is running
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_child_product, args=(queue,))
+    child.start()
+    child.join(timeout=60)
+    assert child.exitcode == 0
+    assert queue.get(timeout=5)
+
+
+@pytest.mark.parametrize("threads", [2, 3, 5])
+@pytest.mark.parametrize("batches", [1, 4, 13])
+def test_direct_conv_split_by_image_or_by_channel(parallel_always, threads, batches):
+    rng = np.random.default_rng(batches)
+    out_h, row_step, w8 = 5, 20, 8
+    product, weight = _product(11, 150, threads)  # columns are offsets into one image of product.n_in floats
+    image = product.n_in
+    x = rng.standard_normal(batches * image + row_step * out_h + w8).astype(np.float32)
+    out = np.zeros((batches, 11, out_h, w8), np.float32)
+    product.conv_rows(x, out, out_h, row_step, threads)
+    for b in range(batches):
+        for oh in range(out_h):
+            start = b * image + oh * row_step
+            window = np.stack([x[start + c:start + c + w8] for c in range(image)])
+            assert _close(out[b, :, oh], weight @ window)
+
+
+def test_a_plan_too_large_for_the_task_counter_is_refused():
+    with pytest.raises(ValueError, match="at most"):
+        _simd.Plan([[]] * (_simd.MAX_TASKS + 1), 2)
