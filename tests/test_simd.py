@@ -76,7 +76,7 @@ def _child_product(queue):
 
 
 def test_a_forked_child_gets_its_own_pool(parallel_always):
-    product, weight = _product(200, 300, 3)
+    product, _ = _product(200, 300, 3)
     out = np.zeros(200, np.float32)
     product.matvec(np.ones(300, np.float32), out, 2)  # the parent's pool is running
     context = multiprocessing.get_context("fork")
@@ -108,3 +108,33 @@ def test_direct_conv_split_by_image_or_by_channel(parallel_always, threads, batc
 def test_a_plan_too_large_for_the_task_counter_is_refused():
     with pytest.raises(ValueError, match="at most"):
         _simd.Plan([[]] * (_simd.MAX_TASKS + 1), 2)
+
+
+def test_large_arrays_move_to_huge_pages_with_their_values():
+    small = np.arange(10, dtype=np.float32)
+    assert _simd.huge_page_array(small) is small
+    large = np.random.default_rng(0).standard_normal(_simd.HUGE_PAGE_MIN_BYTES // 4 + 3).astype(np.float32)
+    moved = _simd.huge_page_array(large)
+    assert moved.dtype == large.dtype and moved.shape == large.shape
+    np.testing.assert_array_equal(moved, large)
+    if moved is not large:  # Linux with madvise: the copy starts on a huge-page boundary
+        assert moved.ctypes.data % _simd.HUGE_PAGE == 0
+
+
+def test_a_copied_sparse_linear_keeps_one_copy_of_its_arrays():
+    import copy
+
+    import torch
+    from torch import nn
+
+    from magprune.sparse import SparseLinear
+
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 32)
+    with torch.no_grad():
+        linear.weight.mul_(torch.rand_like(linear.weight) < 0.2)
+    copied = copy.deepcopy(SparseLinear(linear))
+    assert copied.cols is copied.product.cols and copied.vals is copied.product.vals
+    x = torch.randn(3, 64)
+    with torch.inference_mode():
+        torch.testing.assert_close(copied(x), linear(x), rtol=1e-4, atol=1e-5)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import atexit
 import ctypes
 import itertools
+import mmap
 import os
 import threading
 import time
@@ -50,6 +51,7 @@ SPMM, SPMV = 0, 1
 MAX_TASKS = (1 << 20) - 1  # the task counter and count share one 64-bit word with the plan's sequence number
 SPIN_SECONDS = 2e-4  # how long a worker stays awake for the next plan (OpenMP's default active wait is longer)
 MAX_WORKERS = 63  # post() reports sleeping workers as bits of an int64
+PREFETCH_AHEAD = 256  # nonzeros ahead that the matrix-vector kernel prefetches (1 KiB of values)
 CHUNKS_PER_THREAD = 4  # tasks per thread: finer balances late wake-ups, coarser re-reads fewer input tiles
 
 # Below these sizes one thread does it all: waking a pool thread costs ~50 us, more than it saves (measured on 2
@@ -156,7 +158,13 @@ def _matvec_ir(index: str) -> str:
              "  br label %loop", "loop:", "  %k = phi i64 [%s, %row], [%k.next, %body]"]
     lines += [f"  %acc{g} = phi {vec} [zeroinitializer, %row], [%new{g}, %body]" for g in range(groups)]
     lines += [f"  %k.next = add nuw i64 %k, {4 * groups}", "  %more = icmp ule i64 %k.next, %e",
-              "  br i1 %more, label %body, label %rest", "body:"]
+              "  br i1 %more, label %body, label %rest", "body:",
+              # ahead of the hardware prefetcher, which stops at each 4 KiB page: ~8% faster on a layer read cold
+              # from memory (9216x4096 at 9%, after a dense layer evicted the cache)
+              f"  %pk = add i64 %k, {PREFETCH_AHEAD}", "  %pfv = getelementptr float, ptr %vals, i64 %pk",
+              "  call void @llvm.prefetch.p0(ptr %pfv, i32 0, i32 3, i32 1)",
+              f"  %pfc = getelementptr {index}, ptr %cols, i64 %pk",
+              "  call void @llvm.prefetch.p0(ptr %pfc, i32 0, i32 3, i32 1)"]
     for g in range(groups):
         k = "%k" if g == 0 else f"%k{g}"
         if g:
@@ -322,7 +330,8 @@ def _compile() -> None:
         cpu=llvm.get_host_cpu_name(), features=llvm.get_host_cpu_features().flatten(), opt=3)
     pause_declaration, pause = _pause_ir(llvm.get_process_triple())
     module = llvm.parse_assembly("\n\n".join(
-        ["declare float @llvm.vector.reduce.fadd.v4f32(float, <4 x float>)", pause_declaration]
+        ["declare float @llvm.vector.reduce.fadd.v4f32(float, <4 x float>)",
+         "declare void @llvm.prefetch.p0(ptr, i32, i32, i32)", pause_declaration]
         + [_function_ir(w, t) for w in WIDTHS for t in _INDEX_TYPES.values()]
         + [_matvec_ir(t) for t in _INDEX_TYPES.values()] + [_pool_ir(pause)]))
     module.verify()
@@ -352,6 +361,31 @@ def kernel(width: int, index_dtype: np.dtype) -> int:
     and a column-index dtype (uint8/16/32)."""
     _ensure_compiled()
     return _addresses[width, _INDEX_TYPES[np.dtype(index_dtype)]]
+
+
+HUGE_PAGE = 2 << 20
+HUGE_PAGE_MIN_BYTES = 4 << 20  # arrays from this size go on transparent huge pages where the kernel offers them
+
+
+def huge_page_array(a: np.ndarray) -> np.ndarray:
+    """``a`` itself, or for a large array on Linux a copy in memory advised for transparent huge pages.
+
+    The kernels stream the index and value arrays once per call; from memory (a large layer after others evicted
+    the cache) 4 KiB pages cost a TLB miss every 1024 values and stop the hardware prefetcher at each boundary.
+    Measured ~5% faster (min) and ~12% (median) on a 9216x4096 layer at 9%, batch 1. Costs at most one huge page
+    of rounding per array."""
+    if a.nbytes < HUGE_PAGE_MIN_BYTES or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return a
+    try:
+        region = mmap.mmap(-1, a.nbytes + HUGE_PAGE)
+        region.madvise(mmap.MADV_HUGEPAGE)
+    except (OSError, ValueError):
+        return a
+    raw = np.frombuffer(region, dtype=np.uint8)  # holds the mapping alive
+    skip = -raw.ctypes.data % HUGE_PAGE
+    out = raw[skip:skip + a.nbytes].view(a.dtype).reshape(a.shape)
+    out[...] = a
+    return out
 
 
 def _aligned_zeros(n: int) -> np.ndarray:
@@ -525,6 +559,7 @@ class CSRProduct:
         self._prepare()
 
     def _prepare(self) -> None:
+        self.cols, self.vals = huge_page_array(self.cols), huge_page_array(self.vals)
         self.n_rows = self.tiles.shape[1]
         self._bounds = [self.tiles[t].ctypes.data for t in range(self.tiles.shape[0])]
         self._data = (self.cols.ctypes.data, self.vals.ctypes.data)

@@ -391,6 +391,8 @@ class SparseLinear(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.indptr, self.cols, self.vals = _csr_arrays(linear.weight.detach())
         self.product = CSRProduct(self.indptr, self.cols, self.vals, self.in_features) if backend == "simd" else None
+        if self.product is not None:  # one copy of the arrays: the product's (on huge pages if large)
+            self.cols, self.vals = self.product.cols, self.product.vals
         self._torch_csr: Tensor | None = None
         bias = linear.bias.detach() if linear.bias is not None else torch.zeros(self.out_features)
         self.bias_array = _as_numpy(bias.float()).copy()
@@ -400,6 +402,11 @@ class SparseLinear(nn.Module):
         state = self.__dict__.copy()
         state["_torch_csr"] = None  # rebuilt on first use: sparse CSR tensors do not deepcopy
         return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        if self.product is not None:  # the product re-homed its arrays when it was restored: share them again
+            self.cols, self.vals = self.product.cols, self.product.vals
 
     def _torch_forward(self, x2d: Tensor) -> Tensor:
         if self._torch_csr is None:
