@@ -402,3 +402,18 @@ def test_revival_check_follows_masks_changed_in_place(convnet, batch):
         flat = pruner.params[name].view(-1)
         flat[int((~pruner.masks[name]).view(-1).nonzero()[0])] = 1.0  # one pruned weight comes back: fewer
     assert handle._revived()  # nonzeros than the first prune kept, so a stale count would miss it
+
+
+def test_rezero_after_a_second_prune_uses_the_new_mask(convnet, batch):
+    """Plain SGD keeps no state; its cached multipliers must still follow a deeper prune."""
+    optimizer = torch.optim.SGD(convnet.parameters(), lr=0.1)
+    pruner = Pruner(convnet, rezero="always")
+    pruner.attach(optimizer)
+    pruner.prune(LayerSparsity(0.3))
+    train(convnet, optimizer, batch, 2)
+    pruner.prune(LayerSparsity(0.7))
+    with torch.no_grad():  # a weight moved outside any gradient: only the per-step re-zero can catch it
+        for name, mask in pruner.masks.items():
+            pruner.params[name][~mask] = 1.0
+    train(convnet, optimizer, batch, 1)
+    assert_clean(pruner, optimizer)

@@ -135,6 +135,7 @@ class Pruner:
         old = self.masks.get(name)
         for attached in self._optimizers.values():
             attached.reset_state(param, keep, old, regrow)
+            attached.invalidate()  # its cached multipliers are this mask's old ones (reset_state skips stateless ones)
         if old is None or regrow:
             self.masks[name] = keep  # criteria return fresh masks: the pruner takes ownership
         else:
