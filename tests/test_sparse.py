@@ -311,3 +311,22 @@ def test_sparsify_records_the_backend_it_chose():
     for decision in forced.sparsify_decisions:
         assert decision.converted and decision.backend in ("simd", "torch")
         assert forced.get_submodule(decision.name).backend == decision.backend
+
+
+@pytest.mark.parametrize("min_work", [0, 1 << 62])  # parallel and serial
+def test_one_example_in_every_layout_matches_dense(monkeypatch, min_work):
+    """Batch 1 reads x in place when it is contiguous; 1-D, extra leading dims and strided views take other paths."""
+    from magprune import _simd
+
+    monkeypatch.setattr(_simd, "PARALLEL_MIN_NONZEROS", min_work)
+    torch.manual_seed(7)
+    linear = nn.Linear(64, 24)
+    with torch.no_grad():
+        linear.weight.mul_(torch.rand_like(linear.weight) < 0.3)
+    sparse = SparseLinear(linear)
+    wide = torch.randn(1, 128)
+    for x in (torch.randn(64), torch.randn(1, 64), torch.randn(1, 1, 64), wide[:, ::2], torch.randn(2, 1, 64)[1]):
+        with torch.inference_mode():
+            y = sparse(x)
+            assert y.shape == linear(x).shape
+            torch.testing.assert_close(y, linear(x), rtol=1e-4, atol=1e-5)

@@ -591,6 +591,12 @@ class CSRProduct:
                 or out.dtype != np.float32 or not (x.flags.c_contiguous and out.flags.c_contiguous):
             raise ValueError(f"matvec wants contiguous float32 x ({self.n_in},) and out ({self.n_rows},), got "
                              f"{x.dtype} {x.shape} and {out.dtype} {out.shape}")
+        self.matvec_at(x.ctypes.data, out, threads)
+
+    def matvec_at(self, x_address: int, out: np.ndarray, threads: int) -> None:
+        """:meth:`matvec` with x given by the address of n_in contiguous float32 (the caller vouches for it)."""
+        if out.shape != (self.n_rows,) or out.dtype != np.float32 or not out.flags.c_contiguous:
+            raise ValueError(f"matvec wants a contiguous float32 out ({self.n_rows},), got {out.dtype} {out.shape}")
         threads = threads if self.vals.size >= PARALLEL_MIN_NONZEROS else 1
         plan = self._plans.get(("matvec", threads))
         if plan is None:
@@ -599,7 +605,7 @@ class CSRProduct:
             plan = self._plan(("matvec", threads), threads,
                               [[[SPMV, fn, starts, ends, *self._data, 0, 0, *rows] + [0] * 6]
                                for rows in self._ranges(threads * CHUNKS_PER_THREAD)])
-        plan.run(x.ctypes.data, out.ctypes.data)
+        plan.run(x_address, out.ctypes.data)
 
     def matmul(self, x: np.ndarray, out: np.ndarray, threads: int, widest: int = 32) -> None:
         """out[b] += W @ x[b] for every b: x (B, n_in, m) and out (B, n_rows, m) C-contiguous float32, m a
