@@ -16,6 +16,7 @@ from magprune.sparse import (
     load_compressed_into,
     save_compressed,
     size_report,
+    size_report_from_params,
     smallest_uint,
     sparsify,
 )
@@ -57,12 +58,13 @@ def test_round_trip_is_exact(tmp_path, name):
 def test_lenet_300_100_at_han_densities_is_ten_times_smaller(tmp_path):
     model = _han("lenet-300-100")
     path = tmp_path / "m.safetensors"
-    save_compressed(model, path)
+    params = save_compressed(model, path)
     dense = sum(4 * t.numel() for t in model.state_dict().values())
     assert dense / path.stat().st_size >= 10
     rows = size_report(model)
     assert {r.name for r in rows} == set(model.state_dict())
     assert sum(r.compressed_bytes for r in rows) < path.stat().st_size
+    assert size_report_from_params(params) == rows  # what export prints, without encoding everything twice
 
 
 def test_corrupt_truncated_and_mismatched_files_are_refused(tmp_path):

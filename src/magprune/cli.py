@@ -146,15 +146,15 @@ def _export(args: argparse.Namespace) -> int:
 
     from magprune._io import write_atomic
     from magprune.shrink import shrink
-    from magprune.sparse import format_size_report, save_compressed, size_report
+    from magprune.sparse import format_size_report, save_compressed, size_report_from_params
 
     run_dir = Path(args.run_dir)
     model, name, kwargs = _load_run(run_dir)
     meta = {"model": json.dumps({"name": name, "kwargs": kwargs})}
     if args.format == "compressed":
         out = Path(args.out or run_dir / "model.compressed.safetensors")
-        save_compressed(model, out, metadata=meta)
-        print(format_size_report(size_report(model), out.stat().st_size))
+        params = save_compressed(model, out, metadata=meta)
+        print(format_size_report(size_report_from_params(params), out.stat().st_size))
     else:
         out = Path(args.out or run_dir / "model.shrunk.safetensors")
         small = shrink(model)

@@ -157,7 +157,8 @@ def save_compressed(source: nn.Module | Mapping[str, Tensor], path: str | os.Pat
         stored, deflated = _deflated(parts)
         params[name] = {"encoding": encoding, "shape": list(tensor.shape), "dtype": str(tensor.dtype),
                         "nnz": int(parts["values"].size) if "values" in parts else int(tensor.numel()),
-                        "crc32": {part: zlib.crc32(a.tobytes()) for part, a in stored.items()}}
+                        "crc32": {part: zlib.crc32(a.tobytes()) for part, a in stored.items()},
+                        "stored_bytes": _encoded_size(stored), "nonzero": int(tensor.count_nonzero())}
         if deflated:
             params[name]["deflated"] = deflated
         arrays.update({f"{name}/{part}": a for part, a in stored.items()})
@@ -310,9 +311,21 @@ def size_report(source: nn.Module | Mapping[str, Tensor]) -> list[SizeRow]:
     for name, tensor in _state_dict(source).items():
         encoding, parts = encode(tensor)
         stored, deflated = _deflated(parts)
-        density = float((tensor != 0).float().mean()) if tensor.numel() else 1.0
+        density = int(tensor.count_nonzero()) / tensor.numel() if tensor.numel() else 1.0
         rows.append(SizeRow(name, tuple(tensor.shape), density, encoding + ("+z" if deflated else ""),
                             4 * tensor.numel(), _encoded_size(stored)))
+    return rows
+
+
+def size_report_from_params(params: Mapping[str, Mapping]) -> list[SizeRow]:
+    """The rows of :func:`size_report` from the metadata :func:`save_compressed` returned (no second encoding)."""
+    rows = []
+    for name, meta in params.items():
+        shape = tuple(int(s) for s in meta["shape"])
+        numel = math.prod(shape)
+        rows.append(SizeRow(name, shape, meta["nonzero"] / numel if numel else 1.0,
+                            meta["encoding"] + ("+z" if meta.get("deflated") else ""), 4 * numel,
+                            int(meta["stored_bytes"])))
     return rows
 
 
