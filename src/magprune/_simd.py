@@ -20,7 +20,8 @@ Kernels, per column-index width (uint8/16/32):
   consecutive column chunks c, over ``blocks`` blocks of x and out (row-major, leading dimensions ``ldx``/``ldo``);
   W in WIDTHS (1 to 8 vectors of 8 floats);
 - ``spmv``: ``out[r] += sum_k vals[k] * x[cols[k]]`` (batch 1), four nonzeros per vector multiply-add with
-  scalar loads of x (AVX2 gathers were measured no faster on this project's AMD EPYC).
+  scalar loads of x, the index and value streams prefetched ahead (``vgatherdps`` measured 20% slower on this
+  project's AMD EPYC, 1-byte delta-coded indices 30% slower: a serial running sum).
 """
 
 from __future__ import annotations
@@ -54,8 +55,9 @@ MAX_WORKERS = 63  # post() reports sleeping workers as bits of an int64
 PREFETCH_AHEAD = 256  # nonzeros ahead that the matrix-vector kernel prefetches (1 KiB of values)
 CHUNKS_PER_THREAD = 4  # tasks per thread: finer balances late wake-ups, coarser re-reads fewer input tiles
 
-# Below these sizes one thread does it all: waking a pool thread costs ~50 us, more than it saves (measured on 2
-# cores: a 300x784 layer at 8% is faster serial up to batch 32, a 4096x4096 one at 9% parallel from batch 1).
+# Below these sizes one thread does it all: waking a sleeping worker costs ~50 us, more than it saves (measured on
+# 2 cores with the first, Python pool, whose threads slept the same way: a 300x784 layer at 8% is faster serial up
+# to batch 32, a 4096x4096 one at 9% parallel from batch 1).
 PARALLEL_MIN_WORK = 1 << 22  # multiply-adds of a batched product (nonzeros x columns)
 PARALLEL_MIN_NONZEROS = 1 << 19  # nonzeros of a matrix-vector product (batch 1)
 
