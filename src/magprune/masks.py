@@ -135,7 +135,6 @@ class Pruner:
         old = self.masks.get(name)
         for attached in self._optimizers.values():
             attached.reset_state(param, keep, old, regrow)
-            attached.invalidate()  # its cached multipliers are this mask's old ones (reset_state skips stateless ones)
         if old is None or regrow:
             self.masks[name] = keep  # criteria return fresh masks: the pruner takes ownership
         else:
@@ -366,6 +365,7 @@ class OptimizerHandle:
     def reset_state(self, param: Tensor, keep: Tensor, old: Tensor | None, regrow: bool = False) -> None:
         """Clear this optimizer's state where ``keep`` drops what ``old`` kept (and, with ``regrow``, where it
         brings back what ``old`` dropped: those restart from zero like a fresh parameter)."""
+        self.invalidate()  # the cached multipliers follow the old mask, whether or not the optimizer keeps state
         state = self.optimizer.state.get(param)
         if not state:
             return
@@ -377,7 +377,6 @@ class OptimizerHandle:
                 fill_dropped(value, keep, fill, old)
                 if regrow and old is not None:
                     fill_dropped(value, old, 0.0, keep)
-        self.invalidate()
 
 
 CHUNK = 1 << 18  # elements per temporary chunk
