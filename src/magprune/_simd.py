@@ -547,7 +547,7 @@ class CSRProduct:
     """A CSR matrix ready for the kernels: row pointers split by input tile, narrow column indices, float32 values.
 
     Plans (records and tasks, see the module docstring) are cached per call shape with the input and output
-    addresses left out; a call copies one and adds them in. Pickling and copying keep only the arrays.
+    addresses left out; the compiled runner adds a call's addresses in. Pickling and copying keep only the arrays.
     """
 
     def __init__(self, indptr: np.ndarray, cols: np.ndarray, vals: np.ndarray, n_in: int,
@@ -566,7 +566,7 @@ class CSRProduct:
         self._bounds = [self.tiles[t].ctypes.data for t in range(self.tiles.shape[0])]
         self._data = (self.cols.ctypes.data, self.vals.ctypes.data)
         self._row_nnz_end = np.concatenate([self.tiles[0, :1], self.tiles[-1]]) if self.n_rows else None
-        self._plans: dict[tuple, tuple[np.ndarray, np.ndarray, int]] = {}
+        self._plans: dict[tuple, Plan] = {}
         self._reach = int(self.cols.max()) if self.cols.size else 0  # the largest column (conv_rows' bounds check)
 
     def __getstate__(self) -> dict:

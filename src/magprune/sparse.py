@@ -140,14 +140,8 @@ def _state_dict(source: nn.Module | Mapping[str, Tensor]) -> dict[str, Tensor]:
     return dict(source.state_dict() if isinstance(source, nn.Module) else source)
 
 
-def save_compressed(source: nn.Module | Mapping[str, Tensor], path: str | os.PathLike,
-                    metadata: Mapping[str, str] | None = None) -> dict[str, dict]:
-    """Write a model (or state_dict) in the compressed format, atomically; returns the per-tensor metadata.
-
-    ``metadata`` adds string entries to the header (``magprune export`` records the model's registry name there).
-    """
-    from safetensors.numpy import save
-
+def _compress(source: nn.Module | Mapping[str, Tensor]) -> tuple[dict[str, np.ndarray], dict[str, dict]]:
+    """The arrays to store (``<name>/<part>``) and the per-tensor metadata of the compressed format."""
     arrays: dict[str, np.ndarray] = {}
     params: dict[str, dict] = {}
     for name, tensor in _state_dict(source).items():
@@ -162,6 +156,18 @@ def save_compressed(source: nn.Module | Mapping[str, Tensor], path: str | os.Pat
         if deflated:
             params[name]["deflated"] = deflated
         arrays.update({f"{name}/{part}": a for part, a in stored.items()})
+    return arrays, params
+
+
+def save_compressed(source: nn.Module | Mapping[str, Tensor], path: str | os.PathLike,
+                    metadata: Mapping[str, str] | None = None) -> dict[str, dict]:
+    """Write a model (or state_dict) in the compressed format, atomically; returns the per-tensor metadata.
+
+    ``metadata`` adds string entries to the header (``magprune export`` records the model's registry name there).
+    """
+    from safetensors.numpy import save
+
+    arrays, params = _compress(source)
     header = {**(metadata or {}), "format": FORMAT, "format_version": str(FORMAT_VERSION),
               "params": json.dumps(params)}
     write_atomic(Path(path), save(arrays, metadata=header))
@@ -307,14 +313,7 @@ class SizeRow:
 def size_report(source: nn.Module | Mapping[str, Tensor]) -> list[SizeRow]:
     """Per tensor: dense fp32 bytes vs the compressed format's payload bytes (the file adds a small JSON header);
     an encoding marked ``+z`` has parts stored deflated."""
-    rows = []
-    for name, tensor in _state_dict(source).items():
-        encoding, parts = encode(tensor)
-        stored, deflated = _deflated(parts)
-        density = int(tensor.count_nonzero()) / tensor.numel() if tensor.numel() else 1.0
-        rows.append(SizeRow(name, tuple(tensor.shape), density, encoding + ("+z" if deflated else ""),
-                            4 * tensor.numel(), _encoded_size(stored)))
-    return rows
+    return size_report_from_params(_compress(source)[1])
 
 
 def size_report_from_params(params: Mapping[str, Mapping]) -> list[SizeRow]:
@@ -353,13 +352,10 @@ def _csr_arrays(weight2d: Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def _spmm(product: CSRProduct, bias: np.ndarray, x2d: np.ndarray) -> np.ndarray:
-    """y = x W^T + b for x of shape (batch, in); returns (batch, out)."""
+    """y = x W^T + b for x of shape (batch, in), batch >= 2 (one example goes to the matrix-vector kernel);
+    returns (batch, out)."""
     batch, n_in = x2d.shape
     threads = torch.get_num_threads()
-    if batch == 1:
-        out = bias.copy()
-        product.matvec(np.ascontiguousarray(x2d[0]), out, threads)
-        return out[None]
     # y^T = W x^T, the batch cut into blocks of at most 32 columns (a multiple of 8, padded with zeros)
     width = 32 if batch > 32 else -(-batch // 8) * 8
     blocks = -(-batch // width)
@@ -446,7 +442,9 @@ class SparseLinear(nn.Module):
             return self._torch_forward(x.reshape(-1, self.in_features)).reshape(*lead, self.out_features)
         # as few torch calls as possible: a large layer usually runs after others have evicted the cache, and each
         # torch call then costs 5-25 us of misses (~60 us in all before, on a 0.9 ms batch-1 product)
-        if math.prod(lead) == 1 and x.is_contiguous():  # one example: the kernel reads x in place
+        if math.prod(lead) == 1:  # one example: the kernel reads x in place
+            if not x.is_contiguous():
+                x = x.contiguous()
             out = self.bias_array.copy()
             self.product.matvec_at(x.data_ptr(), out, torch.get_num_threads())
             return torch.from_numpy(out.reshape(*lead, self.out_features))
