@@ -8,6 +8,11 @@ divided by the model's size in fp32 bytes. Cases:
 - magprune, global magnitude sparsity 92.5% (``GlobalSparsity``)
 - torch.nn.utils.prune.l1_unstructured per layer at Han's densities
 - torch.nn.utils.prune.global_unstructured (L1) at 92.5%
+- training steps (SGD momentum, batch 1): dense, and pruned (global 92.5%) with magprune, whose large layers are
+  masked from 1-bit copies of their masks, and again with fp32 mask copies in every layer (the way of small layers);
+  there "extra memory" is the peak over the RSS after one dense step (weights, gradients and momentum allocated),
+  "mask copies" the bytes of the copies the pruner keeps for training, and the time that of one step after a
+  first, untimed one (which compiles the kernels)
 
     python benchmarks/scale.py            # VGG-16 ImageNet (138M weights; ~10 GB peak for the torch global case)
     python benchmarks/scale.py --quick    # VGG-16 CIFAR-size (15M weights)
@@ -28,6 +33,8 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 GLOBAL_SPARSITY = 0.925  # Han's VGG-16 total: 7.5% of weights kept
 CASES = ["magprune-han2015", "magprune-global", "torch-l1-per-layer", "torch-global-l1"]
+TRAIN_CASES = ["train-dense", "train-magprune", "train-magprune-fp32-masks"]
+TRAIN_STEPS = 2
 
 
 def _rss_kb(field: str) -> int:
@@ -37,8 +44,58 @@ def _rss_kb(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
+def run_train_case(case: str, model_name: str) -> dict:
+    """A training-step case, inside the child process."""
+    import torch
+    from torch.nn import functional as F
+
+    import magprune
+    from magprune import masks
+
+    torch.manual_seed(0)
+    model = magprune.create_model(model_name)
+    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    side = 224 if model_name == "vgg-16" else 32
+    x, y = torch.randn(1, 3, side, side), torch.tensor([0])
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=False)
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+
+    step()  # dense: gradients and momentum exist from here on
+    Path("/proc/self/clear_refs").write_text("5")
+    before = _rss_kb("VmRSS")
+    density = 1.0
+    if case != "train-dense":
+        if case == "train-magprune-fp32-masks":
+            masks.PACKED_MIN_NUMEL = 1 << 62
+        pruner = magprune.Pruner(model)
+        pruner.attach(optimizer)
+        pruner.prune(magprune.GlobalSparsity(GLOBAL_SPARSITY))
+        density = 1 - pruner.sparsity()
+    step()
+    start = time.perf_counter()
+    for _ in range(TRAIN_STEPS):
+        step()
+    seconds = (time.perf_counter() - start) / TRAIN_STEPS
+    copies = 0
+    if case != "train-dense":
+        pruner.check()
+        copies = sum(m.nbytes for m in pruner._multipliers.values()) \
+            + sum(packed.bits.nbytes for _, packed in pruner._packed.values())
+    peak = _rss_kb("VmHWM")
+    weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)))
+    return {"case": case, "model": model_name, "weights": weights, "model_bytes": model_bytes,
+            "seconds": seconds, "extra_bytes": (peak - before) * 1024,
+            "extra_over_model": (peak - before) * 1024 / model_bytes, "density": density, "mask_copy_bytes": copies}
+
+
 def run_case(case: str, model_name: str) -> dict:
     """Runs inside the child process."""
+    if case in TRAIN_CASES:
+        return run_train_case(case, model_name)
     import torch
     from torch.nn.utils import prune as torch_prune
 
@@ -102,7 +159,7 @@ def main(argv=None) -> dict:
         return {}
     model_name = "vgg-16-cifar" if args.quick else "vgg-16"
     rows = []
-    for case in CASES:
+    for case in CASES + TRAIN_CASES:
         child = subprocess.run([sys.executable, __file__, "--case", case, "--model", model_name],
                                capture_output=True, text=True, timeout=1800)
         if child.returncode:
@@ -115,7 +172,8 @@ def main(argv=None) -> dict:
               flush=True)
     by_case = {r["case"]: r for r in rows if "error" not in r}
     ratios = {}
-    for ours, theirs in (("magprune-han2015", "torch-l1-per-layer"), ("magprune-global", "torch-global-l1")):
+    for ours, theirs in (("magprune-han2015", "torch-l1-per-layer"), ("magprune-global", "torch-global-l1"),
+                         ("train-magprune", "train-magprune-fp32-masks"), ("train-dense", "train-magprune")):
         if ours in by_case and theirs in by_case:
             ratios[f"{theirs} / {ours}"] = {
                 "time": by_case[theirs]["seconds"] / by_case[ours]["seconds"],
@@ -138,15 +196,17 @@ def to_markdown(result: dict) -> str:
              f"Command: `{result['command']}`  ",
              f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, torch {m['torch']}, Python "
              f"{m['python']}; load average at the end: {m['loadavg']}", "",
-             "| case | model | weights | time (s) | peak extra memory | x model size | density |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+             "| case | model | weights | time (s) | peak extra memory | x model size | density | mask copies |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in result["rows"]:
         if "error" in r:
-            lines.append(f"| {r['case']} | {r['model']} | | failed: {r['error']} | | | |")
+            lines.append(f"| {r['case']} | {r['model']} | | failed: {r['error']} | | | | |")
             continue
         lines.append(f"| {r['case']} | {r['model']} | {r['weights']:,} | {r['seconds']:.2f} | "
-                     f"{r['extra_bytes'] / 2**20:,.0f} MiB | {r['extra_over_model']:.3f} | {r['density']:.4f} |")
-    lines += ["", "| ratio (torch / magprune) | time | extra memory |", "| --- | ---: | ---: |"]
+                     f"{r['extra_bytes'] / 2**20:,.0f} MiB | {r['extra_over_model']:.3f} | {r['density']:.4f} | "
+                     + (f"{r['mask_copy_bytes'] / 2**20:,.1f} MiB |" if "mask_copy_bytes" in r else "|"))
+    lines += ["", "Training rows: time is one step; extra memory is over the RSS after a dense step.", "",
+              "| ratio (theirs / ours) | time | extra memory |", "| --- | ---: | ---: |"]
     lines += [f"| {k} | {v['time']:.1f}x | {v['extra_memory']:.1f}x |" for k, v in result["ratios"].items()]
     return "\n".join(lines) + "\n"
 

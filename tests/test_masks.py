@@ -10,6 +10,7 @@ from torch.nn import functional as F
 from torch.nn.utils import parametrize
 
 from magprune import GlobalSparsity, LayerSparsity, Pruner, PruningInvariantError
+from magprune import masks as masks_module
 from magprune.masks import FIRST_MOMENT_KEYS, SECOND_MOMENT_FILL, SECOND_MOMENT_KEYS
 
 OPTIMIZERS = {
@@ -417,3 +418,48 @@ def test_rezero_after_a_second_prune_uses_the_new_mask(convnet, batch):
             pruner.params[name][~mask] = 1.0
     train(convnet, optimizer, batch, 1)
     assert_clean(pruner, optimizer)
+
+
+@pytest.mark.parametrize("name", ["sgd-weight-decay", "adam", "rmsprop", "adadelta"])
+def test_bit_packed_masks_train_bit_identically_to_fp32_multipliers(name, batch, monkeypatch):
+    """Large layers are masked by the compiled kernel from 1-bit masks; forced onto small ones here, the training
+    must be bit-for-bit that of the fp32 multiply, with no fp32 mask copies made."""
+    results = []
+    for packed_from in (1, 1 << 62):
+        monkeypatch.setattr(masks_module, "PACKED_MIN_NUMEL", packed_from)
+        torch.manual_seed(0)
+        model = SmallConvNet().eval()
+        optimizer = OPTIMIZERS[name](model.parameters())
+        train(model, optimizer, batch, 5)
+        pruner = Pruner(model, rezero="always", refresh_every=3)
+        pruner.attach(optimizer)
+        pruner.prune(LayerSparsity(0.6))
+        train(model, optimizer, batch, 10)
+        pruner.prune(GlobalSparsity(0.8))  # masks change in place: the packed copies must follow
+        train(model, optimizer, batch, 10)
+        assert_clean(pruner, optimizer)
+        if packed_from == 1:
+            assert not pruner._multipliers and set(pruner._packed) == set(pruner.masks)
+            for mask_name, (_, packed) in pruner._packed.items():
+                assert packed.bits.nbytes == -(-pruner.masks[mask_name].numel() // 8)
+        else:
+            assert not pruner._packed
+        results.append([p.detach().clone() for p in model.parameters()]
+                       + [v.clone() for s in optimizer.state.values() for v in s.values()
+                          if isinstance(v, torch.Tensor) and v.dim()])
+    for packed, multiplied in zip(*results, strict=True):
+        assert torch.equal(packed, multiplied)
+
+
+def test_bit_packed_masks_only_for_contiguous_float32_cpu_tensors(convnet, monkeypatch):
+    monkeypatch.setattr(masks_module, "PACKED_MIN_NUMEL", 1)
+    pruner = Pruner(convnet)
+    pruner.prune(LayerSparsity(0.5))
+    name = "fc1.weight"
+    weight = pruner.params[name].detach()
+    assert pruner._packed_mask(name, weight) is not None
+    assert pruner._packed_mask(name, weight.double()) is None
+    assert pruner._packed_mask(name, weight.t()) is None  # not contiguous
+    lean = Pruner(convnet, fast_masks=False)
+    lean.prune(LayerSparsity(0.5))
+    assert lean._packed_mask(name, weight) is None

@@ -1,6 +1,9 @@
-"""The sparse kernels' thread pool: tasks shared between the caller and workers that spin, sleep and wake."""
+"""The sparse kernels' thread pool (tasks shared between the caller and workers that spin, sleep and wake) and the
+bit-packed mask kernel."""
 
+import copy
 import multiprocessing
+import pickle
 import threading
 import time
 
@@ -138,3 +141,34 @@ def test_a_copied_sparse_linear_keeps_one_copy_of_its_arrays():
     x = torch.randn(3, 64)
     with torch.inference_mode():
         torch.testing.assert_close(copied(x), linear(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("n", [0, 1, 7, 8, 9, 64, 1001, 40_003])
+def test_bit_mask_fill_sets_exactly_the_dropped_entries(monkeypatch, threads, n):
+    monkeypatch.setattr(_simd, "PARALLEL_MIN_MASKED", 0)  # the pool's chunks, tails included, on small tensors
+    rng = np.random.default_rng(n)
+    keep = rng.random(n) < 0.3
+    packed = _simd.BitMask(keep)
+    assert packed.bits.nbytes == -(-n // 8)
+    for value, pattern in ((0.0, 0), (1.0, 0x3F800000)):
+        t = rng.standard_normal(n).astype(np.float32)
+        expected = np.where(keep, t, np.float32(value))
+        packed.fill(t.ctypes.data, pattern, threads)
+        assert np.array_equal(t, expected)
+    t = np.full(n, np.nan, dtype=np.float32)  # a multiply would keep NaN at pruned positions; the fill does not
+    packed.fill(t.ctypes.data, 0, threads)
+    assert np.array_equal(np.isnan(t), keep) and not t[~keep].any()
+
+
+def test_a_copied_bit_mask_keeps_its_bits_and_plans_anew(monkeypatch):
+    monkeypatch.setattr(_simd, "PARALLEL_MIN_MASKED", 0)
+    keep = np.random.default_rng(0).random(1000) < 0.5
+    original = _simd.BitMask(keep)
+    ones = np.ones(1000, dtype=np.float32)
+    original.fill(ones.ctypes.data, 0, 2)  # caches a plan with the original's addresses
+    for copied in (copy.deepcopy(original), pickle.loads(pickle.dumps(original))):
+        assert not copied._plans and np.array_equal(copied.bits, original.bits)
+        t = np.ones(1000, dtype=np.float32)
+        copied.fill(t.ctypes.data, 0, 2)
+        assert np.array_equal(t, keep.astype(np.float32))

@@ -21,7 +21,10 @@ Kernels, per column-index width (uint8/16/32):
   W in WIDTHS (1 to 8 vectors of 8 floats);
 - ``spmv``: ``out[r] += sum_k vals[k] * x[cols[k]]`` (batch 1), four nonzeros per vector multiply-add with
   scalar loads of x, the index and value streams prefetched ahead (``vgatherdps`` measured 20% slower on this
-  project's AMD EPYC, 1-byte delta-coded indices 30% slower: a serial running sum).
+  project's AMD EPYC, 1-byte delta-coded indices 30% slower: a serial running sum);
+- ``mask_fill``: ``t[j] = fill`` wherever bit j of a packed keep-mask is clear, for 32-bit tensors (the pruner's
+  gradient masking in training: a 1-bit mask is 1/32 of the fp32 mask that torch would multiply by, so a masked
+  gradient costs one pass over the gradient and almost none over the mask).
 """
 
 from __future__ import annotations
@@ -46,9 +49,11 @@ _ENTRY_POINTS = {  # name: ctypes signature of the plan-running functions
     "finish": ctypes.CFUNCTYPE(None, _VOID, _I64),
     "worker_loop": ctypes.CFUNCTYPE(_I64, _VOID, _VOID, _I64),
     "spin_probe": ctypes.CFUNCTYPE(None, _VOID, _I64),
+    "mask_fill": ctypes.CFUNCTYPE(None, _VOID, _VOID, _I64, _I64),
 }
-RECORD = 16  # int64 per record: kind (0 spmm, 1 spmv), function address, up to 14 arguments (x, out as offsets)
-SPMM, SPMV = 0, 1
+RECORD = 16  # int64 per record: kind (0 spmm, 1 spmv, 2 mask), function address, up to 14 arguments (x, out as
+# offsets)
+SPMM, SPMV, MASK = 0, 1, 2
 MAX_TASKS = (1 << 20) - 1  # the task counter and count share one 64-bit word with the plan's sequence number
 SPIN_SECONDS = 2e-4  # how long a worker stays awake for the next plan (OpenMP's default active wait is longer)
 MAX_WORKERS = 63  # post() reports sleeping workers as bits of an int64
@@ -60,12 +65,13 @@ CHUNKS_PER_THREAD = 4  # tasks per thread: finer balances late wake-ups, coarser
 # to batch 32, a 4096x4096 one at 9% parallel from batch 1).
 PARALLEL_MIN_WORK = 1 << 22  # multiply-adds of a batched product (nonzeros x columns)
 PARALLEL_MIN_NONZEROS = 1 << 19  # nonzeros of a matrix-vector product (batch 1)
+PARALLEL_MIN_MASKED = 1 << 21  # entries of a masked fill (8 MiB of fp32: a pass over it takes longer than a wake-up)
 
 _lock = threading.Lock()  # compiling
 _pool_lock = threading.Lock()  # starting the pool
 _addresses: dict[tuple[int, str], int] = {}
 _entry: dict[str, ctypes._CFuncPtr] = {}
-_engine = None  # keeps the compiled code alive
+_engines: list = []  # keep the compiled code alive
 _pool: _Pool | None = None
 
 
@@ -201,6 +207,43 @@ def _matvec_ir(index: str) -> str:
     return "\n".join(lines)
 
 
+def _mask_ir() -> str:
+    """IR of ``mask_fill(t, bits, n, fill)``: for j < n, ``t[j] = fill`` (a 32-bit pattern) where bit j of ``bits``
+    (little-endian bit order within each byte) is clear. Eight entries per mask byte, blended with integer and/or
+    through lane masks looked up in a 256-entry table (8 KiB, in L1). Lane masks computed from the byte instead are
+    recognised by LLVM as a select and lowered to a masked store, which ran ~10x slower on this project's AMD EPYC."""
+    table = ", ".join("<8 x i32> <" + ", ".join(f"i32 {-1 if b >> i & 1 else 0}" for i in range(8)) + ">"
+                      for b in range(256))
+    return "\n".join([
+        f"@lane_masks = private unnamed_addr constant [256 x <8 x i32>] [{table}], align 32", "",
+        # the fill travels as i64 (records pass int64 arguments) and is truncated here
+        "define void @mask_fill(ptr noalias %t, ptr noalias %bits, i64 %n, i64 %fill64) nounwind {",
+        "entry:", "  %fill = trunc i64 %fill64 to i32", "  %fi = insertelement <8 x i32> poison, i32 %fill, i32 0",
+        "  %fv = shufflevector <8 x i32> %fi, <8 x i32> poison, <8 x i32> zeroinitializer",
+        "  %bytes = lshr i64 %n, 3", "  %any = icmp ugt i64 %bytes, 0", "  br i1 %any, label %loop, label %tail",
+        "loop:", "  %i = phi i64 [0, %entry], [%i.next, %loop]",
+        "  %bp = getelementptr i8, ptr %bits, i64 %i", "  %b = load i8, ptr %bp", "  %bz = zext i8 %b to i64",
+        "  %mp = getelementptr [256 x <8 x i32>], ptr @lane_masks, i64 0, i64 %bz",
+        "  %keep = load <8 x i32>, ptr %mp, align 32",
+        "  %off = shl i64 %i, 3", "  %tp = getelementptr i32, ptr %t, i64 %off",
+        "  %tv = load <8 x i32>, ptr %tp, align 4", "  %kv = and <8 x i32> %tv, %keep",
+        "  %drop = xor <8 x i32> %keep, <i32 -1, i32 -1, i32 -1, i32 -1, i32 -1, i32 -1, i32 -1, i32 -1>",
+        "  %dv = and <8 x i32> %fv, %drop", "  %r = or <8 x i32> %kv, %dv", "  store <8 x i32> %r, ptr %tp, align 4",
+        "  %i.next = add nuw i64 %i, 1", "  %more = icmp ult i64 %i.next, %bytes",
+        "  br i1 %more, label %loop, label %tail",
+        "tail:", "  %j0 = shl i64 %bytes, 3", "  br label %tcheck",
+        "tcheck:", "  %j = phi i64 [%j0, %tail], [%j.next, %tnext]", "  %left = icmp ult i64 %j, %n",
+        "  br i1 %left, label %tbody, label %exit",
+        "tbody:", "  %jb = lshr i64 %j, 3", "  %jbp = getelementptr i8, ptr %bits, i64 %jb",
+        "  %jbyte = load i8, ptr %jbp", "  %jbit8 = trunc i64 %j to i8", "  %jsh = and i8 %jbit8, 7",
+        "  %jv = lshr i8 %jbyte, %jsh", "  %jk = and i8 %jv, 1", "  %jdrop = icmp eq i8 %jk, 0",
+        "  br i1 %jdrop, label %tfill, label %tnext",
+        "tfill:", "  %jp = getelementptr i32, ptr %t, i64 %j", "  store i32 %fill, ptr %jp, align 4",
+        "  br label %tnext",
+        "tnext:", "  %j.next = add nuw i64 %j, 1", "  br label %tcheck",
+        "exit:", "  ret void", "}"])
+
+
 def _pause_ir(triple: str) -> tuple[str, str]:
     """(declaration, call) of the spin-wait hint of the target, or nothing where there is none."""
     if triple.startswith(("x86_64", "i386", "i686")):
@@ -227,11 +270,12 @@ def _pool_ir(pause: str) -> str:
     for j in range(RECORD - 2):
         loads += [f"  %ap{j} = getelementptr i64, ptr %rec, i64 {2 + j}", f"  %a{j} = load i64, ptr %ap{j}"]
     # records hold input/output offsets; the bases of this call's arrays are added here (spmm: arguments 4 and 6,
-    # spmv: 4 and 5), so a cached plan is never written to and serves concurrent calls
+    # spmv: 4 and 5, mask: the tensor at 4), so a cached plan is never written to and serves concurrent calls
     mm = [*args[:4], "%xa", args[5], "%oa.mm", *args[7:]]
     mv = [*args[:4], "%xa", "%oa.mv", *args[6:8]]
     mm_args = ", ".join(f"i64 {a}" for a in mm)
     mv_args = ", ".join(f"i64 {a}" for a in mv)
+    mask_args = ", ".join(f"i64 {a}" for a in ["%xa", *args[:3]])
     mask = (1 << 20) - 1
     # Kernel arguments go through the records as int64 and are passed as such: pointers and int64 travel in the
     # same registers under the x86-64 and AArch64 C calling conventions.
@@ -243,8 +287,10 @@ def _pool_ir(pause: str) -> str:
         "  %rec = getelementptr i64, ptr %recs, i64 %off", "  %kind = load i64, ptr %rec",
         "  %fnp = getelementptr i64, ptr %rec, i64 1", "  %fn = load ptr, ptr %fnp", *loads,
         "  %xa = add i64 %a4, %xbase", "  %oa.mm = add i64 %a6, %obase", "  %oa.mv = add i64 %a5, %obase",
-        f"  %mv = icmp eq i64 %kind, {SPMV}", "  br i1 %mv, label %callmv, label %callmm",
+        f"  %mv = icmp eq i64 %kind, {SPMV}", "  br i1 %mv, label %callmv, label %notmv",
+        "notmv:", f"  %mk = icmp eq i64 %kind, {MASK}", "  br i1 %mk, label %callmask, label %callmm",
         "callmm:", f"  call void %fn({mm_args})", "  br label %next",
+        "callmask:", f"  call void %fn({mask_args})", "  br label %next",
         "callmv:", f"  call void %fn({mv_args})", "  br label %next",
         "next:", "  %i.next = add i64 %i, 1", "  %more = icmp ult i64 %i.next, %end",
         "  br i1 %more, label %loop, label %exit", "exit:", "  ret void", "}", "",
@@ -322,40 +368,63 @@ def _pool_ir(pause: str) -> str:
     ])
 
 
-def _compile() -> None:
-    global _engine
+def _jit(ir: str):
+    """Compile IR for the host CPU; returns the execution engine, which keeps the code alive."""
     import llvmlite.binding as llvm
 
     llvm.initialize_native_target()
     llvm.initialize_native_asmprinter()
     machine = llvm.Target.from_default_triple().create_target_machine(
         cpu=llvm.get_host_cpu_name(), features=llvm.get_host_cpu_features().flatten(), opt=3)
-    pause_declaration, pause = _pause_ir(llvm.get_process_triple())
-    module = llvm.parse_assembly("\n\n".join(
-        ["declare float @llvm.vector.reduce.fadd.v4f32(float, <4 x float>)",
-         "declare void @llvm.prefetch.p0(ptr, i32, i32, i32)", pause_declaration]
-        + [_function_ir(w, t) for w in WIDTHS for t in _INDEX_TYPES.values()]
-        + [_matvec_ir(t) for t in _INDEX_TYPES.values()] + [_pool_ir(pause)]))
+    module = llvm.parse_assembly(ir)
     module.verify()
     builder = llvm.create_pass_builder(machine, llvm.create_pipeline_tuning_options(speed_level=3))
     builder.getModulePassManager().run(module, builder)
     engine = llvm.create_mcjit_compiler(module, machine)
     engine.finalize_object()
+    return engine
+
+
+def _compile_core() -> None:
+    """The plan runner, the pool's loops and the mask kernel: all that training needs (~10 ms; the products'
+    kernels take ~0.4 s and ~75 MB more, so a pruner masking gradients does not compile them)."""
+    import llvmlite.binding as llvm
+
+    pause_declaration, pause = _pause_ir(llvm.get_process_triple())
+    engine = _jit("\n\n".join([pause_declaration, _mask_ir(), _pool_ir(pause)]))
+    _addresses[0, "mask"] = engine.get_function_address("mask_fill")
+    for name, signature in _ENTRY_POINTS.items():
+        _entry[name] = signature(engine.get_function_address(name))
+    _engines.append(engine)
+
+
+def _compile_products() -> None:
+    engine = _jit("\n\n".join(
+        ["declare float @llvm.vector.reduce.fadd.v4f32(float, <4 x float>)",
+         "declare void @llvm.prefetch.p0(ptr, i32, i32, i32)"]
+        + [_function_ir(w, t) for w in WIDTHS for t in _INDEX_TYPES.values()]
+        + [_matvec_ir(t) for t in _INDEX_TYPES.values()]))
     for width in WIDTHS:
         for index in _INDEX_TYPES.values():
             _addresses[width, index] = engine.get_function_address(f"spmm_{width}_{index}")
     for index in _INDEX_TYPES.values():
         _addresses[1, index] = engine.get_function_address(f"spmv_{index}")
-    for name, signature in _ENTRY_POINTS.items():
-        _entry[name] = signature(engine.get_function_address(name))
-    _engine = engine
+    _engines.append(engine)
 
 
-def _ensure_compiled() -> None:
+def _ensure_core() -> None:
     if not _entry:
         with _lock:
             if not _entry:
-                _compile()
+                _compile_core()
+
+
+def _ensure_compiled() -> None:
+    _ensure_core()
+    if (1, "i8") not in _addresses:
+        with _lock:
+            if (1, "i8") not in _addresses:
+                _compile_products()
 
 
 def kernel(width: int, index_dtype: np.dtype) -> int:
@@ -401,7 +470,7 @@ class _Pool:
     """Worker threads that run posted plans in compiled code, spinning briefly between plans."""
 
     def __init__(self) -> None:
-        _ensure_compiled()
+        _ensure_core()
         self.job = _aligned_zeros(32)
         self.states = _aligned_zeros(MAX_WORKERS * _STATE_STRIDE)
         self.threads: list[threading.Thread] = []
@@ -498,10 +567,50 @@ class Plan:
 
     def run(self, x_address: int, out_address: int) -> None:
         if self.threads <= 1:
-            _ensure_compiled()
+            _ensure_core()
             _entry["run_records"](self.records_address, 0, self.n_records, x_address, out_address)
         else:
             _get_pool().run(self, x_address, out_address)
+
+
+class BitMask:
+    """A boolean keep-mask packed eight entries to the byte (little-endian bit order), for setting the dropped
+    entries of a contiguous tensor of 32-bit values in place with one pass of compiled code.
+
+    Large tensors (PARALLEL_MIN_MASKED entries and up) are split across the pool's threads. Pickling and copying
+    keep only the bits."""
+
+    def __init__(self, keep: np.ndarray) -> None:
+        flat = np.ascontiguousarray(keep, dtype=np.bool_).reshape(-1)
+        self.numel = flat.size
+        self.bits = np.packbits(flat, bitorder="little")
+        self._plans: dict[tuple[int, int], Plan] = {}
+
+    def __getstate__(self) -> dict:
+        return {"numel": self.numel, "bits": self.bits}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._plans = {}
+
+    def fill(self, address: int, fill_bits: int = 0, threads: int = 1) -> None:
+        """Set every dropped entry of the ``numel`` contiguous 32-bit values at ``address`` (the caller vouches for
+        them) to the 32-bit pattern ``fill_bits`` (0: zero them)."""
+        _ensure_core()
+        if threads <= 1 or self.numel < PARALLEL_MIN_MASKED:
+            _entry["mask_fill"](address, self.bits.ctypes.data, self.numel, fill_bits)
+            return
+        key = (threads, fill_bits)
+        plan = self._plans.get(key)
+        if plan is None:
+            fn, bits = _addresses[0, "mask"], self.bits.ctypes.data
+            parts = threads * CHUNKS_PER_THREAD
+            # chunks start on mask bytes (multiples of 8 entries); the last one takes the tail
+            cuts = sorted({8 * ((self.numel // 8) * i // parts) for i in range(parts)} | {self.numel})
+            records = [[[MASK, fn, bits + a // 8, b - a, fill_bits, 0, 4 * a] + [0] * (RECORD - 7)]
+                       for a, b in itertools.pairwise(cuts)]
+            plan = self._plans[key] = Plan(records, threads)
+        plan.run(address, 0)
 
 
 def row_splits(indptr: np.ndarray, parts: int) -> list[tuple[int, int]]:
