@@ -80,12 +80,12 @@ def run_train_case(case: str, model_name: str) -> dict:
     for _ in range(TRAIN_STEPS):
         step()
     seconds = (time.perf_counter() - start) / TRAIN_STEPS
+    peak = _rss_kb("VmHWM")
     copies = 0
     if case != "train-dense":
         pruner.check()
         copies = sum(m.nbytes for m in pruner._multipliers.values()) \
             + sum(packed.bits.nbytes for _, packed in pruner._packed.values())
-    peak = _rss_kb("VmHWM")
     weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)))
     return {"case": case, "model": model_name, "weights": weights, "model_bytes": model_bytes,
             "seconds": seconds, "extra_bytes": (peak - before) * 1024,

@@ -463,3 +463,30 @@ def test_bit_packed_masks_only_for_contiguous_float32_cpu_tensors(convnet, monke
     lean = Pruner(convnet, fast_masks=False)
     lean.prune(LayerSparsity(0.5))
     assert lean._packed_mask(name, weight) is None
+
+
+def test_check_counts_chunk_by_chunk(convnet, batch, monkeypatch):
+    """check() works on chunks (no full-size temporaries on a large model) and still finds one revived weight, a
+    dirty momentum entry and a non-finite state entry anywhere."""
+    monkeypatch.setattr(masks_module, "CHUNK", 7)
+    optimizer = torch.optim.SGD(convnet.parameters(), lr=0.1, momentum=0.9)
+    pruner = Pruner(convnet)
+    pruner.attach(optimizer)
+    pruner.prune(LayerSparsity(0.5))
+    train(convnet, optimizer, batch, 2)
+    pruner.check()
+    name = "fc1.weight"
+    param, mask = pruner.params[name], pruner.masks[name]
+    last_pruned = int((~mask).view(-1).nonzero()[-1])
+    with torch.no_grad():
+        param.view(-1)[last_pruned] = 1e-30
+    with pytest.raises(PruningInvariantError, match=r"fc1.weight: 1 pruned weights are nonzero"):
+        pruner.check()
+    with torch.no_grad():
+        param.view(-1)[last_pruned] = 0.0
+        optimizer.state[param]["momentum_buffer"].view(-1)[last_pruned] = 1.0
+    with pytest.raises(PruningInvariantError, match="'momentum_buffer' is nonzero at pruned positions"):
+        pruner.check()
+    optimizer.state[param]["momentum_buffer"].view(-1)[last_pruned] = float("inf")
+    with pytest.raises(PruningInvariantError, match="'momentum_buffer' is not finite"):
+        pruner.check()
