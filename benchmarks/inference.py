@@ -156,6 +156,7 @@ def machine() -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="3 timed rounds instead of 10")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="directory for the JSON and Markdown results")
     args = parser.parse_args()
     rounds = 3 if args.quick else 10
     info = machine()
@@ -177,13 +178,19 @@ def main() -> None:
     print()
     print(text)
     print(f"\nload average start {info['load_average_start']}, end {info['load_average_end']}")
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
     stem = "inference_quick" if args.quick else "inference"
-    (RESULTS / f"{stem}.json").write_text(json.dumps({"machine": info, "rounds": rounds, "rows": rows}, indent=1))
+    _write(args.out / f"{stem}.json", json.dumps({"machine": info, "rounds": rounds, "rows": rows}, indent=1))
     cmd = "python benchmarks/inference.py" + (" --quick" if args.quick else "")
-    (RESULTS / f"{stem}.md").write_text(
-        f"# Sparse inference benchmark\n\n`{cmd}` — best of {rounds} interleaved rounds, ms; `x` columns are "
-        f"dense time / that time (higher is better).\n\nMachine: {json.dumps(info)}\n\n{text}\n")
+    _write(args.out / f"{stem}.md",
+           f"# Sparse inference benchmark\n\n`{cmd}` — best of {rounds} interleaved rounds, ms; `x` columns are "
+           f"dense time / that time (higher is better).\n\nMachine: {json.dumps(info)}\n\n{text}\n")
+
+
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 if __name__ == "__main__":
