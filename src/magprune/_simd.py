@@ -43,7 +43,7 @@ WIDTHS = (8, 16, 32, 64)  # floats per block row: 1, 2, 4, 8 AVX vectors of 8 la
 _INDEX_TYPES = {np.dtype(np.uint8): "i8", np.dtype(np.uint16): "i16", np.dtype(np.uint32): "i32"}
 _VEC = "<8 x float>"
 _VOID, _I64 = ctypes.c_void_p, ctypes.c_int64
-_ENTRY_POINTS = {  # name: ctypes signature of the plan-running functions
+_ENTRY_POINTS = {  # name: ctypes signature of the functions called from Python (plan runner, pool, mask kernel)
     "run_records": ctypes.CFUNCTYPE(None, _VOID, _I64, _I64, _I64, _I64),
     "post": ctypes.CFUNCTYPE(_I64, _VOID, _VOID, _I64, _VOID, _VOID, _I64, _I64, _I64),
     "finish": ctypes.CFUNCTYPE(None, _VOID, _I64),

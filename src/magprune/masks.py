@@ -443,15 +443,17 @@ def _broadcast_from_rank0(masks: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
     return synced
 
 
-def _chunks(tensor: Tensor, keep: Tensor | None = None):
-    """Matching flat chunks of ``tensor`` (and ``keep``) of at most CHUNK entries; one whole piece if not contiguous."""
+def _chunks(tensor: Tensor, *masks: Tensor | None):
+    """Matching flat chunks of ``tensor`` and each of ``masks`` (None stays None), at most CHUNK entries each; one
+    whole piece of each where ``tensor`` is not contiguous."""
     if not tensor.is_contiguous():
-        yield tensor, keep
+        yield (tensor, *masks)
         return
     flat = tensor.view(-1)
-    flat_keep = None if keep is None else keep.reshape(-1)
+    flat_masks = [None if m is None else m.reshape(-1) for m in masks]
     for start in range(0, flat.numel(), CHUNK):
-        yield flat[start:start + CHUNK], None if flat_keep is None else flat_keep[start:start + CHUNK]
+        stop = start + CHUNK
+        yield (flat[start:stop], *(None if m is None else m[start:stop] for m in flat_masks))
 
 
 def _count_dropped_nonzero(tensor: Tensor, keep: Tensor) -> int:
@@ -461,23 +463,16 @@ def _count_dropped_nonzero(tensor: Tensor, keep: Tensor) -> int:
 
 
 def _all_finite(tensor: Tensor) -> bool:
-    return all(bool(torch.isfinite(part).all()) for part, _ in _chunks(tensor))
+    return all(bool(torch.isfinite(part).all()) for (part,) in _chunks(tensor))
 
 
 def fill_dropped(tensor: Tensor, keep: Tensor, value: float, old: Tensor | None = None) -> None:
     """``tensor[old & ~keep] = value`` (``old`` defaults to all-true), chunk by chunk, in place."""
-    if not tensor.is_contiguous():
-        dropped = ~keep if old is None else old & ~keep
-        tensor.masked_fill_(dropped, value)
-        return
-    flat, flat_keep = tensor.view(-1), keep.reshape(-1)
-    flat_old = None if old is None else old.reshape(-1)
-    for start in range(0, flat.numel(), CHUNK):
-        stop = start + CHUNK
-        dropped = ~flat_keep[start:stop]
-        if flat_old is not None:
-            dropped &= flat_old[start:stop]
-        flat[start:stop].masked_fill_(dropped, value)
+    for part, part_keep, part_old in _chunks(tensor, keep, old):
+        dropped = ~part_keep
+        if part_old is not None:
+            dropped &= part_old
+        part.masked_fill_(dropped, value)
 
 
 def select_parameters(
