@@ -32,6 +32,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import magprune
+from magprune._io import write_atomic
 from magprune.sparse import SparseConv2d, SparseLinear, sparsify
 
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
@@ -180,17 +181,12 @@ def main() -> None:
     print(f"\nload average start {info['load_average_start']}, end {info['load_average_end']}")
     args.out.mkdir(parents=True, exist_ok=True)
     stem = "inference_quick" if args.quick else "inference"
-    _write(args.out / f"{stem}.json", json.dumps({"machine": info, "rounds": rounds, "rows": rows}, indent=1))
+    write_atomic(args.out / f"{stem}.json",
+                 json.dumps({"machine": info, "rounds": rounds, "rows": rows}, indent=1).encode())
     cmd = "python benchmarks/inference.py" + (" --quick" if args.quick else "")
-    _write(args.out / f"{stem}.md",
-           f"# Sparse inference benchmark\n\n`{cmd}` — best of {rounds} interleaved rounds, ms; `x` columns are "
-           f"dense time / that time (higher is better).\n\nMachine: {json.dumps(info)}\n\n{text}\n")
-
-
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_atomic(args.out / f"{stem}.md", (
+        f"# Sparse inference benchmark\n\n`{cmd}` — best of {rounds} interleaved rounds, ms; `x` columns are "
+        f"dense time / that time (higher is better).\n\nMachine: {json.dumps(info)}\n\n{text}\n").encode())
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from torch.nn.utils import prune as torch_prune
 
 import magprune
 from magprune import masks as masks_module
+from magprune._io import write_atomic
 from magprune.criteria import HAN2015_DENSITIES
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -231,18 +232,12 @@ def main(argv=None) -> dict:
     result["loadavg_after"] = list(os.getloadavg())
     args.out.mkdir(parents=True, exist_ok=True)
     suffix = "-quick" if args.quick else ""
-    _write(args.out / f"overhead{suffix}.json", json.dumps(result, indent=2))
+    write_atomic(args.out / f"overhead{suffix}.json", json.dumps(result, indent=2).encode())
     markdown = to_markdown(result)
-    _write(args.out / f"overhead{suffix}.md", markdown)
+    write_atomic(args.out / f"overhead{suffix}.md", markdown.encode())
     print()
     print(markdown)
     return result
-
-
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

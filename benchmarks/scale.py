@@ -180,11 +180,13 @@ def main(argv=None) -> dict:
                 "extra_memory": by_case[theirs]["extra_bytes"] / max(by_case[ours]["extra_bytes"], 1)}
     result = {"command": "python benchmarks/scale.py" + (" --quick" if args.quick else ""), "machine": machine(),
               "rows": rows, "ratios": ratios}
+    from magprune._io import write_atomic
+
     markdown = to_markdown(result)
     args.out.mkdir(parents=True, exist_ok=True)
     suffix = "-quick" if args.quick else ""
-    _write(args.out / f"scale{suffix}.json", json.dumps(result, indent=2))
-    _write(args.out / f"scale{suffix}.md", markdown)
+    write_atomic(args.out / f"scale{suffix}.json", json.dumps(result, indent=2).encode())
+    write_atomic(args.out / f"scale{suffix}.md", markdown.encode())
     print()
     print(markdown)
     return result
@@ -209,12 +211,6 @@ def to_markdown(result: dict) -> str:
               "| ratio (theirs / ours) | time | extra memory |", "| --- | ---: | ---: |"]
     lines += [f"| {k} | {v['time']:.1f}x | {v['extra_memory']:.1f}x |" for k, v in result["ratios"].items()]
     return "\n".join(lines) + "\n"
-
-
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":
