@@ -32,8 +32,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import magprune
-from magprune._io import write_atomic
-from magprune.sparse import SparseConv2d, SparseLinear, sparsify
+from magprune.deploy import SparseConv2d, SparseLinear, sparsify
+from magprune.fileio import write_atomic
 
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -29,9 +29,9 @@ from torch.nn import functional as F
 from torch.nn.utils import prune as torch_prune
 
 import magprune
-from magprune import masks as masks_module
-from magprune._io import write_atomic
+from magprune import pruner as pruner_module
 from magprune.criteria import HAN2015_DENSITIES
+from magprune.fileio import write_atomic
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -88,13 +88,13 @@ def build_variants(network: str, optimizer_name: str, x, y, warmup: int) -> list
     # Ablation: the same engine with second-moment state left at 0 at pruned positions (slow CPU sqrt of zeros).
     model, optimizer = fresh()
     pruner_zero = magprune.Pruner(model)
-    saved = masks_module.SECOND_MOMENT_FILL
-    masks_module.SECOND_MOMENT_FILL = 0.0
+    saved = pruner_module.SECOND_MOMENT_FILL
+    pruner_module.SECOND_MOMENT_FILL = 0.0
     try:
         pruner_zero.attach(optimizer)
         pruner_zero.prune(magprune.han2015(network))
     finally:
-        masks_module.SECOND_MOMENT_FILL = saved
+        pruner_module.SECOND_MOMENT_FILL = saved
     pruner_zero.refresh_every = 10**12
     variant = Variant("magprune, 2nd moments at 0", model, optimizer)
     variant.zero_check = lambda p=pruner_zero: _zeros_held(p.params, p.masks)

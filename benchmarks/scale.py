@@ -50,7 +50,7 @@ def run_train_case(case: str, model_name: str) -> dict:
     from torch.nn import functional as F
 
     import magprune
-    from magprune import masks
+    from magprune import pruner as pruner_module
 
     torch.manual_seed(0)
     model = magprune.create_model(model_name)
@@ -70,7 +70,7 @@ def run_train_case(case: str, model_name: str) -> dict:
     density = 1.0
     if case != "train-dense":
         if case == "train-magprune-fp32-masks":
-            masks.PACKED_MIN_NUMEL = 1 << 62
+            pruner_module.PACKED_MIN_NUMEL = 1 << 62
         pruner = magprune.Pruner(model)
         pruner.attach(optimizer)
         pruner.prune(magprune.GlobalSparsity(GLOBAL_SPARSITY))
@@ -84,8 +84,7 @@ def run_train_case(case: str, model_name: str) -> dict:
     copies = 0
     if case != "train-dense":
         pruner.check()
-        copies = sum(m.nbytes for m in pruner._multipliers.values()) \
-            + sum(packed.bits.nbytes for _, packed in pruner._packed.values())
+        copies = pruner.mask_copy_bytes
     weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)))
     return {"case": case, "model": model_name, "weights": weights, "model_bytes": model_bytes,
             "seconds": seconds, "extra_bytes": (peak - before) * 1024,
@@ -180,7 +179,7 @@ def main(argv=None) -> dict:
                 "extra_memory": by_case[theirs]["extra_bytes"] / max(by_case[ours]["extra_bytes"], 1)}
     result = {"command": "python benchmarks/scale.py" + (" --quick" if args.quick else ""), "machine": machine(),
               "rows": rows, "ratios": ratios}
-    from magprune._io import write_atomic
+    from magprune.fileio import write_atomic
 
     markdown = to_markdown(result)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -9,8 +9,8 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 import magprune
-from magprune.shrink import resize_to
-from magprune.sparse import load_compressed
+from magprune.deploy import load_compressed
+from magprune.deploy.shrink import resize_to
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from magprune.config import ConfigError, apply_overrides, from_dict, load_config
+from magprune.experiment.config import ConfigError, apply_overrides, from_dict, load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from magprune import criteria
+from magprune import chunked
 from magprune.criteria import (
     HAN2015_DENSITIES,
     GlobalSparsity,
@@ -69,7 +69,7 @@ def test_layer_sparsity_from_densities_and_han_presets():
 
 
 def test_global_sparsity_matches_a_sort_across_layers(monkeypatch):
-    monkeypatch.setattr(criteria, "CHUNK", 64)  # force many chunks per tensor
+    monkeypatch.setattr(chunked, "CHUNK", 64)  # force many chunks per tensor
     g = torch.Generator().manual_seed(0)
     weights = {"a": torch.randn(30, 20, generator=g), "b": torch.randn(7, generator=g) * 3,
                "c": torch.randn(5, 5, 5, generator=g) * 0.1}
@@ -94,7 +94,7 @@ def test_global_sparsity_hand_case_with_ties_across_tensors():
 @pytest.mark.parametrize("chunk", [100, 1 << 18])  # radix histograms over chunks / one-chunk kthvalue path
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_kth_smallest_magnitude_matches_kthvalue(monkeypatch, dtype, chunk):
-    monkeypatch.setattr(criteria, "CHUNK", chunk)
+    monkeypatch.setattr(chunked, "CHUNK", chunk)
     g = torch.Generator().manual_seed(3)
     tensors = [torch.randn(123, generator=g).to(dtype), torch.randn(10, 9, generator=g).to(dtype)]
     flat = torch.cat([t.reshape(-1).float().abs() for t in tensors])

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from magprune import data
-from magprune.data import DataError, load_idx_dataset, locate, read_idx
+from magprune.experiment import data
+from magprune.experiment.data import DataError, load_idx_dataset, locate, read_idx
 
 MNIST = Path(os.environ.get("MAGPRUNE_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist")
 
@@ -129,7 +129,7 @@ def test_atomic_writes_get_normal_file_permissions(tmp_path):
     import os
     import stat
 
-    from magprune._io import write_atomic
+    from magprune.fileio import write_atomic
 
     write_atomic(tmp_path / "f.bin", b"x")
     mask = os.umask(0)

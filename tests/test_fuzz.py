@@ -12,8 +12,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from magprune.cli import main
-from magprune.config import ConfigError, ExperimentConfig, from_dict
-from magprune.pipeline import run_experiment
+from magprune.experiment.config import ConfigError, ExperimentConfig, from_dict
+from magprune.experiment.pipeline import run_experiment
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = yaml.safe_load((ROOT / "configs" / "digits-tiny.yaml").read_text())

@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import load_file
 from test_data import make_fake_mnist
 
-from magprune.config import ConfigError, from_dict, load_config
-from magprune.pipeline import load_run, run_experiment
+from magprune.experiment.config import ConfigError, from_dict, load_config
+from magprune.experiment.pipeline import load_run, run_experiment
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "digits-tiny.yaml"

@@ -82,7 +82,7 @@ def test_step_checkpoints_resume_mid_epoch(point, reference, tmp_path):
 
 
 def test_a_second_run_on_the_same_directory_is_refused(tmp_path):
-    from magprune.pipeline import lock_run_dir
+    from magprune.experiment.pipeline import lock_run_dir
 
     holder = lock_run_dir(tmp_path / "busy")
     try:

@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 import magprune
-from magprune import criteria, masks
+from magprune import chunked, criteria
 from magprune.criteria import HAN2015_DENSITIES
 
 
@@ -45,8 +45,7 @@ def test_chunked_prune_equals_unchunked(monkeypatch):
     optimizer.step()
     reference = {}
     for chunk in (1 << 18, 1000):
-        monkeypatch.setattr(masks, "CHUNK", chunk)
-        monkeypatch.setattr(criteria, "CHUNK", chunk)
+        monkeypatch.setattr(chunked, "CHUNK", chunk)
         m = nn.Sequential(nn.Linear(300, 200), nn.ReLU(), nn.Linear(200, 50))
         m.load_state_dict(model.state_dict())
         opt = torch.optim.Adam(m.parameters())

@@ -4,9 +4,10 @@ import zlib
 import pytest
 import torch
 
-from magprune.demo import DigitsMLP, accuracy, fit, load_digits_split
-from magprune.plots import plot_sensitivity, plot_tradeoff, plot_weight_histograms, sample_weights
-from magprune.sensitivity import evaluate_with_targets, sensitivity_scan
+from magprune.analysis.plots import plot_sensitivity, plot_tradeoff, plot_weight_histograms, sample_weights
+from magprune.analysis.sensitivity import evaluate_with_targets, sensitivity_scan
+from magprune.experiment.data import load_digits_split
+from magprune.experiment.demo import DigitsMLP, accuracy, fit
 
 
 @pytest.fixture(scope="module")
@@ -91,8 +92,8 @@ def test_weight_samples_are_bounded_strided_copies():
 
 
 def test_tradeoff_curves_on_digits():
+    from magprune.analysis.tradeoff import tradeoff_curves
     from magprune.retrain import weight_penalty
-    from magprune.tradeoff import tradeoff_curves
 
     (x_train, y_train), (x_test, y_test) = load_digits_split(0)
 
@@ -132,8 +133,8 @@ CONFIG = __import__("pathlib").Path(__file__).resolve().parents[1] / "configs" /
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    from magprune.config import load_config
-    from magprune.pipeline import run_experiment
+    from magprune.experiment.config import load_config
+    from magprune.experiment.pipeline import run_experiment
 
     run_dir = tmp_path_factory.mktemp("run") / "tiny"
     run_experiment(load_config(CONFIG), run_dir, progress=False, echo=lambda m: None)
@@ -146,7 +147,7 @@ def test_cli_sensitivity_writes_figure_tables_and_a_valid_snippet(tiny_run, tmp_
     import yaml
 
     from magprune.cli import main
-    from magprune.config import from_dict, load_config
+    from magprune.experiment.config import from_dict, load_config
 
     out = tmp_path / "sens"
     assert main(["sensitivity", str(tiny_run), "--grid", "0,0.5,0.9", "--max-drop", "1", "--out", str(out),

@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 import magprune
-from magprune.shrink import ShrinkError, shrink
+from magprune.deploy.shrink import ShrinkError, shrink
 
 
 def _pruned(model: nn.Module, sparsity: float) -> nn.Module:

@@ -1,13 +1,17 @@
-"""magprune: Han et al. (2015) magnitude pruning for PyTorch — prune, retrain, and keep pruned weights at zero."""
+"""magprune: Han et al. (2015) magnitude pruning for PyTorch — prune, retrain, and keep pruned weights at zero.
+
+The core (this package's top-level modules) is what a training loop needs; :mod:`magprune.deploy` turns zeros into
+size and speed, :mod:`magprune.analysis` measures sensitivity and trade-offs, :mod:`magprune.experiment` is the
+reproducible run around it all, :mod:`magprune.kernels` the compiled code under the core and deploy.
+"""
 
 from magprune.criteria import GlobalSparsity, LayerSparsity, StdThreshold, han2015
-from magprune.masks import OptimizerHandle, Pruner, PruningInvariantError
+from magprune.deploy import load_compressed, load_compressed_into, save_compressed, shrink, sparsify
 from magprune.models import create_model, list_models, register_model
+from magprune.pruner import OptimizerHandle, Pruner, PruningInvariantError
 from magprune.report import SparsityReport, sparsity_report
 from magprune.retrain import DropoutRescaler, freeze, rescaled_dropout, weight_penalty
 from magprune.schedules import GradualCubic, Iterative, OneShot, PruningSchedule
-from magprune.shrink import shrink
-from magprune.sparse import load_compressed, load_compressed_into, save_compressed, sparsify
 
 __version__ = "0.1.0"
 

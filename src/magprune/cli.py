@@ -11,7 +11,7 @@ import magprune
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from magprune.demo import run_demo
+    from magprune.experiment.demo import run_demo
 
     run_demo(q=args.q, rounds=args.rounds, epochs=args.epochs, retrain_epochs=args.retrain_epochs, seed=args.seed)
     return 0
@@ -20,9 +20,9 @@ def _demo(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     import torch.distributed
 
-    from magprune import distributed
-    from magprune.config import load_config
-    from magprune.pipeline import run_experiment
+    from magprune.experiment import distributed
+    from magprune.experiment.config import load_config
+    from magprune.experiment.pipeline import run_experiment
 
     if args.resume:
         if args.config or args.set:
@@ -54,7 +54,7 @@ def _run(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     import json
 
-    from magprune.pipeline import render_report
+    from magprune.experiment.pipeline import render_report
 
     summary = Path(args.run_dir) / "summary.json"
     if not summary.is_file():
@@ -71,8 +71,8 @@ def _grid(text: str) -> list[float]:
 
 
 def _sensitivity(args: argparse.Namespace) -> int:
-    from magprune.analysis import dense_model_of_run, run_sensitivity, train_dense
-    from magprune.config import load_config
+    from magprune.experiment.config import load_config
+    from magprune.experiment.runs import dense_model_of_run, run_sensitivity, train_dense
 
     source = Path(args.source)
     if source.is_dir():
@@ -101,8 +101,8 @@ def _sensitivity(args: argparse.Namespace) -> int:
 
 
 def _tradeoff(args: argparse.Namespace) -> int:
-    from magprune.analysis import run_tradeoff
-    from magprune.config import load_config
+    from magprune.experiment.config import load_config
+    from magprune.experiment.runs import run_tradeoff
 
     config = load_config(args.config, args.set)
     out = Path(args.out or Path("runs") / f"{Path(args.config).stem}-tradeoff")
@@ -123,7 +123,7 @@ def _load_run(run_dir: Path):
     """The pruned model of a run directory, masks applied, with its registry name and constructor kwargs."""
     import torch
 
-    from magprune.pipeline import load_run
+    from magprune.experiment.pipeline import load_run
 
     try:
         model, masks, config = load_run(run_dir)
@@ -144,9 +144,9 @@ def _export(args: argparse.Namespace) -> int:
 
     from safetensors.torch import save
 
-    from magprune._io import write_atomic
-    from magprune.shrink import shrink
-    from magprune.sparse import format_size_report, save_compressed, size_report_from_params
+    from magprune.deploy.format import format_size_report, save_compressed, size_report_from_params
+    from magprune.deploy.shrink import shrink
+    from magprune.fileio import write_atomic
 
     run_dir = Path(args.run_dir)
     model, name, kwargs = _load_run(run_dir)
@@ -186,8 +186,9 @@ def _bench(args: argparse.Namespace) -> int:
     import torch
     from safetensors import safe_open
 
-    from magprune.shrink import resize_to
-    from magprune.sparse import bench_model, format_bench, load_compressed
+    from magprune.deploy.bench import bench_model, format_bench
+    from magprune.deploy.format import load_compressed
+    from magprune.deploy.shrink import resize_to
 
     path = Path(args.model_file)
     try:
@@ -315,11 +316,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    from magprune.config import ConfigError
-    from magprune.data import DataError
-    from magprune.pipeline import RunError
-    from magprune.sparse import CompressedFormatError
-    from magprune.train import TrainingDiverged
+    from magprune.deploy.format import CompressedFormatError
+    from magprune.experiment.config import ConfigError
+    from magprune.experiment.data import DataError
+    from magprune.experiment.pipeline import RunError
+    from magprune.experiment.train import TrainingDiverged
 
     try:
         return args.func(args)

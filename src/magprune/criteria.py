@@ -18,7 +18,7 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import Tensor
 
-CHUNK = 1 << 18  # elements per temporary chunk (1 MB of fp32)
+from magprune import chunked
 
 # Han et al. 2015, Tables 2-3: fraction of weights kept per layer, keyed by the module names of magprune's models.
 HAN2015_DENSITIES: dict[str, dict[str, float]] = {
@@ -47,13 +47,13 @@ def resolve_layer_names(keys: Iterable[str], names: Iterable[str], argument: str
     return resolved
 
 
-def _check_sparsity(value: object, argument: str) -> float:
+def check_sparsity(value: object, argument: str) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= float(value) < 1.0:
         raise ValueError(f"{argument} must be a sparsity (fraction of weights pruned) in [0, 1), got {value!r}")
     return float(value)
 
 
-def _check_quality(value: object, argument: str) -> float:
+def check_quality(value: object, argument: str) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0:
         raise ValueError(f"{argument} must be a finite quality parameter q >= 0 (threshold = q x std), "
                          f"got {value!r}")
@@ -65,10 +65,9 @@ def _require_weights(weights: Mapping[str, Tensor]) -> None:
         raise ValueError("weights is empty: nothing to prune")
 
 
-def _chunks(tensor: Tensor) -> Iterable[tuple[int, Tensor]]:
-    flat = tensor.detach().reshape(-1)
-    for start in range(0, flat.numel(), CHUNK):
-        yield start, flat[start:start + CHUNK]
+def _flat_chunks(tensor: Tensor) -> Iterable[tuple[int, Tensor]]:
+    """(start, part) over ``tensor`` read flat (a non-contiguous tensor is read from a flat copy)."""
+    return chunked.chunks(tensor.detach().reshape(-1))
 
 
 def _magnitude_bits(chunk: Tensor) -> Tensor:
@@ -85,7 +84,7 @@ def kth_smallest_magnitude(tensors: list[Tensor], k: int) -> tuple[int, int]:
     total = sum(t.numel() for t in tensors)
     if not 1 <= k <= total:
         raise ValueError(f"k must be in [1, {total}], got {k}")
-    if total <= CHUNK:
+    if total <= chunked.CHUNK:
         # Small enough for one temporary: kthvalue beats two 65,536-bin histograms (models with many small layers).
         flat = torch.cat([_magnitude_bits(t.reshape(-1)).view(torch.float32) for t in tensors])
         if not torch.isfinite(flat).all():
@@ -94,7 +93,7 @@ def kth_smallest_magnitude(tensors: list[Tensor], k: int) -> tuple[int, int]:
         return int(value.view(torch.int32)), int((flat < value).count_nonzero())
     high = torch.zeros(1 << 16, dtype=torch.int64)
     for tensor in tensors:
-        for _, chunk in _chunks(tensor):
+        for _, chunk in _flat_chunks(tensor):
             high += torch.bincount((_magnitude_bits(chunk) >> 16).reshape(-1), minlength=1 << 16).cpu()
     if high[0x7F80:].any():
         raise ValueError("weights contain NaN or infinity; cannot rank them by magnitude")
@@ -103,7 +102,7 @@ def kth_smallest_magnitude(tensors: list[Tensor], k: int) -> tuple[int, int]:
     below = int(cum[hi - 1]) if hi > 0 else 0
     low = torch.zeros(1 << 16, dtype=torch.int64)
     for tensor in tensors:
-        for _, chunk in _chunks(tensor):
+        for _, chunk in _flat_chunks(tensor):
             bits = _magnitude_bits(chunk)
             in_bucket = bits[(bits >> 16) == hi]
             if in_bucket.numel():
@@ -127,7 +126,7 @@ def prune_smallest(tensors: list[Tensor], k: int) -> list[Tensor]:
     ties_to_prune = k - below
     for tensor, mask in zip(tensors, masks, strict=True):
         flat_mask = mask.view(-1)
-        for start, chunk in _chunks(tensor):
+        for start, chunk in _flat_chunks(tensor):
             chunk_bits = _magnitude_bits(chunk)
             flat_mask[start:start + chunk.numel()] = chunk_bits > bits
             if ties_to_prune > 0:
@@ -144,7 +143,7 @@ def masked_std(weight: Tensor, mask: Tensor | None = None) -> float:
     """Standard deviation (unbiased, as ``torch.std``) of the entries of ``weight`` kept by ``mask``, chunked."""
     count, total, total_sq = 0, 0.0, 0.0
     flat_mask = None if mask is None else mask.reshape(-1)
-    for start, chunk in _chunks(weight):
+    for start, chunk in _flat_chunks(weight):
         values = chunk.to(torch.float64)
         if flat_mask is not None:
             values = values[flat_mask[start:start + chunk.numel()]]
@@ -161,7 +160,7 @@ def keep_at_least(weight: Tensor, threshold: float) -> Tensor:
     """Keep-mask of the entries with ``|w| >= threshold``, built chunk by chunk."""
     mask = torch.empty(weight.shape, dtype=torch.bool, device=weight.device)
     flat_mask = mask.view(-1)
-    for start, chunk in _chunks(weight):
+    for start, chunk in _flat_chunks(weight):
         flat_mask[start:start + chunk.numel()] = chunk.abs() >= threshold
     return mask
 
@@ -181,9 +180,9 @@ class StdThreshold:
         if isinstance(q, Mapping):
             if not q:
                 raise ValueError("q is an empty mapping: name at least one layer (nothing to prune)")
-            self.q: float | dict[str, float] = {k: _check_quality(v, f"q[{k!r}]") for k, v in q.items()}
+            self.q: float | dict[str, float] = {k: check_quality(v, f"q[{k!r}]") for k, v in q.items()}
         else:
-            self.q = _check_quality(q, "q")
+            self.q = check_quality(q, "q")
 
     def thresholds(self, weights: Mapping[str, Tensor], masks: Mapping[str, Tensor]) -> dict[str, float]:
         """The threshold q x std for each layer this criterion decides."""
@@ -215,9 +214,9 @@ class LayerSparsity:
             if not sparsity:
                 raise ValueError("sparsity is an empty mapping: name at least one layer (nothing to prune)")
             self.sparsity: float | dict[str, float] = {
-                k: _check_sparsity(v, f"sparsity[{k!r}]") for k, v in sparsity.items()}
+                k: check_sparsity(v, f"sparsity[{k!r}]") for k, v in sparsity.items()}
         else:
-            self.sparsity = _check_sparsity(sparsity, "sparsity")
+            self.sparsity = check_sparsity(sparsity, "sparsity")
 
     @classmethod
     def from_densities(cls, density: Mapping[str, float]) -> LayerSparsity:
@@ -255,7 +254,7 @@ class GlobalSparsity:
     """
 
     def __init__(self, sparsity: float, layers: Iterable[str] | None = None) -> None:
-        self.sparsity = _check_sparsity(sparsity, "sparsity")
+        self.sparsity = check_sparsity(sparsity, "sparsity")
         self.layers = None if layers is None else list(layers)
         if self.layers is not None and not self.layers:
             raise ValueError("layers is empty: name at least one layer (nothing to prune)")

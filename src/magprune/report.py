@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from magprune.masks import DEFAULT_LAYER_TYPES
+from magprune.targets import DEFAULT_LAYER_TYPES
 
 
 @dataclass

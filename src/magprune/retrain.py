@@ -8,6 +8,8 @@ from typing import Literal
 
 from torch import Tensor, nn
 
+from magprune.targets import module_name
+
 CONV_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 FC_TYPES: tuple[type[nn.Module], ...] = (nn.Linear,)
 
@@ -54,7 +56,10 @@ class DropoutRescaler:
         self.model = model
         self.pruner = pruner
         dropouts = {name: m for name, m in model.named_modules() if isinstance(m, nn.modules.dropout._DropoutNd)}
-        layers = {_layer(name): name for name in pruner.params}
+        layers: dict[str, str] = {}
+        for name in pruner.params:  # a layer's rate follows its weight's density, not its bias's (include_bias)
+            if module_name(name) not in layers or name.endswith(".weight"):
+                layers[module_name(name)] = name
         if mapping is None:
             mapping, last = {}, None
             for name, _ in model.named_modules():
@@ -84,10 +89,6 @@ class DropoutRescaler:
         """Put the original rates back."""
         for dropout, p in self.original.items():
             self._modules[dropout].p = p
-
-
-def _layer(param_name: str) -> str:
-    return param_name.rsplit(".", 1)[0] if "." in param_name else param_name
 
 
 class Freeze:

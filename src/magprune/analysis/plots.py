@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from magprune.sensitivity import SensitivityResult
+from magprune.analysis.sensitivity import SensitivityResult
 
 CONV_KINDS = ("Conv1d", "Conv2d", "Conv3d")
 

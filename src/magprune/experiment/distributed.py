@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from magprune.config import ConfigError
+from magprune.experiment.config import ConfigError
 
 
 def init_from_env() -> bool:

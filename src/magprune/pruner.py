@@ -1,8 +1,7 @@
-"""Masks room: hold keep-masks for parameters and keep pruned weights and their optimizer state at exactly zero."""
+"""Core room (pruner): hold keep-masks and keep pruned weights and their optimizer state at exactly zero."""
 
 from __future__ import annotations
 
-import fnmatch
 import struct
 import warnings
 from collections.abc import Callable, Iterable, Mapping
@@ -12,7 +11,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-DEFAULT_LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+from magprune.chunked import all_finite, count_dropped_nonzero, fill_dropped
+from magprune.targets import DEFAULT_LAYER_TYPES, select_parameters
 
 # Optimizer state that must read zero at a pruned position: momenta, first moments, previous gradients, averages.
 FIRST_MOMENT_KEYS = frozenset({"momentum_buffer", "exp_avg", "grad_avg", "acc_delta", "prev", "ax"})
@@ -24,7 +24,7 @@ SECOND_MOMENT_FILL = 1.0
 STATE_VERSION = 1
 
 # From this many entries a layer's mask is applied in training by the compiled kernel from a copy packed 1 bit per
-# entry (magprune._simd.BitMask) rather than by torch multiplying with an fp32 copy: the fp32 copy's memory matters
+# entry (magprune.kernels.BitMask) rather than by torch multiplying with an fp32 copy: the fp32 copy's memory matters
 # there (VGG-16: 553 MB against 17 MB) and the kernel, on the pool's threads, is faster (fc6's gradient: 35 ms against
 # 49 ms on 2 cores). Below it torch's multiply is faster, its OpenMP threads still awake from the backward's matrix
 # products (LeNet-300-100 fc1: 25 us against 54 us for the kernel on one thread).
@@ -223,7 +223,7 @@ class Pruner:
             fill_dropped(tensor, self.masks[name], value)
 
     def _packed_mask(self, name: str, tensor: Tensor) -> Any:
-        """``name``'s mask packed 1 bit per entry for :class:`magprune._simd.BitMask`, cached until the mask changes
+        """``name``'s mask packed 1 bit per entry for :class:`magprune.kernels.BitMask`, cached until the mask changes
         (in place or replaced); None where that kernel does not apply (``fast_masks=False``, fewer than
         :data:`PACKED_MIN_NUMEL` entries, not a contiguous float32 CPU tensor of the mask's size)."""
         if not (self.fast_masks and tensor.numel() >= PACKED_MIN_NUMEL and tensor.dtype == torch.float32
@@ -235,7 +235,7 @@ class Pruner:
         key = (id(mask), mask._version)
         cached = self._packed.get(name)
         if cached is None or cached[0] != key:
-            from magprune._simd import BitMask  # compiled on first use
+            from magprune.kernels import BitMask  # compiled on first use
 
             cached = self._packed[name] = (key, BitMask(mask.numpy()))
         return cached[1]
@@ -268,6 +268,12 @@ class Pruner:
         return {name: (int(self.masks[name].count_nonzero()) / p.numel()) if name in self.masks else 1.0
                 for name, p in self.params.items()}
 
+    @property
+    def mask_copy_bytes(self) -> int:
+        """Bytes held in copies of the masks made for fast masking in training (multipliers in the weight's dtype,
+        1-bit packed copies of large layers); the boolean masks themselves are not counted."""
+        return sum(m.nbytes for m in self._multipliers.values()) + sum(p.bits.nbytes for _, p in self._packed.values())
+
     def sparsity(self) -> float:
         """Fraction of all targeted entries that are pruned."""
         total = sum(p.numel() for p in self.params.values())
@@ -286,19 +292,19 @@ class Pruner:
             for name, mask in self.masks.items():
                 param = self.params[name]
                 mask = mask.to(param.device)
-                revived = _count_dropped_nonzero(param.detach(), mask)
+                revived = count_dropped_nonzero(param.detach(), mask)
                 if revived:
                     problems.append(f"{name}: {revived} pruned weights are nonzero")
-                if param.grad is not None and _count_dropped_nonzero(param.grad, mask):
+                if param.grad is not None and count_dropped_nonzero(param.grad, mask):
                     problems.append(f"{name}: gradient is nonzero at pruned positions")
                 for opt in optimizers:
                     for key, value in opt.state.get(param, {}).items():
                         if not isinstance(value, Tensor) or not value.is_floating_point():
                             continue
-                        if not _all_finite(value):
+                        if not all_finite(value):
                             problems.append(f"{name}: optimizer state {key!r} is not finite")
                         if key in FIRST_MOMENT_KEYS and value.shape == param.shape \
-                                and _count_dropped_nonzero(value, mask):
+                                and count_dropped_nonzero(value, mask):
                             problems.append(f"{name}: optimizer state {key!r} is nonzero at pruned positions")
         if problems:
             raise PruningInvariantError("; ".join(problems))
@@ -419,9 +425,6 @@ class OptimizerHandle:
                     fill_dropped(value, old, 0.0, keep)
 
 
-CHUNK = 1 << 18  # elements per temporary chunk
-
-
 def _broadcast_from_rank0(masks: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
     import torch.distributed as dist
 
@@ -441,84 +444,3 @@ def _broadcast_from_rank0(masks: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
         dist.broadcast(mask.view(torch.uint8), src=0)
         synced[name] = mask
     return synced
-
-
-def _chunks(tensor: Tensor, *masks: Tensor | None):
-    """Matching flat chunks of ``tensor`` and each of ``masks`` (None stays None), at most CHUNK entries each; one
-    whole piece of each where ``tensor`` is not contiguous."""
-    if not tensor.is_contiguous():
-        yield (tensor, *masks)
-        return
-    flat = tensor.view(-1)
-    flat_masks = [None if m is None else m.reshape(-1) for m in masks]
-    for start in range(0, flat.numel(), CHUNK):
-        stop = start + CHUNK
-        yield (flat[start:stop], *(None if m is None else m[start:stop] for m in flat_masks))
-
-
-def _count_dropped_nonzero(tensor: Tensor, keep: Tensor) -> int:
-    """Entries of ``tensor`` that are nonzero where ``keep`` is false, chunk by chunk: boolean indexing of a whole
-    VGG-16 made 1.6 GB of temporaries."""
-    return sum(int(((part != 0) & ~part_keep).count_nonzero()) for part, part_keep in _chunks(tensor, keep))
-
-
-def _all_finite(tensor: Tensor) -> bool:
-    return all(bool(torch.isfinite(part).all()) for (part,) in _chunks(tensor))
-
-
-def fill_dropped(tensor: Tensor, keep: Tensor, value: float, old: Tensor | None = None) -> None:
-    """``tensor[old & ~keep] = value`` (``old`` defaults to all-true), chunk by chunk, in place."""
-    for part, part_keep, part_old in _chunks(tensor, keep, old):
-        dropped = ~part_keep
-        if part_old is not None:
-            dropped &= part_old
-        part.masked_fill_(dropped, value)
-
-
-def select_parameters(
-    model: nn.Module,
-    targets: Iterable[str] | None,
-    layer_types: tuple[type[nn.Module], ...] = DEFAULT_LAYER_TYPES,
-    include_bias: bool = False,
-) -> dict[str, nn.Parameter]:
-    """Resolve module/parameter names or glob patterns to the parameters to prune, in model order."""
-    all_params = dict(model.named_parameters())
-    by_module: dict[str, list[str]] = {}
-    for module_name, module in model.named_modules():
-        names = []
-        for attr in ("weight", "bias") if include_bias else ("weight",):
-            full = f"{module_name}.{attr}" if module_name else attr
-            if isinstance(getattr(module, attr, None), nn.Parameter) and full in all_params:
-                names.append(full)
-        if names:
-            by_module[module_name] = names
-    typed = {name for module_name, module in model.named_modules() if isinstance(module, layer_types)
-             for name in by_module.get(module_name, [])}
-    if targets is None:
-        chosen = typed
-        if not chosen:
-            raise ValueError(f"model has no parameters of the layer types {[t.__name__ for t in layer_types]} to "
-                             "prune; name them with targets=[...]")
-    else:
-        chosen = set()
-        for pattern in targets:
-            # A pattern naming modules selects their weights; only a pattern that names no module is matched
-            # against parameter names, so "fc*" means the fc layers' weights, not also their biases.
-            matched = {n for module_name, names in by_module.items()
-                       if module_name and fnmatch.fnmatchcase(module_name, pattern) for n in names}
-            if not matched:
-                matched = {n for n in all_params if fnmatch.fnmatchcase(n, pattern)}
-            if not matched:
-                available = sorted(m for m in by_module if m) + sorted(all_params)
-                raise ValueError(f"targets: {pattern!r} matches no module or parameter of the model; "
-                                 f"available: {available[:40]}{' ...' if len(available) > 40 else ''}")
-            chosen.update(matched)
-        if not chosen:
-            raise ValueError("targets is empty: name at least one module or parameter to prune")
-    return {name: p for name, p in all_params.items() if name in chosen}
-
-
-def layer_name(param_name: str) -> str:
-    """``"fc1.weight"`` -> ``"fc1"``; other parameter names are returned as they are."""
-    return param_name[: -len(".weight")] if param_name.endswith(".weight") else param_name
-

@@ -10,8 +10,8 @@ import time
 import numpy as np
 import pytest
 
-from magprune import _simd
-from magprune._simd import CSRProduct
+from magprune.kernels import bitmask, csr, memory, pool
+from magprune.kernels.csr import CSRProduct
 
 
 def _product(rows: int, n_in: int, seed: int) -> tuple[CSRProduct, np.ndarray]:
@@ -28,8 +28,8 @@ def _close(out: np.ndarray, exact: np.ndarray) -> bool:
 
 @pytest.fixture
 def parallel_always(monkeypatch):
-    monkeypatch.setattr(_simd, "PARALLEL_MIN_WORK", 0)
-    monkeypatch.setattr(_simd, "PARALLEL_MIN_NONZEROS", 0)
+    monkeypatch.setattr(csr, "PARALLEL_MIN_WORK", 0)
+    monkeypatch.setattr(csr, "PARALLEL_MIN_NONZEROS", 0)
 
 
 def test_workers_that_went_to_sleep_are_woken_for_the_next_plan(parallel_always):
@@ -39,12 +39,12 @@ def test_workers_that_went_to_sleep_are_woken_for_the_next_plan(parallel_always)
         out = np.zeros(300, np.float32)
         product.matvec(x, out, 3)
         assert _close(out, weight @ x)
-        pool = _simd._get_pool()
+        workers = pool.get_pool()
         deadline = time.monotonic() + 5
-        while not all(pool.states[i * _simd._STATE_STRIDE] == 1 for i in range(len(pool.threads))):
+        while not all(workers.states[i * pool._STATE_STRIDE] == 1 for i in range(len(workers.threads))):
             assert time.monotonic() < deadline, "workers never went to sleep after their spin"
-            time.sleep(10 * _simd.SPIN_SECONDS)
-    assert len(pool.threads) >= 2
+            time.sleep(10 * pool.SPIN_SECONDS)
+    assert len(workers.threads) >= 2
 
 
 def test_plans_from_several_python_threads_at_once(parallel_always):
@@ -70,7 +70,7 @@ def test_plans_from_several_python_threads_at_once(parallel_always):
 
 
 def _child_product(queue):
-    _simd.PARALLEL_MIN_NONZEROS = 0
+    csr.PARALLEL_MIN_NONZEROS = 0
     product, weight = _product(200, 300, 3)
     x = np.ones(300, np.float32)
     out = np.zeros(200, np.float32)
@@ -110,18 +110,18 @@ def test_direct_conv_split_by_image_or_by_channel(parallel_always, threads, batc
 
 def test_a_plan_too_large_for_the_task_counter_is_refused():
     with pytest.raises(ValueError, match="at most"):
-        _simd.Plan([[]] * (_simd.MAX_TASKS + 1), 2)
+        pool.Plan([[]] * (pool.MAX_TASKS + 1), 2)
 
 
 def test_large_arrays_move_to_huge_pages_with_their_values():
     small = np.arange(10, dtype=np.float32)
-    assert _simd.huge_page_array(small) is small
-    large = np.random.default_rng(0).standard_normal(_simd.HUGE_PAGE_MIN_BYTES // 4 + 3).astype(np.float32)
-    moved = _simd.huge_page_array(large)
+    assert memory.huge_page_array(small) is small
+    large = np.random.default_rng(0).standard_normal(memory.HUGE_PAGE_MIN_BYTES // 4 + 3).astype(np.float32)
+    moved = memory.huge_page_array(large)
     assert moved.dtype == large.dtype and moved.shape == large.shape
     np.testing.assert_array_equal(moved, large)
     if moved is not large:  # Linux with madvise: the copy starts on a huge-page boundary
-        assert moved.ctypes.data % _simd.HUGE_PAGE == 0
+        assert moved.ctypes.data % memory.HUGE_PAGE == 0
 
 
 def test_a_copied_sparse_linear_keeps_one_copy_of_its_arrays():
@@ -130,7 +130,7 @@ def test_a_copied_sparse_linear_keeps_one_copy_of_its_arrays():
     import torch
     from torch import nn
 
-    from magprune.sparse import SparseLinear
+    from magprune.deploy import SparseLinear
 
     torch.manual_seed(0)
     linear = nn.Linear(64, 32)
@@ -146,10 +146,10 @@ def test_a_copied_sparse_linear_keeps_one_copy_of_its_arrays():
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("n", [0, 1, 7, 8, 9, 64, 1001, 40_003])
 def test_bit_mask_fill_sets_exactly_the_dropped_entries(monkeypatch, threads, n):
-    monkeypatch.setattr(_simd, "PARALLEL_MIN_MASKED", 0)  # the pool's chunks, tails included, on small tensors
+    monkeypatch.setattr(bitmask, "PARALLEL_MIN_MASKED", 0)  # the pool's chunks, tails included, on small tensors
     rng = np.random.default_rng(n)
     keep = rng.random(n) < 0.3
-    packed = _simd.BitMask(keep)
+    packed = bitmask.BitMask(keep)
     assert packed.bits.nbytes == -(-n // 8)
     for value, pattern in ((0.0, 0), (1.0, 0x3F800000)):
         t = rng.standard_normal(n).astype(np.float32)
@@ -162,9 +162,9 @@ def test_bit_mask_fill_sets_exactly_the_dropped_entries(monkeypatch, threads, n)
 
 
 def test_a_copied_bit_mask_keeps_its_bits_and_plans_anew(monkeypatch):
-    monkeypatch.setattr(_simd, "PARALLEL_MIN_MASKED", 0)
+    monkeypatch.setattr(bitmask, "PARALLEL_MIN_MASKED", 0)
     keep = np.random.default_rng(0).random(1000) < 0.5
-    original = _simd.BitMask(keep)
+    original = bitmask.BitMask(keep)
     ones = np.ones(1000, dtype=np.float32)
     original.fill(ones.ctypes.data, 0, 2)  # caches a plan with the original's addresses
     for copied in (copy.deepcopy(original), pickle.loads(pickle.dumps(original))):

@@ -9,9 +9,9 @@ from torch import nn
 from torch.nn import functional as F
 from torch.nn.utils import parametrize
 
-from magprune import GlobalSparsity, LayerSparsity, Pruner, PruningInvariantError
-from magprune import masks as masks_module
-from magprune.masks import FIRST_MOMENT_KEYS, SECOND_MOMENT_FILL, SECOND_MOMENT_KEYS
+from magprune import GlobalSparsity, LayerSparsity, Pruner, PruningInvariantError, chunked
+from magprune import pruner as pruner_module
+from magprune.pruner import FIRST_MOMENT_KEYS, SECOND_MOMENT_FILL, SECOND_MOMENT_KEYS
 
 OPTIMIZERS = {
     "sgd": lambda p: torch.optim.SGD(p, lr=0.05),
@@ -426,7 +426,7 @@ def test_bit_packed_masks_train_bit_identically_to_fp32_multipliers(name, batch,
     must be bit-for-bit that of the fp32 multiply, with no fp32 mask copies made."""
     results = []
     for packed_from in (1, 1 << 62):
-        monkeypatch.setattr(masks_module, "PACKED_MIN_NUMEL", packed_from)
+        monkeypatch.setattr(pruner_module, "PACKED_MIN_NUMEL", packed_from)
         torch.manual_seed(0)
         model = SmallConvNet().eval()
         optimizer = OPTIMIZERS[name](model.parameters())
@@ -452,7 +452,7 @@ def test_bit_packed_masks_train_bit_identically_to_fp32_multipliers(name, batch,
 
 
 def test_bit_packed_masks_only_for_contiguous_float32_cpu_tensors(convnet, monkeypatch):
-    monkeypatch.setattr(masks_module, "PACKED_MIN_NUMEL", 1)
+    monkeypatch.setattr(pruner_module, "PACKED_MIN_NUMEL", 1)
     pruner = Pruner(convnet)
     pruner.prune(LayerSparsity(0.5))
     name = "fc1.weight"
@@ -468,7 +468,7 @@ def test_bit_packed_masks_only_for_contiguous_float32_cpu_tensors(convnet, monke
 def test_check_counts_chunk_by_chunk(convnet, batch, monkeypatch):
     """check() works on chunks (no full-size temporaries on a large model) and still finds one revived weight, a
     dirty momentum entry and a non-finite state entry anywhere."""
-    monkeypatch.setattr(masks_module, "CHUNK", 7)
+    monkeypatch.setattr(chunked, "CHUNK", 7)
     optimizer = torch.optim.SGD(convnet.parameters(), lr=0.1, momentum=0.9)
     pruner = Pruner(convnet)
     pruner.attach(optimizer)

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from magprune._io import write_atomic
+from magprune.fileio import write_atomic
 
 ENV_VAR = "MAGPRUNE_DATA"
 
@@ -219,9 +219,16 @@ def load_idx_dataset(dataset: str, data_dir: str | os.PathLike[str] | None = Non
 
 
 def load_digits_split(seed: int = 0, test_fraction: float = 0.25) -> tuple[Split, Split]:
-    from magprune.demo import load_digits_split as digits
+    """Digits (1797 real 8x8 scans) scaled to [0, 1], split into train and test tensors with a fixed seed."""
+    from sklearn.datasets import load_digits
 
-    return digits(seed, test_fraction)
+    data = load_digits()
+    x = torch.tensor(data.data, dtype=torch.float32) / 16.0
+    y = torch.tensor(data.target, dtype=torch.long)
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+    n_test = int(len(y) * test_fraction)
+    test, train = order[:n_test], order[n_test:]
+    return (x[train], y[train]), (x[test], y[test])
 
 
 def load_dataset(dataset: str, data_dir: str | os.PathLike[str] | None = None, *, download_missing: bool = False,

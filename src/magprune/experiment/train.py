@@ -11,8 +11,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from magprune import distributed
-from magprune.config import LRSchedule, TrainConfig
+from magprune.experiment import distributed
+from magprune.experiment.config import LRSchedule, TrainConfig
 from magprune.retrain import weight_penalty
 
 

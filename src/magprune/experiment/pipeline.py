@@ -18,16 +18,16 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import Tensor, nn
 
-from magprune import distributed
-from magprune.config import ConfigError, ExperimentConfig, PruneStep, from_dict
+from magprune.analysis.plots import sample_weights
 from magprune.criteria import GlobalSparsity, LayerSparsity, StdThreshold, han2015
-from magprune.data import load_dataset, write_atomic
-from magprune.masks import Pruner
+from magprune.experiment import distributed
+from magprune.experiment.config import ConfigError, ExperimentConfig, PruneStep, from_dict
+from magprune.experiment.data import load_dataset, write_atomic
+from magprune.experiment.train import evaluate, fit
 from magprune.models import create_model
-from magprune.plots import sample_weights
+from magprune.pruner import Pruner
 from magprune.report import sparsity_report
 from magprune.retrain import DropoutRescaler, freeze
-from magprune.train import evaluate, fit
 
 # Han et al. 2015, Table 1 (error before -> after, parameters before -> after, compression).
 PAPER_TABLE1 = {
@@ -284,7 +284,7 @@ def run_experiment(config: ExperimentConfig, run_dir: str | Path, *, data_dir: s
         snapshots["retrained"] = sample_weights(pruner.params)
     figures = []
     if distributed.is_main() and snapshots:
-        from magprune.plots import plot_weight_histograms
+        from magprune.analysis.plots import plot_weight_histograms
 
         plot_weight_histograms(snapshots, run_dir / "histograms.png",
                                title=f"{config.model.name}: weights per layer ({', '.join(snapshots)})",

@@ -6,20 +6,18 @@ import torch
 from torch import nn
 
 import magprune
-from magprune.sparse import (
+from magprune.deploy import (
     CompressedFormatError,
     SparseConv2d,
     SparseLinear,
-    encode_csr,
-    encode_rel4,
     load_compressed,
     load_compressed_into,
     save_compressed,
     size_report,
     size_report_from_params,
-    smallest_uint,
     sparsify,
 )
+from magprune.deploy.format import encode_csr, encode_rel4, smallest_uint
 
 
 def _han(name: str) -> nn.Module:
@@ -125,10 +123,10 @@ def test_sparsify_converts_only_measured_wins_and_matches_outputs():
 
 @pytest.mark.parametrize("min_work", [0, 1 << 62])  # parallel and serial kernels
 def test_linear_kernels_parallel_and_serial_with_padded_batches(monkeypatch, min_work):
-    from magprune import _simd
+    from magprune.kernels import csr
 
-    monkeypatch.setattr(_simd, "PARALLEL_MIN_WORK", min_work)
-    monkeypatch.setattr(_simd, "PARALLEL_MIN_NONZEROS", min_work)
+    monkeypatch.setattr(csr, "PARALLEL_MIN_WORK", min_work)
+    monkeypatch.setattr(csr, "PARALLEL_MIN_NONZEROS", min_work)
     torch.manual_seed(4)
     linear = nn.Linear(257, 33)
     with torch.no_grad():
@@ -144,12 +142,12 @@ def test_linear_kernels_parallel_and_serial_with_padded_batches(monkeypatch, min
 @pytest.mark.parametrize("n_in, index_dtype", [(200, np.uint8), (3000, np.uint16), (70000, np.uint32)])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_simd_kernel_matches_numpy_for_every_width_index_type_and_tiling(n_in, index_dtype, threads, monkeypatch):
-    from magprune import _simd
-    from magprune._simd import CSRProduct
-    from magprune.sparse import _csr_arrays
+    from magprune.deploy.modules import _csr_arrays
+    from magprune.kernels import csr
+    from magprune.kernels.csr import CSRProduct
 
-    monkeypatch.setattr(_simd, "PARALLEL_MIN_WORK", 0)  # small products too: the row split is what is tested
-    monkeypatch.setattr(_simd, "PARALLEL_MIN_NONZEROS", 0)
+    monkeypatch.setattr(csr, "PARALLEL_MIN_WORK", 0)  # small products too: the row split is what is tested
+    monkeypatch.setattr(csr, "PARALLEL_MIN_NONZEROS", 0)
 
     rng = np.random.default_rng(n_in)
     weight = rng.standard_normal((37, n_in)).astype(np.float32) * (rng.random((37, n_in)) < 0.05)
@@ -180,7 +178,7 @@ def test_simd_kernel_matches_numpy_for_every_width_index_type_and_tiling(n_in, i
 
 
 def test_simd_kernel_rejects_layouts_it_cannot_read():
-    from magprune._simd import CSRProduct
+    from magprune.kernels.csr import CSRProduct
 
     indptr, cols, vals = np.zeros(4, np.int32), np.zeros(0, np.uint16), np.zeros(0, np.float32)
     product = CSRProduct(indptr, cols, vals, 4)
@@ -205,10 +203,10 @@ def test_sparse_conv_with_output_positions_not_a_multiple_of_8():
 @pytest.mark.parametrize("min_work", [0, 1 << 62])  # parallel and serial
 @pytest.mark.parametrize("padding, size", [(0, 13), (2, 9), (1, 24)])  # output widths 11, 9, 24
 def test_direct_sparse_conv_matches_dense_conv(monkeypatch, min_work, padding, size):
-    from magprune import _simd
+    from magprune.kernels import csr
 
-    monkeypatch.setattr(_simd, "PARALLEL_MIN_WORK", min_work)
-    monkeypatch.setattr(_simd, "PARALLEL_MIN_NONZEROS", min_work)
+    monkeypatch.setattr(csr, "PARALLEL_MIN_WORK", min_work)
+    monkeypatch.setattr(csr, "PARALLEL_MIN_NONZEROS", min_work)
     torch.manual_seed(6)
     conv = nn.Conv2d(4, 7, (3, 5), padding=padding)
     with torch.no_grad():
@@ -223,7 +221,7 @@ def test_direct_sparse_conv_matches_dense_conv(monkeypatch, min_work, padding, s
 
 
 def test_direct_conv_refuses_a_buffer_it_would_overrun():
-    from magprune._simd import CSRProduct
+    from magprune.kernels.csr import CSRProduct
 
     product = CSRProduct(np.array([0, 1], np.int32), np.array([40], np.uint16), np.ones(1, np.float32), 48)
     out = np.zeros((1, 1, 2, 8), np.float32)
@@ -245,7 +243,7 @@ def _with_dead_inputs() -> nn.Module:
 
 
 def test_index_streams_are_stored_deflated_and_still_exact(tmp_path, monkeypatch):
-    from magprune import sparse
+    from magprune.deploy import format as sparse
 
     model = _with_dead_inputs()
     path, plain = tmp_path / "z.safetensors", tmp_path / "plain.safetensors"
@@ -318,9 +316,9 @@ def test_sparsify_records_the_backend_it_chose():
 @pytest.mark.parametrize("min_work", [0, 1 << 62])  # parallel and serial
 def test_one_example_in_every_layout_matches_dense(monkeypatch, min_work):
     """Batch 1 reads x in place when it is contiguous; 1-D, extra leading dims and strided views take other paths."""
-    from magprune import _simd
+    from magprune.kernels import csr
 
-    monkeypatch.setattr(_simd, "PARALLEL_MIN_NONZEROS", min_work)
+    monkeypatch.setattr(csr, "PARALLEL_MIN_NONZEROS", min_work)
     torch.manual_seed(7)
     linear = nn.Linear(64, 24)
     with torch.no_grad():

@@ -12,8 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from magprune.criteria import _check_sparsity, prune_smallest
-from magprune.masks import DEFAULT_LAYER_TYPES, layer_name, select_parameters
+from magprune.criteria import check_sparsity, prune_smallest
+from magprune.targets import DEFAULT_LAYER_TYPES, module_name, select_parameters
 
 DEFAULT_GRID: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98)
 
@@ -88,7 +88,7 @@ def _evaluate_pruned(model: nn.Module, evaluate: Evaluate, param_name: str, spar
 
 def evaluate_with_targets(model: nn.Module, evaluate: Evaluate, targets: dict[str, float]) -> float:
     """``evaluate`` the model with every layer of ``targets`` pruned to its sparsity; the model is restored after."""
-    params = {layer_name(n): p for n, p in model.named_parameters()}
+    params = {module_name(n): p for n, p in model.named_parameters()}
     saved = {layer: params[layer].detach().clone() for layer in targets}
     was_training = model.training
     model.eval()
@@ -130,14 +130,14 @@ def sensitivity_scan(
             method (Linux); each worker gets its own copy of the model and one thread.
         progress: show a progress bar.
     """
-    grid = [_check_sparsity(s, f"sparsities[{i}]") for i, s in enumerate(sparsities)]
+    grid = [check_sparsity(s, f"sparsities[{i}]") for i, s in enumerate(sparsities)]
     if not grid:
         raise ValueError("sparsities is empty: give at least one sparsity to scan")
     if workers < 0:
         raise ValueError(f"workers must be an integer >= 0, got {workers}")
     params = select_parameters(model, list(layers) if layers is not None else None, DEFAULT_LAYER_TYPES)
     modules = dict(model.named_modules())
-    kinds = {layer_name(n): type(modules.get(layer_name(n), model)).__name__ for n in params}
+    kinds = {module_name(n): type(modules.get(module_name(n), model)).__name__ for n in params}
     tasks = [(name, s) for name in params for s in grid]
     was_training = model.training
     model.eval()
@@ -153,7 +153,7 @@ def sensitivity_scan(
             results = [_evaluate_pruned(model, evaluate, *task) for task in _progress(tasks, len(tasks), progress)]
     finally:
         model.train(was_training)
-    curves = {layer_name(name): results[i * len(grid):(i + 1) * len(grid)] for i, name in enumerate(params)}
+    curves = {module_name(name): results[i * len(grid):(i + 1) * len(grid)] for i, name in enumerate(params)}
     return SensitivityResult(baseline=baseline, sparsities=grid, curves=curves, kinds=kinds)
 
 

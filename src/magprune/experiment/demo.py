@@ -11,7 +11,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from magprune.criteria import StdThreshold
-from magprune.masks import Pruner
+from magprune.experiment.data import load_digits_split
+from magprune.pruner import Pruner
 from magprune.report import sparsity_report
 
 
@@ -25,19 +26,6 @@ class DigitsMLP(nn.Sequential):
         self.fc2 = nn.Linear(256, 128)
         self.relu2 = nn.ReLU()
         self.fc3 = nn.Linear(128, 10)
-
-
-def load_digits_split(seed: int = 0, test_fraction: float = 0.25):
-    """Digits (1797 real 8x8 scans) scaled to [0, 1], split into train and test tensors with a fixed seed."""
-    from sklearn.datasets import load_digits
-
-    data = load_digits()
-    x = torch.tensor(data.data, dtype=torch.float32) / 16.0
-    y = torch.tensor(data.target, dtype=torch.long)
-    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
-    n_test = int(len(y) * test_fraction)
-    test, train = order[:n_test], order[n_test:]
-    return (x[train], y[train]), (x[test], y[test])
 
 
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:

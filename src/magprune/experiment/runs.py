@@ -16,15 +16,15 @@ import yaml
 from safetensors.torch import load as load_safetensors
 from torch import nn
 
-from magprune._io import write_atomic
-from magprune.config import ExperimentConfig, from_dict, load_config
-from magprune.data import load_dataset
-from magprune.masks import Pruner
-from magprune.pipeline import RunError, build_model
-from magprune.plots import plot_sensitivity, plot_tradeoff
-from magprune.sensitivity import DEFAULT_GRID, sensitivity_scan
-from magprune.tradeoff import tradeoff_curves
-from magprune.train import evaluate, fit
+from magprune.analysis.plots import plot_sensitivity, plot_tradeoff
+from magprune.analysis.sensitivity import DEFAULT_GRID, sensitivity_scan
+from magprune.analysis.tradeoff import tradeoff_curves
+from magprune.experiment.config import ExperimentConfig, from_dict, load_config
+from magprune.experiment.data import load_dataset
+from magprune.experiment.pipeline import RunError, build_model
+from magprune.experiment.train import evaluate, fit
+from magprune.fileio import write_atomic
+from magprune.pruner import Pruner
 
 
 def dense_model_of_run(run_dir: Path) -> tuple[nn.Module, ExperimentConfig]:

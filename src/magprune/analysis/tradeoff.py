@@ -8,8 +8,8 @@ from collections.abc import Callable, Iterable, Sequence
 
 from torch import nn
 
-from magprune.criteria import GlobalSparsity, LayerSparsity, _check_sparsity
-from magprune.masks import Pruner
+from magprune.criteria import GlobalSparsity, LayerSparsity, check_sparsity
+from magprune.pruner import Pruner
 
 MakeDense = Callable[[str], nn.Module]  # regularization "l1" | "l2" -> dense trained model
 Retrain = Callable[[nn.Module, Pruner, str], None]  # retrain in place, pruner attached by the callee
@@ -38,7 +38,7 @@ def tradeoff_curves(
 
     Returns the curves (label -> [(sparsity, loss)]) and the dense metric of each regularization.
     """
-    grid = sorted(_check_sparsity(s, f"sparsities[{i}]") for i, s in enumerate(sparsities))
+    grid = sorted(check_sparsity(s, f"sparsities[{i}]") for i, s in enumerate(sparsities))
     if not grid:
         raise ValueError("sparsities is empty: give at least one sparsity")
     if scope not in ("layer", "global"):

@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from magprune.data import DATASET_NAMES
+from magprune.experiment.data import DATASET_NAMES
 
 
 class ConfigError(ValueError):

@@ -1,0 +1,365 @@
+"""Kernels room (CSR products): sparse x dense products for the sparse inference modules, compiled from LLVM IR.
+
+A CSR x dense-block product wants each output row's accumulators held in vector registers across the row's
+nonzeros: one broadcast weight times one contiguous row of the input per nonzero. numba (tried first) vectorizes
+only the short loop over the block's columns and keeps the accumulators in memory, with its SLP vectorizer off:
+2-3x slower than the kernels below. Its matrix-vector loop also did not run in parallel.
+
+Kernels, per column-index width (uint8/16/32), run as plans on :mod:`.pool`:
+- ``spmm_{W}``: ``out[r, c:c+W] += sum_k vals[k] * x[cols[k], c:c+W]`` for rows ``r0 <= r < r1`` and ``chunks``
+  consecutive column chunks c, over ``blocks`` blocks of x and out (row-major, leading dimensions ``ldx``/``ldo``);
+  W in WIDTHS (1 to 8 vectors of 8 floats);
+- ``spmv``: ``out[r] += sum_k vals[k] * x[cols[k]]`` (batch 1), four nonzeros per vector multiply-add with
+  scalar loads of x, the index and value streams prefetched ahead (``vgatherdps`` measured 20% slower on this
+  project's AMD EPYC, 1-byte delta-coded indices 30% slower: a serial running sum).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+
+from magprune.kernels.jit import compiled
+from magprune.kernels.memory import huge_page_array
+from magprune.kernels.pool import CHUNKS_PER_THREAD, SPMM, SPMV, Plan
+
+WIDTHS = (8, 16, 32, 64)  # floats per block row: 1, 2, 4, 8 AVX vectors of 8 lanes
+_INDEX_TYPES = {np.dtype(np.uint8): "i8", np.dtype(np.uint16): "i16", np.dtype(np.uint32): "i32"}
+_VEC = "<8 x float>"
+PREFETCH_AHEAD = 256  # nonzeros ahead that the matrix-vector kernel prefetches (1 KiB of values)
+
+# Below these sizes one thread does it all: waking a sleeping worker costs ~50 us, more than it saves (measured on
+# 2 cores with the first, Python pool, whose threads slept the same way: a 300x784 layer at 8% is faster serial up
+# to batch 32, a 4096x4096 one at 9% parallel from batch 1).
+PARALLEL_MIN_WORK = 1 << 22  # multiply-adds of a batched product (nonzeros x columns)
+PARALLEL_MIN_NONZEROS = 1 << 19  # nonzeros of a matrix-vector product (batch 1)
+
+
+def _function_ir(width: int, index: str) -> str:
+    """IR of one kernel; nonzeros taken ``unroll`` at a time into as many accumulator sets (more FMA chains)."""
+    vectors = width // 8
+    unroll = 2 if vectors <= 4 else 1  # 8 vectors x 2 sets would not fit the 16 AVX registers
+    lines = [f"define void @spmm_{width}_{index}(ptr noalias %starts, ptr noalias %ends, ptr noalias %cols, "
+             "ptr noalias %vals, ptr noalias %x, i64 %ldx, ptr noalias %out, i64 %ldo, i64 %r0, i64 %r1, "
+             "i64 %chunks, i64 %blocks, i64 %xstep, i64 %ostep) nounwind {",
+             # for each block b < blocks (x and out advance by xstep/ostep floats) and each of ``chunks`` column
+             # chunks of W floats: the rows r0 <= r < r1
+             "entry:", "  %any = icmp ult i64 %r0, %r1", "  br i1 %any, label %block, label %exit",
+             "block:", "  %b = phi i64 [0, %entry], [%b.next, %block.end]",
+             "  %xboff = mul nuw i64 %b, %xstep", "  %xb = getelementptr float, ptr %x, i64 %xboff",
+             "  %oboff = mul nuw i64 %b, %ostep", "  %ob = getelementptr float, ptr %out, i64 %oboff",
+             "  br label %chunk",
+             "chunk:", "  %ch = phi i64 [0, %block], [%ch.next, %chunk.end]",
+             f"  %choff = mul nuw i64 %ch, {width}", "  %xc = getelementptr float, ptr %xb, i64 %choff",
+             "  %oc = getelementptr float, ptr %ob, i64 %choff", "  br label %row",
+             "row:", "  %o = phi i64 [%r0, %chunk], [%o.next, %store]",
+             "  %sp = getelementptr i32, ptr %starts, i64 %o", "  %s32 = load i32, ptr %sp",
+             "  %ep = getelementptr i32, ptr %ends, i64 %o", "  %e32 = load i32, ptr %ep",
+             "  %s = zext i32 %s32 to i64", "  %e = zext i32 %e32 to i64",
+             "  %ooff = mul nuw i64 %o, %ldo", "  %orow = getelementptr float, ptr %oc, i64 %ooff"]
+    for i in range(vectors):
+        lines += [f"  %op{i} = getelementptr float, ptr %orow, i64 {8 * i}",
+                  f"  %init{i} = load {_VEC}, ptr %op{i}, align 4"]
+    lines += ["  br label %loop", "loop:", "  %k = phi i64 [%s, %row], [%k.next, %body]"]
+    for u in range(unroll):
+        for i in range(vectors):
+            start = f"%init{i}" if u == 0 else "zeroinitializer"
+            lines.append(f"  %acc{u}.{i} = phi {_VEC} [{start}, %row], [%new{u}.{i}, %body]")
+    lines += [f"  %k.next = add nuw i64 %k, {unroll}", "  %more = icmp ule i64 %k.next, %e",
+              "  br i1 %more, label %body, label %tail", "body:"]
+
+    def nonzero(tag: str, k: str, acc: str, new: str) -> list[str]:
+        out = [f"  %cp{tag} = getelementptr {index}, ptr %cols, i64 {k}", f"  %cn{tag} = load {index}, ptr %cp{tag}",
+               f"  %c{tag} = zext {index} %cn{tag} to i64", f"  %xoff{tag} = mul nuw i64 %c{tag}, %ldx",
+               f"  %xr{tag} = getelementptr float, ptr %xc, i64 %xoff{tag}",
+               f"  %vp{tag} = getelementptr float, ptr %vals, i64 {k}", f"  %v{tag} = load float, ptr %vp{tag}",
+               f"  %vi{tag} = insertelement {_VEC} poison, float %v{tag}, i32 0",
+               f"  %vb{tag} = shufflevector {_VEC} %vi{tag}, {_VEC} poison, <8 x i32> zeroinitializer"]
+        for i in range(vectors):
+            out += [f"  %xp{tag}.{i} = getelementptr float, ptr %xr{tag}, i64 {8 * i}",
+                    f"  %xv{tag}.{i} = load {_VEC}, ptr %xp{tag}.{i}, align 4",
+                    f"  %m{tag}.{i} = fmul contract {_VEC} %vb{tag}, %xv{tag}.{i}",
+                    f"  {new}.{i} = fadd contract {_VEC} {acc}.{i}, %m{tag}.{i}"]
+        return out
+
+    for u in range(unroll):
+        k = "%k" if u == 0 else f"%k{u}"
+        if u:
+            lines.append(f"  {k} = add nuw i64 %k, {u}")
+        lines += nonzero(f"b{u}", k, f"%acc{u}", f"%new{u}")
+    lines += ["  br label %loop", "tail:"]
+    if unroll == 2:  # at most one nonzero left
+        lines += ["  %left = icmp ult i64 %k, %e", "  br i1 %left, label %last, label %store", "last:"]
+        lines += nonzero("t", "%k", "%acc0", "%fin")
+        lines += ["  br label %store", "store:"]
+        lines += [f"  %end{i} = phi {_VEC} [%acc0.{i}, %tail], [%fin.{i}, %last]" for i in range(vectors)]
+        lines += [f"  %sum{i} = fadd {_VEC} %end{i}, %acc1.{i}" for i in range(vectors)]
+        results = [f"%sum{i}" for i in range(vectors)]
+    else:
+        lines += ["  br label %store", "store:"]
+        results = [f"%acc0.{i}" for i in range(vectors)]
+    lines += [f"  store {_VEC} {r}, ptr %op{i}, align 4" for i, r in enumerate(results)]
+    lines += ["  %o.next = add nuw i64 %o, 1", "  %rows.left = icmp ult i64 %o.next, %r1",
+              "  br i1 %rows.left, label %row, label %chunk.end",
+              "chunk.end:", "  %ch.next = add nuw i64 %ch, 1", "  %chunks.left = icmp ult i64 %ch.next, %chunks",
+              "  br i1 %chunks.left, label %chunk, label %block.end",
+              "block.end:", "  %b.next = add nuw i64 %b, 1", "  %blocks.left = icmp ult i64 %b.next, %blocks",
+              "  br i1 %blocks.left, label %block, label %exit", "exit:", "  ret void", "}"]
+    return "\n".join(lines)
+
+
+def _matvec_ir(index: str) -> str:
+    """IR of ``out[o] += sum_k vals[k] * x[cols[k]]`` (batch 1).
+
+    Four nonzeros at a time: one load of four column indices, one of four values, four scalar loads of x inserted
+    into a vector, one vector multiply-add; two such groups per pass into two accumulators. Half the loads of a
+    scalar loop (measured 1.2x faster; AVX2 gathers and software prefetch were no faster than scalar)."""
+    groups, vec = 2, "<4 x float>"
+    lines = [f"define void @spmv_{index}(ptr noalias %starts, ptr noalias %ends, ptr noalias %cols, "
+             "ptr noalias %vals, ptr noalias %x, ptr noalias %out, i64 %r0, i64 %r1) nounwind {",
+             "entry:", "  %any = icmp ult i64 %r0, %r1", "  br i1 %any, label %row, label %exit",
+             "row:", "  %o = phi i64 [%r0, %entry], [%o.next, %store]",
+             "  %sp = getelementptr i32, ptr %starts, i64 %o", "  %s32 = load i32, ptr %sp",
+             "  %ep = getelementptr i32, ptr %ends, i64 %o", "  %e32 = load i32, ptr %ep",
+             "  %s = zext i32 %s32 to i64", "  %e = zext i32 %e32 to i64",
+             "  %outp = getelementptr float, ptr %out, i64 %o", "  %init = load float, ptr %outp",
+             "  br label %loop", "loop:", "  %k = phi i64 [%s, %row], [%k.next, %body]"]
+    lines += [f"  %acc{g} = phi {vec} [zeroinitializer, %row], [%new{g}, %body]" for g in range(groups)]
+    lines += [f"  %k.next = add nuw i64 %k, {4 * groups}", "  %more = icmp ule i64 %k.next, %e",
+              "  br i1 %more, label %body, label %rest", "body:",
+              # ahead of the hardware prefetcher, which stops at each 4 KiB page: ~8% faster on a layer read cold
+              # from memory (9216x4096 at 9%, after a dense layer evicted the cache)
+              f"  %pk = add i64 %k, {PREFETCH_AHEAD}", "  %pfv = getelementptr float, ptr %vals, i64 %pk",
+              "  call void @llvm.prefetch.p0(ptr %pfv, i32 0, i32 3, i32 1)",
+              f"  %pfc = getelementptr {index}, ptr %cols, i64 %pk",
+              "  call void @llvm.prefetch.p0(ptr %pfc, i32 0, i32 3, i32 1)"]
+    for g in range(groups):
+        k = "%k" if g == 0 else f"%k{g}"
+        if g:
+            lines.append(f"  {k} = add nuw i64 %k, {4 * g}")
+        lines += [f"  %cp{g} = getelementptr {index}, ptr %cols, i64 {k}",
+                  f"  %cv{g} = load <4 x {index}>, ptr %cp{g}, align 1",
+                  f"  %ci{g} = zext <4 x {index}> %cv{g} to <4 x i64>"]
+        gathered = "poison"
+        for j in range(4):
+            lines += [f"  %c{g}.{j} = extractelement <4 x i64> %ci{g}, i32 {j}",
+                      f"  %xp{g}.{j} = getelementptr float, ptr %x, i64 %c{g}.{j}",
+                      f"  %x{g}.{j} = load float, ptr %xp{g}.{j}",
+                      f"  %xv{g}.{j} = insertelement {vec} {gathered}, float %x{g}.{j}, i32 {j}"]
+            gathered = f"%xv{g}.{j}"
+        lines += [f"  %vp{g} = getelementptr float, ptr %vals, i64 {k}",
+                  f"  %vv{g} = load {vec}, ptr %vp{g}, align 4", f"  %m{g} = fmul contract {vec} %vv{g}, {gathered}",
+                  f"  %new{g} = fadd contract {vec} %acc{g}, %m{g}"]
+    lines += ["  br label %loop", "rest:", f"  %both = fadd {vec} %acc0, %acc1",
+              f"  %sum = call reassoc float @llvm.vector.reduce.fadd.v4f32(float %init, {vec} %both)",
+              "  br label %tail",
+              "tail:", "  %kt = phi i64 [%k, %rest], [%kt.next, %tailbody]",
+              "  %t = phi float [%sum, %rest], [%t.next, %tailbody]", "  %left = icmp ult i64 %kt, %e",
+              "  br i1 %left, label %tailbody, label %store", "tailbody:",
+              f"  %cpt = getelementptr {index}, ptr %cols, i64 %kt", f"  %cnt = load {index}, ptr %cpt",
+              f"  %ct = zext {index} %cnt to i64", "  %xpt = getelementptr float, ptr %x, i64 %ct",
+              "  %xvt = load float, ptr %xpt", "  %vpt = getelementptr float, ptr %vals, i64 %kt",
+              "  %vt = load float, ptr %vpt", "  %mt = fmul contract float %vt, %xvt",
+              "  %t.next = fadd contract float %t, %mt", "  %kt.next = add nuw i64 %kt, 1", "  br label %tail",
+              "store:", "  store float %t, ptr %outp", "  %o.next = add nuw i64 %o, 1",
+              "  %rows.left = icmp ult i64 %o.next, %r1", "  br i1 %rows.left, label %row, label %exit",
+              "exit:", "  ret void", "}"]
+    return "\n".join(lines)
+
+
+
+def _products_ir() -> str:
+    return "\n\n".join(
+        ["declare float @llvm.vector.reduce.fadd.v4f32(float, <4 x float>)",
+         "declare void @llvm.prefetch.p0(ptr, i32, i32, i32)"]
+        + [_function_ir(w, t) for w in WIDTHS for t in _INDEX_TYPES.values()]
+        + [_matvec_ir(t) for t in _INDEX_TYPES.values()])
+
+
+def _addresses(engine) -> dict[tuple[int, str], int]:
+    found = {(width, index): engine.get_function_address(f"spmm_{width}_{index}")
+             for width in WIDTHS for index in _INDEX_TYPES.values()}
+    found.update({(1, index): engine.get_function_address(f"spmv_{index}") for index in _INDEX_TYPES.values()})
+    return found
+
+
+def kernel(width: int, index_dtype: np.dtype) -> int:
+    """Address of the compiled kernel for a block ``width`` (one of WIDTHS, or 1 for the matrix-vector product)
+    and a column-index dtype (uint8/16/32); the products compile on first use (~0.4 s)."""
+    return compiled("csr", _products_ir, _addresses)[width, _INDEX_TYPES[np.dtype(index_dtype)]]
+
+
+def row_splits(indptr: np.ndarray, parts: int) -> list[tuple[int, int]]:
+    """Contiguous row ranges with about equal nonzeros each."""
+    n_rows = indptr.shape[0] - 1
+    cuts = [0] + [int(np.searchsorted(indptr, indptr[-1] * i / parts)) for i in range(1, parts)] + [n_rows]
+    cuts = sorted(min(max(c, 0), n_rows) for c in cuts)
+    return [(a, b) for a, b in itertools.pairwise(cuts) if b > a]
+
+
+TILE_ROWS = 2048  # input rows per tile: 2048 x 32 floats = 256 KiB of the input block, inside a 512 KiB+ L2
+
+
+def tile_pointers(indptr: np.ndarray, cols: np.ndarray, n_in: int, tile_rows: int = TILE_ROWS) -> np.ndarray:
+    """(tiles + 1, n_rows) int32: row o's nonzeros with a column in tile t are tiles[t, o]:tiles[t + 1, o].
+
+    Walking the input tile by tile keeps the rows of x that the nonzeros gather from in L2 (measured 15-20% faster
+    on 9216- and 25088-input layers at batch 256)."""
+    n_rows = indptr.shape[0] - 1
+    n_tiles = max(-(-n_in // tile_rows), 1)
+    counts = np.zeros((n_rows, n_tiles), dtype=np.int64)
+    if cols.size:
+        rows = np.repeat(np.arange(n_rows), np.diff(indptr.astype(np.int64)))
+        np.add.at(counts, (rows, cols.astype(np.int64) // tile_rows), 1)
+    tiles = np.empty((n_tiles + 1, n_rows), dtype=np.int64)
+    tiles[0] = indptr[:-1]
+    tiles[1:] = indptr[:-1] + np.cumsum(counts, axis=1).T
+    return np.ascontiguousarray(tiles.astype(np.int32))
+
+
+def column_chunks(m: int, widest: int = 32) -> list[tuple[int, int, int]]:
+    """(offset, width, count) runs of kernel-width chunks covering ``m`` columns (a multiple of 8), widest first."""
+    runs, start = [], 0
+    while start < m:
+        width = max(w for w in WIDTHS if w <= min(widest, m - start))
+        count = (m - start) // width
+        runs.append((start, width, count))
+        start += width * count
+    return runs
+
+
+class CSRProduct:
+    """A CSR matrix ready for the kernels: row pointers split by input tile, narrow column indices, float32 values.
+
+    Plans (records and tasks, see the module docstring) are cached per call shape with the input and output
+    addresses left out; the compiled runner adds a call's addresses in. Pickling and copying keep only the arrays.
+    """
+
+    def __init__(self, indptr: np.ndarray, cols: np.ndarray, vals: np.ndarray, n_in: int,
+                 tile_rows: int = TILE_ROWS) -> None:
+        if indptr.dtype != np.int32 or cols.dtype not in _INDEX_TYPES or vals.dtype != np.float32:
+            raise ValueError(f"CSRProduct wants int32 row pointers, uint8/16/32 columns and float32 values, got "
+                             f"{indptr.dtype}, {cols.dtype}, {vals.dtype}")
+        self.n_in = n_in
+        self.cols, self.vals = np.ascontiguousarray(cols), np.ascontiguousarray(vals)
+        self.tiles = tile_pointers(indptr, self.cols, n_in, tile_rows)
+        self._prepare()
+
+    def _prepare(self) -> None:
+        self.cols, self.vals = huge_page_array(self.cols), huge_page_array(self.vals)
+        self.n_rows = self.tiles.shape[1]
+        self._bounds = [self.tiles[t].ctypes.data for t in range(self.tiles.shape[0])]
+        self._data = (self.cols.ctypes.data, self.vals.ctypes.data)
+        self._row_nnz_end = np.concatenate([self.tiles[0, :1], self.tiles[-1]]) if self.n_rows else None
+        self._plans: dict[tuple, Plan] = {}
+        self._reach = int(self.cols.max()) if self.cols.size else 0  # the largest column (conv_rows' bounds check)
+
+    def __getstate__(self) -> dict:
+        return {"n_in": self.n_in, "cols": self.cols, "vals": self.vals, "tiles": self.tiles}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._prepare()
+
+    def _ranges(self, parts: int) -> list[tuple[int, int]]:
+        if parts <= 1:
+            return [(0, self.n_rows)] if self.n_rows else []
+        return row_splits(self._row_nnz_end, parts)
+
+    def _plan(self, key: tuple, threads: int, per_task: list[list[list[int]]]) -> Plan:
+        if len(self._plans) >= 16:  # a model sees few shapes; do not grow without bound on varying ones
+            self._plans.clear()
+        plan = self._plans[key] = Plan(per_task, threads)
+        return plan
+
+    def matvec(self, x: np.ndarray, out: np.ndarray, threads: int) -> None:
+        """out += W @ x for x (n_in,) and out (n_rows,) contiguous float32. The vector stays in cache: untiled."""
+        if x.shape != (self.n_in,) or out.shape != (self.n_rows,) or x.dtype != np.float32 \
+                or out.dtype != np.float32 or not (x.flags.c_contiguous and out.flags.c_contiguous):
+            raise ValueError(f"matvec wants contiguous float32 x ({self.n_in},) and out ({self.n_rows},), got "
+                             f"{x.dtype} {x.shape} and {out.dtype} {out.shape}")
+        self.matvec_at(x.ctypes.data, out, threads)
+
+    def matvec_at(self, x_address: int, out: np.ndarray, threads: int) -> None:
+        """:meth:`matvec` with x given by the address of n_in contiguous float32 (the caller vouches for it)."""
+        if out.shape != (self.n_rows,) or out.dtype != np.float32 or not out.flags.c_contiguous:
+            raise ValueError(f"matvec wants a contiguous float32 out ({self.n_rows},), got {out.dtype} {out.shape}")
+        threads = threads if self.vals.size >= PARALLEL_MIN_NONZEROS else 1
+        plan = self._plans.get(("matvec", threads))
+        if plan is None:
+            fn = kernel(1, self.cols.dtype)
+            starts, ends = self._bounds[0], self._bounds[-1]
+            plan = self._plan(("matvec", threads), threads,
+                              [[[SPMV, fn, starts, ends, *self._data, 0, 0, *rows] + [0] * 6]
+                               for rows in self._ranges(threads * CHUNKS_PER_THREAD)])
+        plan.run(x_address, out.ctypes.data)
+
+    def matmul(self, x: np.ndarray, out: np.ndarray, threads: int, widest: int = 32) -> None:
+        """out[b] += W @ x[b] for every b: x (B, n_in, m) and out (B, n_rows, m) C-contiguous float32, m a
+        multiple of 8. A task is a range of rows; its records walk the input tiles and, per tile and chunk width,
+        all blocks and column chunks of those rows."""
+        batches, n_in, m = x.shape
+        if m % 8 or n_in != self.n_in or out.shape != (batches, self.n_rows, m) or x.dtype != np.float32 \
+                or out.dtype != np.float32 or not (x.flags.c_contiguous and out.flags.c_contiguous):
+            raise ValueError(f"matmul wants C-contiguous float32 x (B, {self.n_in}, m) and out (B, {self.n_rows}, m) "
+                             f"with m a multiple of 8, got {x.dtype} {x.shape} and {out.dtype} {out.shape}")
+        if m == 0 or batches == 0:
+            return
+        threads = threads if self.vals.size * batches * m >= PARALLEL_MIN_WORK else 1
+        x_step, o_step = x.strides[0] // 4, out.strides[0] // 4
+        key = ("matmul", threads, batches, m, widest, x_step, o_step)
+        plan = self._plans.get(key)
+        if plan is None:
+            runs = [(offset * 4, count, kernel(width, self.cols.dtype))
+                    for offset, width, count in column_chunks(m, widest)]
+            bounds, data = self._bounds, self._data
+            # each task reads all of x again: as many tasks as keep that below the bytes of the weight, so late
+            # threads can still be balanced where x is small (batch 32) and x is not re-read where it is large
+            weight_bytes = self.vals.nbytes + self.cols.nbytes
+            parts = threads * max(min(CHUNKS_PER_THREAD, weight_bytes // max(x.nbytes * threads, 1)), 1)
+            plan = self._plan(key, threads, [
+                [[SPMM, fn, starts, ends, *data, offset, m, offset, m, *rows, count, batches, x_step, o_step]
+                 for starts, ends in itertools.pairwise(bounds) for offset, count, fn in runs]
+                for rows in self._ranges(parts)])
+        plan.run(x.ctypes.data, out.ctypes.data)
+
+    def conv_rows(self, x: np.ndarray, out: np.ndarray, out_h: int, row_step: int, threads: int) -> None:
+        """Direct convolution at stride 1 without im2col. The columns of this product are offsets into one image
+        of the padded input (c * Hp * Wp + kh * Wp + kw) and ``x`` is the flat padded batch, B images of
+        ``n_in`` floats plus a tail of at least w8 floats; ``out`` is (B, n_rows, out_h, w8) with w8 the output
+        width rounded up to 8. For every image, output row oh and nonzero k:
+        ``out[b, o, oh, :] += vals[k] * x[b * n_in + oh * row_step + cols[k] : ... + w8]`` (lanes past the true
+        output width read neighbouring input and are discarded by the caller). With more images than threads a
+        task is a run of images (each image's input read once), otherwise a range of output channels."""
+        batches, n_rows, rows, w8 = out.shape
+        if rows != out_h or n_rows != self.n_rows or w8 % 8 or out.dtype != np.float32 or x.dtype != np.float32 \
+                or x.ndim != 1 or not (x.flags.c_contiguous and out.flags.c_contiguous):
+            raise ValueError(f"conv_rows wants a flat float32 x and a C-contiguous float32 out (B, {self.n_rows}, "
+                             f"{out_h}, w8) with w8 a multiple of 8, got {x.dtype} {x.shape}, {out.dtype} {out.shape}")
+        if batches and (batches - 1) * self.n_in + (out_h - 1) * row_step + self._reach + w8 > x.size:
+            raise ValueError(f"conv_rows: x holds {x.size} floats, the product would read past them")
+        if batches == 0 or out_h == 0 or w8 == 0:
+            return
+        threads = threads if self.vals.size * batches * out_h * w8 >= PARALLEL_MIN_WORK else 1
+        key = ("conv_rows", threads, batches, out_h, row_step, w8)
+        plan = self._plans.get(key)
+        if plan is None:
+            runs = [(offset * 4, count, kernel(width, self.cols.dtype))
+                    for offset, width, count in column_chunks(w8, 64)]
+            starts, ends, data = self._bounds[0], self._bounds[-1], self._data
+            image_out = n_rows * out_h * w8
+
+            def calls(first: int, images: int, rows: tuple[int, int]) -> list[list[int]]:
+                x0, o0 = 4 * first * self.n_in, 4 * first * image_out
+                return [[SPMM, fn, starts, ends, *data, x0 + 4 * oh * row_step + offset, 1,
+                         o0 + 4 * oh * w8 + offset, out_h * w8, *rows, count, images, self.n_in, image_out]
+                        for oh in range(out_h) for offset, count, fn in runs]
+
+            if threads > 1 and batches >= 2 * threads:
+                cuts = np.linspace(0, batches, min(batches, threads * CHUNKS_PER_THREAD) + 1).astype(int)
+                per_task = [calls(a, b - a, (0, n_rows)) for a, b in itertools.pairwise(cuts)]
+            else:
+                per_task = [calls(0, batches, rows) for rows in self._ranges(threads * CHUNKS_PER_THREAD)]
+            plan = self._plan(key, threads, per_task)
+        plan.run(x.ctypes.data, out.ctypes.data)
