@@ -3,9 +3,9 @@ whole model, at batch 1, 32 and 256, measured side by side in one run.
 
     python benchmarks/inference.py [--quick]
 
-Writes benchmarks/results/inference[_quick].{json,md}. Sets OMP_WAIT_POLICY=PASSIVE unless already set: torch's
-OpenMP threads otherwise spin after each dense call and take the cores from the sparse kernels' threads on a 2-core
-machine (see docs/deploy.md).
+Writes benchmarks/results/<LLVM host CPU>/inference[_quick].{json,md}. Sets OMP_WAIT_POLICY=PASSIVE unless already
+set: torch's OpenMP threads otherwise spin after each dense call and take the cores from the sparse kernels' threads
+on a 2-core machine (see docs/deploy.md).
 """
 
 from __future__ import annotations
@@ -16,15 +16,12 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import time
 import warnings
 from pathlib import Path
 
-import llvmlite
-import numpy as np
 import scipy
 import scipy.sparse
 import torch
@@ -33,10 +30,11 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import magprune
 from magprune.deploy import SparseConv2d, SparseLinear, sparsify
+from magprune.environment import describe, machine_info
 from magprune.fileio import write_atomic
 
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(__file__).resolve().parent / "results"  # one folder per CPU: results/<LLVM host CPU name>/
 
 
 def timed(fns: dict, rounds: int) -> dict[str, dict[str, float]]:
@@ -136,28 +134,16 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _host_cpu() -> str:
-    """The CPU as LLVM sees it (the kernels are compiled for it), e.g. znver3 with its vector extensions."""
-    import llvmlite.binding as llvm
-
-    features = llvm.get_host_cpu_features()
-    vector = [f for f in ("avx512f", "avx2", "fma", "neon", "sve") if features.get(f)]
-    return f"{llvm.get_host_cpu_name()} ({', '.join(vector) or 'no wide vectors'})"
-
-
 def machine() -> dict:
-    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-            "numpy": np.__version__, "scipy": scipy.__version__, "llvmlite": llvmlite.__version__,
-            "magprune": magprune.__version__, "torch_threads": torch.get_num_threads(),
-            "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"), "llvm_host_cpu": _host_cpu(),
-            "load_average_start": os.getloadavg()}
+    return {**machine_info(), "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),
+            "scipy": scipy.__version__, "load_average_start": os.getloadavg()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="3 timed rounds instead of 10")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="directory for the JSON and Markdown results")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="directory for the JSON and Markdown results (default: results/<LLVM host CPU name>)")
     args = parser.parse_args()
     rounds = 3 if args.quick else 10
     info = machine()
@@ -179,14 +165,16 @@ def main() -> None:
     print()
     print(text)
     print(f"\nload average start {info['load_average_start']}, end {info['load_average_end']}")
-    args.out.mkdir(parents=True, exist_ok=True)
+    out = args.out or RESULTS / info["llvm_host_cpu"]
+    out.mkdir(parents=True, exist_ok=True)
     stem = "inference_quick" if args.quick else "inference"
-    write_atomic(args.out / f"{stem}.json",
+    write_atomic(out / f"{stem}.json",
                  json.dumps({"machine": info, "rounds": rounds, "rows": rows}, indent=1).encode())
     cmd = "python benchmarks/inference.py" + (" --quick" if args.quick else "")
-    write_atomic(args.out / f"{stem}.md", (
+    write_atomic(out / f"{stem}.md", (
         f"# Sparse inference benchmark\n\n`{cmd}` — best of {rounds} interleaved rounds, ms; `x` columns are "
-        f"dense time / that time (higher is better).\n\nMachine: {json.dumps(info)}\n\n{text}\n").encode())
+        f"dense time / that time (higher is better).\n\nMachine: {describe(info)}; load average at the start / end: "
+        f"{info['load_average_start']} / {info['load_average_end']}\n\n{text}\n").encode())
 
 
 if __name__ == "__main__":

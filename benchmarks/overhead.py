@@ -8,7 +8,7 @@ and each round's time is divided by the same round's dense time; the reported ra
     python benchmarks/overhead.py            # full run (a few minutes on 2 cores)
     python benchmarks/overhead.py --quick    # smoke run
 
-Writes benchmarks/results/overhead.json and overhead.md.
+Writes benchmarks/results/<LLVM host CPU>/overhead.json and overhead.md.
 """
 
 from __future__ import annotations
@@ -17,10 +17,8 @@ import argparse
 import copy
 import json
 import os
-import platform
 import random
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -31,9 +29,10 @@ from torch.nn.utils import prune as torch_prune
 import magprune
 from magprune import pruner as pruner_module
 from magprune.criteria import HAN2015_DENSITIES
+from magprune.environment import describe, machine_info
 from magprune.fileio import write_atomic
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(__file__).resolve().parent / "results"  # one folder per CPU: results/<LLVM host CPU name>/
 
 OPTIMIZERS = {
     "sgd-momentum": lambda params: torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=5e-4),
@@ -174,17 +173,7 @@ def _iqr(values):
 
 
 def machine() -> dict:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "platform": platform.platform(), "python": sys.version.split()[0], "torch": torch.__version__,
-            "magprune": magprune.__version__, "loadavg": list(os.getloadavg())}
+    return machine_info()
 
 
 def to_markdown(result: dict) -> str:
@@ -193,8 +182,7 @@ def to_markdown(result: dict) -> str:
         "# Training-step overhead of masked training",
         "",
         f"Command: `{result['command']}`  ",
-        f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads), "
-        f"Python {m['python']}; load average before/after: {m['loadavg']} / {result['loadavg_after']}  ",
+        f"Machine: {describe(m)}; load average before/after: {m['load_average']} / {result['loadavg_after']}  ",
         f"Batch {result['batch_size']}, {result['rounds']} interleaved rounds of {result['steps']} steps; ratio = "
         "median over rounds of (variant step time / dense step time in the same round).",
         "",
@@ -216,7 +204,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--batch-size", type=int, default=64, help="Caffe's LeNet batch size (default 64)")
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None, help="steps per timed round")
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--out", type=Path, default=None,
+                        help="directory for the JSON and Markdown results (default: results/<LLVM host CPU name>)")
     args = parser.parse_args(argv)
     rounds = args.rounds or (3 if args.quick else 15)
     steps = args.steps or (5 if args.quick else 40)
@@ -230,11 +219,12 @@ def main(argv=None) -> dict:
                 print(f"{network:14s} {optimizer_name:13s} {row['variant']:28s} {row['step_ms']:8.3f} ms  "
                       f"x{row['ratio_vs_dense']:.3f}  zeros held: {row['zeros_held']}", flush=True)
     result["loadavg_after"] = list(os.getloadavg())
-    args.out.mkdir(parents=True, exist_ok=True)
+    out = args.out or RESULTS / result["machine"]["llvm_host_cpu"]
+    out.mkdir(parents=True, exist_ok=True)
     suffix = "-quick" if args.quick else ""
-    write_atomic(args.out / f"overhead{suffix}.json", json.dumps(result, indent=2).encode())
+    write_atomic(out / f"overhead{suffix}.json", json.dumps(result, indent=2).encode())
     markdown = to_markdown(result)
-    write_atomic(args.out / f"overhead{suffix}.md", markdown.encode())
+    write_atomic(out / f"overhead{suffix}.md", markdown.encode())
     print()
     print(markdown)
     return result

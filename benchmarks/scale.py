@@ -17,20 +17,19 @@ divided by the model's size in fp32 bytes. Cases:
     python benchmarks/scale.py            # VGG-16 ImageNet (138M weights; ~10 GB peak for the torch global case)
     python benchmarks/scale.py --quick    # VGG-16 CIFAR-size (15M weights)
 
-Writes benchmarks/results/scale.json and scale.md.
+Writes benchmarks/results/<LLVM host CPU>/scale.json and scale.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(__file__).resolve().parent / "results"  # one folder per CPU: results/<LLVM host CPU name>/
 GLOBAL_SPARSITY = 0.925  # Han's VGG-16 total: 7.5% of weights kept
 CASES = ["magprune-han2015", "magprune-global", "torch-l1-per-layer", "torch-global-l1"]
 TRAIN_CASES = ["train-dense", "train-magprune", "train-magprune-fp32-masks"]
@@ -135,21 +134,16 @@ def run_case(case: str, model_name: str) -> dict:
 
 
 def machine() -> dict:
-    import platform
+    from magprune.environment import machine_info
 
-    import torch
-
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), "unknown")
-    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(os.sysconf("SC_PAGE_SIZE")
-            * os.sysconf("SC_PHYS_PAGES") / 2**30, 1), "platform": platform.platform(),
-            "python": sys.version.split()[0], "torch": torch.__version__, "loadavg": list(os.getloadavg())}
+    return machine_info()
 
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="CIFAR-size VGG-16 instead of ImageNet's")
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--out", type=Path, default=None,
+                        help="directory for the JSON and Markdown results (default: results/<LLVM host CPU name>)")
     parser.add_argument("--case", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -182,21 +176,23 @@ def main(argv=None) -> dict:
     from magprune.fileio import write_atomic
 
     markdown = to_markdown(result)
-    args.out.mkdir(parents=True, exist_ok=True)
+    out = args.out or RESULTS / result["machine"]["llvm_host_cpu"]
+    out.mkdir(parents=True, exist_ok=True)
     suffix = "-quick" if args.quick else ""
-    write_atomic(args.out / f"scale{suffix}.json", json.dumps(result, indent=2).encode())
-    write_atomic(args.out / f"scale{suffix}.md", markdown.encode())
+    write_atomic(out / f"scale{suffix}.json", json.dumps(result, indent=2).encode())
+    write_atomic(out / f"scale{suffix}.md", markdown.encode())
     print()
     print(markdown)
     return result
 
 
 def to_markdown(result: dict) -> str:
+    from magprune.environment import describe
+
     m = result["machine"]
     lines = ["# Pruning at VGG-16 scale: time and peak extra memory", "",
              f"Command: `{result['command']}`  ",
-             f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, torch {m['torch']}, Python "
-             f"{m['python']}; load average at the end: {m['loadavg']}", "",
+             f"Machine: {describe(m)}; load average at the start: {m['load_average']}", "",
              "| case | model | weights | time (s) | peak extra memory | x model size | density | mask copies |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in result["rows"]:

@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 from collections.abc import Callable
 from pathlib import Path
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-_FILE_MODE = 0o666 & ~_umask()  # what open() would give; mkstemp's own 0600 would hide run files from others
+def _create_temp(directory: Path, name: str) -> tuple[int, Path]:
+    """A new file beside ``name`` opened for writing, with the permissions open() would give (0o666 less the umask,
+    applied by the OS: mkstemp's own 0600 would hide run files from others, and reading the umask means setting it)."""
+    while True:
+        tmp = directory / f".{name}.{secrets.token_hex(6)}.tmp"
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
+        except FileExistsError:
+            continue
 
 
 def write_atomic(path: str | os.PathLike[str], data: bytes, *,
@@ -26,12 +28,11 @@ def write_atomic(path: str | os.PathLike[str], data: bytes, *,
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        fd, tmp = _create_temp(path.parent, path.name)
     except OSError as error:  # name the file the caller asked for, not the temp file
         raise OSError(error.errno, f"cannot write there ({error.strerror})", str(path)) from error
     try:
         with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), _FILE_MODE)
             f.write(data)
             f.flush()
             os.fsync(f.fileno())

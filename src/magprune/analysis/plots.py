@@ -3,6 +3,7 @@ histograms). matplotlib is imported lazily, with the non-interactive Agg backend
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -11,25 +12,24 @@ import numpy as np
 import torch
 
 from magprune.analysis.sensitivity import SensitivityResult
+from magprune.fileio import write_atomic
 
 CONV_KINDS = ("Conv1d", "Conv2d", "Conv3d")
 
 
-def _pyplot():
-    import matplotlib
+def _figure(**kwargs):
+    """A matplotlib Figure drawn without pyplot: no backend is chosen and no global figure list is touched, so a
+    caller's own matplotlib setup (an interactive backend, a notebook) is left as it was."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    return Figure(**kwargs)
 
 
 def _save(fig, path: str | os.PathLike) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-    os.replace(tmp, path)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
+    write_atomic(path, buffer.getvalue())
     return path
 
 
@@ -37,11 +37,11 @@ def plot_sensitivity(result: SensitivityResult, path: str | os.PathLike, *, metr
                      title: str = "Sensitivity: each layer pruned alone, no retraining") -> Path:
     """Metric vs % of the layer's weights pruned, one curve per layer; conv and FC layers in separate panels
     (Han et al. Fig. 6)."""
-    plt = _pyplot()
     groups = {"CONV layers": [n for n, k in result.kinds.items() if k in CONV_KINDS],
               "FC layers": [n for n, k in result.kinds.items() if k not in CONV_KINDS]}
     groups = {name: layers for name, layers in groups.items() if layers}
-    fig, axes = plt.subplots(1, len(groups), figsize=(6 * len(groups), 4.5), squeeze=False, sharey=True)
+    fig = _figure(figsize=(6 * len(groups), 4.5))
+    axes = fig.subplots(1, len(groups), squeeze=False, sharey=True)
     x = [100 * s for s in result.sparsities]
     for ax, (group, layers) in zip(axes[0], groups.items(), strict=True):
         for layer in layers:
@@ -54,7 +54,6 @@ def plot_sensitivity(result: SensitivityResult, path: str | os.PathLike, *, metr
     axes[0][0].set_ylabel(metric)
     fig.suptitle(title)
     path = _save(fig, path)
-    plt.close(fig)
     return path
 
 
@@ -64,8 +63,8 @@ def plot_tradeoff(curves: Mapping[str, Sequence[tuple[float, float]]], path: str
 
     ``curves`` maps a recipe label ("L2 reg w/ retrain", ...) to (fraction pruned, accuracy loss) points.
     """
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig = _figure(figsize=(7, 4.5))
+    ax = fig.subplots()
     for label, points in curves.items():
         points = sorted(points)
         ax.plot([100 * p for p, _ in points], [100 * loss for _, loss in points], marker="o", markersize=3,
@@ -85,7 +84,6 @@ def plot_tradeoff(curves: Mapping[str, Sequence[tuple[float, float]]], path: str
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small", loc="best")
     path = _save(fig, path)
-    plt.close(fig)
     return path
 
 
@@ -111,11 +109,11 @@ def plot_weight_histograms(stages: Mapping[str, Mapping[str, torch.Tensor]], pat
 
     ``sizes`` gives each layer's full number of weights when the stages hold samples (:func:`sample_weights`):
     counts are then scaled up to the whole layer and the legend's nonzero counts marked as estimates."""
-    plt = _pyplot()
     layers = list(next(iter(stages.values())))
     cols = min(len(layers), 4)
     rows = -(-len(layers) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.5 * rows), squeeze=False)
+    fig = _figure(figsize=(4.5 * cols, 3.5 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
     for ax, layer in zip(axes.flat, layers, strict=False):
         values = {stage: weights[layer].detach().float().reshape(-1) for stage, weights in stages.items()}
         bound = max(float(v.abs().max()) for v in values.values()) or 1.0
@@ -135,5 +133,4 @@ def plot_weight_histograms(stages: Mapping[str, Mapping[str, torch.Tensor]], pat
     fig.suptitle(title)
     fig.tight_layout()
     path = _save(fig, path)
-    plt.close(fig)
     return path

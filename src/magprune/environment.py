@@ -1,0 +1,44 @@
+"""Core room (environment): the facts about a machine that go with every measured result — CPU model, LLVM's name
+for the host CPU and its vector features (what the kernels are compiled for), cores, memory, threads, versions."""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+
+def cpu_model() -> str:
+    """The CPU's model name as the OS reports it (``/proc/cpuinfo``), or the platform's processor string."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU (model, LLVM host name and vector features), cores, memory, torch threads, versions and load average."""
+    import llvmlite
+    import numpy
+    import torch
+
+    import magprune
+    from magprune.kernels.jit import host_cpu
+
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 0
+    return {"cpu": cpu_model(), **host_cpu(), "cores": os.cpu_count(), "memory_gib": round(memory / 2**30, 1),
+            "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
+            "python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__,
+            "llvmlite": llvmlite.__version__, "magprune": magprune.__version__,
+            "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
+
+
+def describe(info: dict[str, Any]) -> str:
+    """One line for a results file: ``Intel(R) Xeon(R) ... (LLVM sapphirerapids: avx2, avx512f, ...), 2 cores, ...``."""
+    return (f"{info['cpu']} (LLVM {info['llvm_host_cpu']}: {', '.join(info['llvm_features']) or 'no wide vectors'}), "
+            f"{info['cores']} cores, {info['memory_gib']} GiB, torch {info['torch']} ({info['torch_threads']} "
+            f"threads), Python {info['python']}, llvmlite {info['llvmlite']}")
