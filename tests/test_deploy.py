@@ -1,4 +1,5 @@
 import copy
+import importlib
 
 import numpy as np
 import pytest
@@ -119,6 +120,36 @@ def test_sparsify_converts_only_measured_wins_and_matches_outputs():
     assert all(d.dense_ms > 0 and d.sparse_ms > 0 for d in never.sparsify_decisions)
     with torch.inference_mode():
         torch.testing.assert_close(forced(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(("simd_ms", "torch_ms", "converted", "backend"), [
+    (0.80, 0.90, True, "simd"),    # 1.25x >= 1.2: converted, the faster backend kept
+    (0.90, 0.80, True, "torch"),
+    (0.85, 0.86, False, "simd"),   # 1.18x: below min_speedup, left dense
+    (1.20, 1.50, False, "simd"),   # slower than dense: never converted
+])
+def test_sparsify_decides_by_min_speedup_and_keeps_the_faster_backend(monkeypatch, simd_ms, torch_ms, converted,
+                                                                      backend):
+    """The decision itself, with the timer replaced: dense 1.0 ms against the two sparse backends' times."""
+    sparsify_module = importlib.import_module("magprune.deploy.sparsify")  # the module, not the function
+
+    def fake_best_ms(fn, repeats):
+        module = fn.__defaults__[0]  # the timed callables bind their module as the first default
+        if isinstance(module, SparseLinear):
+            return simd_ms if module.backend == "simd" else torch_ms
+        return 1.0
+
+    monkeypatch.setattr(sparsify_module, "best_ms", fake_best_ms)
+    model = nn.Sequential(nn.Linear(64, 32))
+    magprune.Pruner(model).prune(magprune.LayerSparsity(0.9))
+    out = sparsify(model, batch_size=1, min_speedup=1.2)
+    (decision,) = out.sparsify_decisions
+    assert decision.converted is converted
+    assert decision.sparse_ms == min(simd_ms, torch_ms) and decision.dense_ms == 1.0
+    assert decision.backend == backend
+    assert isinstance(out[0], SparseLinear) is converted
+    if converted:
+        assert out[0].backend == backend
 
 
 @pytest.mark.parametrize("min_work", [0, 1 << 62])  # parallel and serial kernels

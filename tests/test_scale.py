@@ -31,9 +31,22 @@ def test_vgg16_138m_pruned_to_han_densities():
 
 
 def test_vgg16_cifar_flops():
+    """FLOPs (2 per multiply-add) against an independent count from VGG-16's plan: 3x3 same-padded convolutions,
+    a 2x2 pool after each block of 2-3, then 512-512-10 on the 1x1x512 features."""
     report = magprune.sparsity_report(magprune.create_model("vgg-16-cifar"), torch.zeros(1, 3, 32, 32))
     assert report.weights == 14_710_464 + 2 * 512 * 512 + 512 * 10
     assert len(report.rows) == 16
+    plan = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
+    expected, side, channels = [], 32, 3
+    for step in plan:
+        if step == "M":
+            side //= 2
+            continue
+        expected.append(2 * side * side * step * channels * 9)
+        channels = step
+    expected += [2 * 512 * 512, 2 * 512 * 512, 2 * 512 * 10]
+    assert [r.flops for r in report.rows] == expected
+    assert report.flops == sum(expected)
 
 
 def test_chunked_prune_equals_unchunked(monkeypatch):
