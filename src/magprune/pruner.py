@@ -25,9 +25,10 @@ STATE_VERSION = 1
 
 # From this many entries a layer's mask is applied in training by the compiled kernel from a copy packed 1 bit per
 # entry (magprune.kernels.BitMask) rather than by torch multiplying with an fp32 copy: the fp32 copy's memory matters
-# there (VGG-16: 528 MiB of fp32 copies against 27 MiB, benchmarks/results/znver1/scale.md) and the kernel, on the pool's threads, is faster (fc6's gradient: 35 ms against
-# 49 ms on 2 cores). Below it torch's multiply is faster, its OpenMP threads still awake from the backward's matrix
-# products (LeNet-300-100 fc1: 25 us against 54 us for the kernel on one thread).
+# there (VGG-16: 528 MiB of fp32 copies against 27 MiB, benchmarks/results/znver1/scale.md) and the kernel, on the
+# pool's threads, is faster (fc6's gradient: 35 ms against 49 ms on 2 cores). Below it torch's multiply is faster,
+# its OpenMP threads still awake from the backward's matrix products (LeNet-300-100 fc1: 25 us against 54 us for the
+# kernel on one thread).
 PACKED_MIN_NUMEL = 1 << 21
 
 # Optimizers whose update at a position holding a zero weight, a zero gradient and clean state is exactly zero
