@@ -160,19 +160,29 @@ class Trainer:
             self.step(indices)
             if self.checkpoint_every and on_checkpoint is not None and self.batch % self.checkpoint_every == 0 \
                     and self.batch < self.steps_per_epoch:
-                on_checkpoint(self.state())
+                state = self.state()
+                self.check_finite(state.sums[0] / state.sums[2])
+                on_checkpoint(state)
         bar.close()
         loss_sum, wrong, seen = distributed.sum_over_ranks(self.sums)
+        self.check_finite(loss_sum / seen)
         test_loss, test_error = evaluate(self.model, *self.test, batch_size=self.cfg.eval_batch_size)
         self.epoch, self.batch, self.sums = self.epoch + 1, 0, [0.0, 0, 0]
-        row = {"stage": self.stage, "epoch": self.epoch, "lr": self.optimizer.param_groups[0]["lr"],
-               "train_loss": loss_sum / seen, "train_error": wrong / seen,
-               "test_loss": test_loss, "test_error": test_error, "seconds": time.perf_counter() - start}
-        if not math.isfinite(row["train_loss"]):
-            raise TrainingDiverged(f"{self.stage} epoch {self.epoch}: the training loss is {row['train_loss']} (lr "
-                                   f"{self.lr} too high?); the run stops here, its last checkpoint is the last good "
-                                   "epoch")
-        return row
+        return {"stage": self.stage, "epoch": self.epoch, "lr": self.optimizer.param_groups[0]["lr"],
+                "train_loss": loss_sum / seen, "train_error": wrong / seen,
+                "test_loss": test_loss, "test_error": test_error, "seconds": time.perf_counter() - start}
+
+    def check_finite(self, train_loss: float) -> None:
+        """Raise :class:`TrainingDiverged` if the epoch's mean loss so far or a weight is NaN/inf: called before
+        every checkpoint, so that no checkpoint ever holds a diverged model."""
+        if not math.isfinite(train_loss):
+            what = f"the training loss is {train_loss}"
+        elif not all(bool(torch.isfinite(p).all()) for p in self.model.parameters()):
+            what = "the weights are no longer finite"
+        else:
+            return
+        raise TrainingDiverged(f"{self.stage} epoch {self.epoch + 1}: {what} (lr {self.lr} too high?); the run stops "
+                               "here, its last checkpoint is from before the divergence")
 
     def step(self, indices: Tensor) -> None:
         """One optimizer step on the global batch ``indices`` (this rank's shard of it)."""
