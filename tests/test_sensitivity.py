@@ -6,16 +6,19 @@ import torch
 
 from magprune.analysis.plots import plot_sensitivity, plot_tradeoff, plot_weight_histograms, sample_weights
 from magprune.analysis.sensitivity import evaluate_with_targets, sensitivity_scan
+from magprune.experiment.config import TrainConfig
 from magprune.experiment.data import load_digits_split
-from magprune.experiment.demo import DigitsMLP, accuracy, fit
+from magprune.experiment.demo import DigitsMLP, accuracy
+from magprune.experiment.train import Trainer
 
 
 @pytest.fixture(scope="module")
 def trained():
     torch.manual_seed(0)
-    (x_train, y_train), (x_test, y_test) = load_digits_split(0)
+    train, (x_test, y_test) = load_digits_split(0)
     model = DigitsMLP()
-    fit(model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), x_train, y_train, 8, 32, 0)
+    cfg = TrainConfig(lr=0.05, momentum=0.9, epochs=8, batch_size=32, regularization="none")
+    Trainer(model, train, (x_test, y_test), cfg, seed=0).fit()
     return model, (lambda m: accuracy(m, x_test, y_test))
 
 
@@ -93,32 +96,26 @@ def test_weight_samples_are_bounded_strided_copies():
 
 def test_tradeoff_curves_on_digits():
     from magprune.analysis.tradeoff import tradeoff_curves
-    from magprune.retrain import weight_penalty
 
-    (x_train, y_train), (x_test, y_test) = load_digits_split(0)
+    train, test = load_digits_split(0)
 
-    def train(model, optimizer, reg, epochs, pruner=None):
-        g = torch.Generator().manual_seed(0)
-        params = list(pruner.params.values()) if pruner else [model.fc1.weight, model.fc2.weight, model.fc3.weight]
-        for _ in range(epochs):
-            for idx in torch.randperm(len(y_train), generator=g).split(64):
-                optimizer.zero_grad()
-                loss = torch.nn.functional.cross_entropy(model(x_train[idx]), y_train[idx])
-                (loss + weight_penalty(params, reg, 1e-4)).backward()
-                optimizer.step()
+    def config(reg, lr, epochs):
+        return TrainConfig(lr=lr, momentum=0.9, epochs=epochs, batch_size=64, regularization=reg, strength=1e-4)
 
     def make_dense(reg):
         torch.manual_seed(0)
         model = DigitsMLP()
-        train(model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), reg, 6)
+        Trainer(model, train, test, config(reg, 0.05, 6), penalized=[model.fc1.weight, model.fc2.weight,
+                                                                     model.fc3.weight]).fit()
         return model
 
     def retrain(model, pruner, reg):
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.005, momentum=0.9)
-        pruner.attach(optimizer)
-        train(model, optimizer, reg, 2, pruner)
+        trainer = Trainer(model, train, test, config(reg, 0.005, 2), penalized=list(pruner.params.values()))
+        handle = pruner.attach(trainer.optimizer)
+        trainer.fit()
+        handle.remove()
 
-    curves, dense = tradeoff_curves(make_dense, retrain, lambda m: accuracy(m, x_test, y_test), [0.5, 0.9, 0.97])
+    curves, dense = tradeoff_curves(make_dense, retrain, lambda m: accuracy(m, *test), [0.5, 0.9, 0.97])
     assert set(curves) == {"L1 reg w/o retrain", "L1 reg w/ retrain", "L2 reg w/o retrain", "L2 reg w/ retrain",
                            "L2 reg, iterative prune and retrain"}
     assert all([s for s, _ in points] == [0.5, 0.9, 0.97] for points in curves.values())

@@ -8,10 +8,11 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from magprune.criteria import StdThreshold
+from magprune.experiment.config import TrainConfig
 from magprune.experiment.data import load_digits_split
+from magprune.experiment.train import Trainer, evaluate
 from magprune.pruner import Pruner
 from magprune.report import sparsity_report
 
@@ -29,20 +30,8 @@ class DigitsMLP(nn.Sequential):
 
 
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    model.eval()
-    with torch.no_grad():
-        return (model(x).argmax(1) == y).float().mean().item()
-
-
-def fit(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, epochs: int,
-        batch_size: int, seed: int) -> None:
-    generator = torch.Generator().manual_seed(seed)
-    model.train()
-    for _ in range(epochs):
-        for idx in torch.randperm(len(y), generator=generator).split(batch_size):
-            optimizer.zero_grad()
-            F.cross_entropy(model(x[idx]), y[idx]).backward()
-            optimizer.step()
+    """Fraction of ``x`` that ``model`` classifies as ``y``."""
+    return 1.0 - evaluate(model, x, y)[1]
 
 
 @dataclass
@@ -59,27 +48,30 @@ def run_demo(q: float = 1.0, rounds: int = 2, epochs: int = 40, retrain_epochs: 
     """Train a small MLP on digits, prune it Han's way (q x std per layer) in ``rounds`` rounds with retraining."""
     start = time.perf_counter()
     torch.manual_seed(seed)
-    (x_train, y_train), (x_test, y_test) = load_digits_split(seed)
+    train, (x_test, y_test) = load_digits_split(seed)
     model = DigitsMLP()
-    lr, weight_decay = 0.05, 1e-4  # L2 throughout: Han et al.'s best setting
-    echo(f"digits: {len(y_train)} train / {len(y_test)} test images; model 64-256-128-10")
-    fit(model, torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay),
-        x_train, y_train, epochs, 32, seed)
+    pruner = Pruner(model)
+    # SGD with momentum and L2 on the weights, Han et al.'s best setting; retraining at 1/10 of the dense rate,
+    # as they did for the LeNets. The same epoch loop as `magprune run` (experiment.train.Trainer).
+    cfg = TrainConfig(lr=0.05, momentum=0.9, epochs=epochs, batch_size=32, regularization="l2", strength=1e-4)
+    echo(f"digits: {len(train[1])} train / {len(y_test)} test images; model 64-256-128-10")
+    Trainer(model, train, (x_test, y_test), cfg, seed=seed, stage="dense",
+            penalized=list(pruner.params.values())).fit()
     dense = accuracy(model, x_test, y_test)
     echo(f"dense:            test accuracy {100 * dense:.2f}%")
 
-    pruner = Pruner(model)
-    # Retrain at 1/10 of the dense learning rate, as Han et al. did for the LeNets.
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr / 10, momentum=0.9, weight_decay=weight_decay)
-    pruner.attach(optimizer)
     pruned = retrained = dense
     for round_ in range(1, rounds + 1):
         densities = pruner.prune(StdThreshold(q))
         pruned = accuracy(model, x_test, y_test)
         kept = ", ".join(f"{name.removesuffix('.weight')} {100 * d:.1f}%" for name, d in densities.items())
         echo(f"round {round_} pruned:  test accuracy {100 * pruned:.2f}% (no retraining; kept {kept})")
-        fit(model, optimizer, x_train, y_train, retrain_epochs, 32, seed + round_)
+        trainer = Trainer(model, train, (x_test, y_test), cfg, lr=cfg.lr / 10, epochs=retrain_epochs,
+                          seed=seed + round_, stage=f"retrain-{round_}", penalized=list(pruner.params.values()))
+        handle = pruner.attach(trainer.optimizer)
+        trainer.fit()
         pruner.check()
+        handle.remove()
         retrained = accuracy(model, x_test, y_test)
         echo(f"round {round_} retrain: test accuracy {100 * retrained:.2f}%")
     report = sparsity_report(model, x_test[:1])

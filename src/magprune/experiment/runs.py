@@ -22,7 +22,7 @@ from magprune.analysis.tradeoff import tradeoff_curves
 from magprune.experiment.config import ExperimentConfig, from_dict, load_config
 from magprune.experiment.data import load_dataset
 from magprune.experiment.pipeline import RunError, build_model
-from magprune.experiment.train import evaluate, fit
+from magprune.experiment.train import Trainer, evaluate
 from magprune.fileio import write_atomic
 from magprune.pruner import Pruner
 
@@ -97,9 +97,8 @@ def train_dense(config: ExperimentConfig, data_dir: str | None = None, progress:
         torch.set_num_threads(config.train.threads)
     torch.manual_seed(config.seed)
     model = build_model(config)
-    penalized = list(Pruner(model).params.values())
-    fit(model, train, test, config.train, lr=config.train.lr, epochs=config.train.epochs, seed=config.seed,
-        stage="dense", penalized=penalized, progress=progress)
+    Trainer(model, train, test, config.train, seed=config.seed, stage="dense",
+            penalized=list(Pruner(model).params.values()), progress=progress).fit()
     return model
 
 
@@ -124,16 +123,18 @@ def run_tradeoff(config: ExperimentConfig, out: Path, *, data_dir: str | None = 
     def make_dense(reg: str) -> nn.Module:
         torch.manual_seed(config.seed)
         model = build_model(config)
-        fit(model, train, test, with_reg(reg), lr=config.train.lr, epochs=config.train.epochs, seed=config.seed,
-            stage=f"dense-{reg}", penalized=list(Pruner(model).params.values()), progress=progress)
+        Trainer(model, train, test, with_reg(reg), seed=config.seed, stage=f"dense-{reg}",
+                penalized=list(Pruner(model).params.values()), progress=progress).fit()
         return model
 
     def retrain(model: nn.Module, pruner: Pruner, reg: str) -> None:
-        handles = []
-        fit(model, train, test, with_reg(reg), lr=config.train.lr * lr_fraction, epochs=retrain_epochs,
-            seed=config.seed + 1, stage=f"retrain-{reg}", penalized=list(pruner.params.values()),
-            on_optimizer=lambda opt: handles.append(pruner.attach(opt)), progress=progress)
-        for handle in handles:
+        trainer = Trainer(model, train, test, with_reg(reg), lr=config.train.lr * lr_fraction, epochs=retrain_epochs,
+                          seed=config.seed + 1, stage=f"retrain-{reg}", penalized=list(pruner.params.values()),
+                          progress=progress)
+        handle = pruner.attach(trainer.optimizer)
+        try:
+            trainer.fit()
+        finally:
             handle.remove()
 
     curves, dense = tradeoff_curves(make_dense, retrain, accuracy, grid, progress=echo)

@@ -1,10 +1,12 @@
-"""Train room: fit/evaluate loops over whole-dataset tensors, optimizers and lr schedules (Caffe's "inv" included)."""
+"""Train room: the one epoch loop (a :class:`Trainer` whose position is a :class:`TrainState`), evaluation,
+optimizers and lr schedules (Caffe's "inv" included)."""
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -55,112 +57,150 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 2000) -> 
     return loss / max(len(y), 1), wrong / max(len(y), 1)
 
 
-def fit(
-    model: nn.Module,
-    train: tuple[Tensor, Tensor],
-    test: tuple[Tensor, Tensor],
-    cfg: TrainConfig,
-    *,
-    lr: float,
-    epochs: int,
-    seed: int,
-    stage: str,
-    penalized: list[Tensor],
-    on_optimizer: Callable[[torch.optim.Optimizer], Any] | None = None,
-    on_epoch: Callable[[dict[str, Any]], None] | None = None,
-    on_epoch_state: Callable[[dict[str, Any]], None] | None = None,
-    resume: dict[str, Any] | None = None,
-    on_batch: Callable[[int, int], None] | None = None,
-    checkpoint_every: int = 0,
-    progress: bool = True,
-) -> list[dict[str, Any]]:
-    """Train ``model`` for ``epochs`` on whole-tensor data; returns one metrics row per epoch.
+@dataclass
+class TrainState:
+    """Where a :class:`Trainer` stands, as plain data: what a checkpoint stores to continue exactly from there.
 
-    ``penalized`` are the tensors ``cfg.regularization`` applies to (Han regularizes the prunable weights).
-    ``on_optimizer`` sees the new optimizer before the first step (a pruner attaches there). Shuffling uses its own
-    generator seeded from ``seed``, so the run is reproducible on one machine.
-
-    After each epoch ``on_epoch_state`` gets everything needed to continue exactly from there (epoch, optimizer,
-    lr schedule, shuffling generator and global RNG states); giving that back as ``resume`` skips the finished
-    epochs and continues as if never interrupted. With ``checkpoint_every`` > 0 the same state also goes to
-    ``on_epoch_state`` every that many optimizer steps inside an epoch (with the batch position, the epoch's
-    shuffling state and the running sums of the epoch's metrics), and resuming from it continues mid-epoch.
+    ``epoch`` epochs are finished and ``batch`` optimizer steps of the next one (0 at an epoch boundary);
+    ``generator`` is the shuffling generator's state at the start of that next epoch, so replaying its shuffle and
+    skipping ``batch`` batches continues mid-epoch; ``sums`` are that epoch's running (loss, wrong, seen), over all
+    ranks. ``rng`` is the global torch RNG (dropout).
     """
-    from tqdm import tqdm
 
-    x, y = train
-    distributed.check_batch_size(cfg.batch_size)
-    # A fresh DDP wrapper per stage: which parameters train (freezing) may change between stages.
-    net = torch.nn.parallel.DistributedDataParallel(model) if distributed.is_distributed() else model
-    optimizer = make_optimizer(model.parameters(), cfg, lr)
-    steps_per_epoch = math.ceil(len(y) / cfg.batch_size)
-    total = steps_per_epoch * epochs
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda it: lr_factor(cfg.lr_schedule, it, steps_per_epoch, total))
-    generator = torch.Generator().manual_seed(seed)
-    first_epoch, skip, partial = 1, 0, [0.0, 0, 0]
-    if resume is not None:
-        optimizer.load_state_dict(resume["optimizer"])
-        schedule.load_state_dict(resume["schedule"])
-        generator.set_state(resume["generator"])
-        torch.set_rng_state(resume["rng"])
-        first_epoch = resume["epoch"] + 1
-        if resume.get("batch"):  # mid-epoch: replay that epoch's shuffle, skip the batches already trained
-            skip = resume["batch"]
-            if distributed.is_main():  # the saved sums are over all ranks already
-                partial = list(resume["partial"])
-    if on_optimizer is not None:
-        on_optimizer(optimizer)
-    penalize = cfg.regularization != "none" and cfg.strength > 0 and penalized
-    rows = []
-    for epoch in range(first_epoch, epochs + 1):
+    epoch: int
+    batch: int
+    generator: Tensor
+    optimizer: dict[str, Any]
+    schedule: dict[str, Any]
+    rng: Tensor
+    sums: list[float] = field(default_factory=lambda: [0.0, 0, 0])
+
+    def as_dict(self) -> dict[str, Any]:
+        """A plain dict (what ``torch.load(weights_only=True)`` reads back)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, state: dict[str, Any]) -> TrainState:
+        return cls(**{f.name: state[f.name] for f in fields(cls)})
+
+
+class Trainer:
+    """``epochs`` epochs of minibatch SGD/Adam over whole-tensor data, one metrics row (with test error) per epoch.
+
+    ``penalized`` are the tensors ``cfg.regularization`` applies to (Han regularizes the prunable weights). Shuffling
+    uses its own generator seeded from ``seed``, so a run is reproducible on one machine. The optimizer exists from
+    the start (``trainer.optimizer``: a pruner attaches there); :meth:`state` and :meth:`load_state` are the
+    position as data. Under DDP each rank trains its shard of every global batch through a fresh DDP wrapper (which
+    parameters train may change between stages).
+    """
+
+    def __init__(self, model: nn.Module, train: tuple[Tensor, Tensor], test: tuple[Tensor, Tensor], cfg: TrainConfig,
+                 *, lr: float | None = None, epochs: int | None = None, seed: int = 0, stage: str = "train",
+                 penalized: Sequence[Tensor] = (), checkpoint_every: int = 0, progress: bool = False) -> None:
+        distributed.check_batch_size(cfg.batch_size)
+        self.model, self.train, self.test, self.cfg, self.stage = model, train, test, cfg, stage
+        self.lr = cfg.lr if lr is None else lr
+        self.epochs = cfg.epochs if epochs is None else epochs
+        self.penalized = list(penalized) if cfg.regularization != "none" and cfg.strength > 0 else []
+        self.checkpoint_every, self.progress = checkpoint_every, progress
+        self.net = nn.parallel.DistributedDataParallel(model) if distributed.is_distributed() else model
+        self.optimizer = make_optimizer(model.parameters(), cfg, self.lr)
+        self.steps_per_epoch = math.ceil(len(train[1]) / cfg.batch_size)
+        total = self.steps_per_epoch * self.epochs
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda it: lr_factor(cfg.lr_schedule, it, self.steps_per_epoch, total))
+        self.generator = torch.Generator().manual_seed(seed)
+        self.epoch, self.batch, self.sums = 0, 0, [0.0, 0, 0]  # this rank's sums of the epoch in progress
+        self._epoch_start = self.generator.get_state()
+
+    def state(self) -> TrainState:
+        """The position now (under DDP a collective: every rank calls it at the same step)."""
+        sums = distributed.sum_over_ranks(self.sums) if self.batch else [0.0, 0, 0]
+        generator = self._epoch_start if self.batch else self.generator.get_state()
+        return TrainState(epoch=self.epoch, batch=self.batch, generator=generator, sums=sums,
+                          optimizer=self.optimizer.state_dict(), schedule=self.schedule.state_dict(),
+                          rng=torch.get_rng_state())
+
+    def load_state(self, state: TrainState) -> None:
+        """Continue from ``state`` as if never interrupted."""
+        self.optimizer.load_state_dict(state.optimizer)
+        self.schedule.load_state_dict(state.schedule)
+        self.generator.set_state(state.generator)
+        torch.set_rng_state(state.rng)
+        self.epoch, self.batch = state.epoch, state.batch
+        # the saved sums are over all ranks already: one rank carries them on
+        self.sums = list(state.sums) if self.batch and distributed.is_main() else [0.0, 0, 0]
+
+    def fit(self, on_epoch: Callable[[dict[str, Any]], None] | None = None,
+            on_checkpoint: Callable[[TrainState], None] | None = None) -> list[dict[str, Any]]:
+        """Train the epochs not yet done; after each, ``on_epoch(row)`` then ``on_checkpoint(state)``."""
+        rows = []
+        while self.epoch < self.epochs:
+            rows.append(self.train_epoch(on_checkpoint))
+            if on_epoch is not None:
+                on_epoch(rows[-1])
+            if on_checkpoint is not None:
+                on_checkpoint(self.state())
+        return rows
+
+    def train_epoch(self, on_checkpoint: Callable[[TrainState], None] | None = None) -> dict[str, Any]:
+        """One epoch (the rest of it, after a mid-epoch resume), then the test set; returns its metrics row.
+
+        With ``checkpoint_every`` > 0, ``on_checkpoint`` also gets the state every that many steps inside it.
+        """
+        from tqdm import tqdm
+
         start = time.perf_counter()
-        model.train()
-        loss_sum, wrong, seen = partial if epoch == first_epoch else (0.0, 0, 0)
-        epoch_generator = generator.get_state()
-        batches = torch.randperm(len(y), generator=generator).split(cfg.batch_size)
-        if epoch == first_epoch and skip:
-            batches = batches[skip:]
-        bar = tqdm(batches, desc=f"{stage} {epoch}/{epochs}", leave=False,
-                   disable=not progress or not distributed.is_main(), unit="batch")
-        for batch, global_idx in enumerate(bar, start=skip if epoch == first_epoch else 0):
-            if on_batch is not None:
-                on_batch(epoch, batch)
-            idx = distributed.shard(global_idx)
-            xb, yb = x[idx], y[idx]
-            out = net(xb)
-            loss = F.cross_entropy(out, yb)
-            total_loss = loss + weight_penalty(penalized, cfg.regularization, cfg.strength) if penalize else loss
-            optimizer.zero_grad(set_to_none=True)
-            total_loss.backward()
-            optimizer.step()
-            schedule.step()
-            loss_sum += loss.item() * len(yb)
-            wrong += int((out.argmax(1) != yb).sum())
-            seen += len(yb)
-            done = batch + 1
-            if checkpoint_every and on_epoch_state is not None and done % checkpoint_every == 0 \
-                    and done < steps_per_epoch:
-                on_epoch_state({"epoch": epoch - 1, "batch": done, "generator": epoch_generator,
-                                "partial": distributed.sum_over_ranks([loss_sum, wrong, seen]),
-                                "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-                                "rng": torch.get_rng_state()})
+        self.model.train()
+        self._epoch_start = self.generator.get_state()
+        batches = torch.randperm(len(self.train[1]), generator=self.generator).split(self.cfg.batch_size)
+        bar = tqdm(batches[self.batch:], desc=f"{self.stage} {self.epoch + 1}/{self.epochs}", leave=False,
+                   disable=not self.progress or not distributed.is_main(), unit="batch")
+        for indices in bar:
+            self.step(indices)
+            if self.checkpoint_every and on_checkpoint is not None and self.batch % self.checkpoint_every == 0 \
+                    and self.batch < self.steps_per_epoch:
+                state = self.state()
+                self.check_finite(state.sums[0] / state.sums[2])
+                on_checkpoint(state)
         bar.close()
-        loss_sum, wrong, seen = distributed.sum_over_ranks([loss_sum, wrong, seen])
-        test_loss, test_error = evaluate(model, *test, batch_size=cfg.eval_batch_size)
-        row = {"stage": stage, "epoch": epoch, "lr": optimizer.param_groups[0]["lr"],
-               "train_loss": loss_sum / seen, "train_error": wrong / seen,
-               "test_loss": test_loss, "test_error": test_error, "seconds": time.perf_counter() - start}
-        if not math.isfinite(row["train_loss"]):
-            raise TrainingDiverged(f"{stage} epoch {epoch}: the training loss is {row['train_loss']} (lr {lr} too "
-                                   "high?); the run stops here, its last checkpoint is the last good epoch")
-        rows.append(row)
-        if on_epoch is not None:
-            on_epoch(row)
-        if on_epoch_state is not None:
-            on_epoch_state({"epoch": epoch, "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-                            "generator": generator.get_state(), "rng": torch.get_rng_state()})
-    return rows
+        loss_sum, wrong, seen = distributed.sum_over_ranks(self.sums)
+        self.check_finite(loss_sum / seen)
+        test_loss, test_error = evaluate(self.model, *self.test, batch_size=self.cfg.eval_batch_size)
+        self.epoch, self.batch, self.sums = self.epoch + 1, 0, [0.0, 0, 0]
+        return {"stage": self.stage, "epoch": self.epoch, "lr": self.optimizer.param_groups[0]["lr"],
+                "train_loss": loss_sum / seen, "train_error": wrong / seen,
+                "test_loss": test_loss, "test_error": test_error, "seconds": time.perf_counter() - start}
+
+    def check_finite(self, train_loss: float) -> None:
+        """Raise :class:`TrainingDiverged` if the epoch's mean loss so far or a weight is NaN/inf: called before
+        every checkpoint, so that no checkpoint ever holds a diverged model."""
+        if not math.isfinite(train_loss):
+            what = f"the training loss is {train_loss}"
+        elif not all(bool(torch.isfinite(p).all()) for p in self.model.parameters()):
+            what = "the weights are no longer finite"
+        else:
+            return
+        raise TrainingDiverged(f"{self.stage} epoch {self.epoch + 1}: {what} (lr {self.lr} too high?); the run stops "
+                               "here, its last checkpoint is from before the divergence")
+
+    def step(self, indices: Tensor) -> None:
+        """One optimizer step on the global batch ``indices`` (this rank's shard of it)."""
+        x, y = self.train
+        idx = distributed.shard(indices)
+        xb, yb = x[idx], y[idx]
+        out = self.net(xb)
+        loss = F.cross_entropy(out, yb)
+        total = loss + weight_penalty(self.penalized, self.cfg.regularization, self.cfg.strength) \
+            if self.penalized else loss
+        self.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        self.optimizer.step()
+        self.schedule.step()
+        self.sums[0] += loss.item() * len(yb)
+        self.sums[1] += int((out.argmax(1) != yb).sum())
+        self.sums[2] += len(yb)
+        self.batch += 1
 
 
 class TrainingDiverged(RuntimeError):

@@ -1,0 +1,239 @@
+"""Stages room: a run is a list of stages (dense training, then one prune + retrain per config step) working on one
+:class:`RunContext`; each checkpoints its own progress as plain data, so :mod:`.pipeline`'s driver can resume it.
+
+Adding a stage (a ``quantize`` stage, say):
+
+1. Subclass :class:`Stage`: a ``name`` unique in the run (checkpoints and resume messages name the stage by it)
+   and ``run(ctx, state)``. ``run`` works on ``ctx.model`` / ``ctx.pruner``, logs metric rows with ``ctx.log``,
+   puts what the summary reports into ``ctx.results`` (saved in every checkpoint), and calls
+   ``ctx.checkpoint(state)`` wherever a crash should not lose the work so far. ``state`` is plain data (dicts,
+   lists, numbers, tensors: what ``torch.load(weights_only=True)`` reads); on resume ``run`` gets the last one
+   back, ``None`` meaning "start from scratch". A stage that trains builds its loop with ``ctx.trainer`` and keeps
+   the :class:`~magprune.experiment.train.TrainState` (as a dict) under ``state["train"]``, as :class:`PruneRetrain`
+   does; the resume message reports its epoch and batch.
+2. Optionally ``check(ctx)``: config errors the stage can see before any training starts.
+3. Append it in :func:`build_stages`, where it belongs in the run, built from its config section.
+
+The driver checkpoints after every finished stage, so a resumed run never repeats one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from magprune.analysis.plots import sample_weights
+from magprune.criteria import GlobalSparsity, LayerSparsity, StdThreshold, han2015
+from magprune.experiment.config import ConfigError, ExperimentConfig, PruneStep
+from magprune.experiment.rundir import RESUME_VERSION, RunError, RunWriter, load_resume_checkpoint, plain
+from magprune.experiment.train import Trainer, TrainState, evaluate
+from magprune.pruner import Pruner
+from magprune.retrain import DropoutRescaler, freeze
+
+
+@dataclass
+class Position:
+    """Where a run stands: the stage in progress (an index into the run's stages; all of them: every stage done)
+    and that stage's own resumable state (``None``: not started)."""
+
+    stage: int = 0
+    state: dict[str, Any] | None = None
+
+
+@dataclass
+class RunContext:
+    """What the stages share: the model and its pruner, the data, the config, the run directory's writer, and the
+    results so far. :meth:`checkpoint` / :meth:`resume` turn all of it, with a :class:`Position`, into
+    ``checkpoints/resume.pt`` and back."""
+
+    config: ExperimentConfig
+    run_dir: Path
+    stages: list[Stage]
+    model: nn.Module
+    pruner: Pruner
+    train: tuple[Tensor, Tensor]
+    test: tuple[Tensor, Tensor]
+    writer: RunWriter
+    echo: Callable[[str], None] = print
+    progress: bool = True
+    stage: int = 0  # index of the stage running now
+    results: dict[str, Any] = field(default_factory=lambda: {"dense_error": None, "steps": []})
+    snapshots: dict[str, dict[str, Tensor]] = field(default_factory=dict)  # weight samples for the histograms
+    rescaler: DropoutRescaler | None = None
+    load_average_start: list[float] | None = None  # the machine's load as this process began (for the report)
+
+    def evaluate(self) -> float:
+        """The model's test error."""
+        return evaluate(self.model, *self.test, batch_size=self.config.train.eval_batch_size)[1]
+
+    def log(self, row: dict[str, Any], step: int) -> None:
+        """Append a metrics row (``step``: 0 for dense training, i for the i-th prune step) with the sparsity now."""
+        self.writer.log({**row, "step": step, "sparsity": self.pruner.sparsity()})
+
+    def log_epoch(self, step: int) -> Callable[[dict[str, Any]], None]:
+        def log(row: dict[str, Any]) -> None:
+            self.log(row, step)
+            self.echo(f"  {row['stage']} epoch {row['epoch']}: train loss {row['train_loss']:.4f}, "
+                      f"test error {100 * row['test_error']:.2f}% ({row['seconds']:.1f} s)")
+        return log
+
+    def trainer(self, stage: str, *, lr: float, epochs: int, seed: int, state: dict[str, Any] | None) -> Trainer:
+        """The training loop of a stage on this run's model and data, continued from ``state`` if given."""
+        trainer = Trainer(self.model, self.train, self.test, self.config.train, lr=lr, epochs=epochs, seed=seed,
+                          stage=stage, penalized=list(self.pruner.params.values()),
+                          checkpoint_every=self.config.output.checkpoint_every, progress=self.progress)
+        if state is not None:
+            trainer.load_state(TrainState.from_dict(state))
+        return trainer
+
+    def checkpoint(self, state: dict[str, Any] | None) -> None:
+        """Save the running stage's ``state`` with everything else a resume needs."""
+        self.save(Position(self.stage, state))
+
+    def save(self, position: Position) -> None:
+        self.writer.resume_checkpoint({
+            "version": RESUME_VERSION, "stages": [s.name for s in self.stages],
+            "position": {"stage": position.stage, "state": position.state}, "model": plain(self.model.state_dict()),
+            "masks": plain(self.pruner.masks), "rows": self.writer.rows, "results": self.results,
+            "rng": torch.get_rng_state()})
+
+    def resume(self) -> Position:
+        """Load the last complete checkpoint of the run directory into this context; where to go on from."""
+        saved = load_resume_checkpoint(self.run_dir)
+        if saved is None:  # killed before the first checkpoint: start over
+            return Position()
+        names = [s.name for s in self.stages]
+        if saved["stages"] != names:
+            raise RunError(f"{self.run_dir}: the checkpoint was written for stages {saved['stages']}, the config "
+                           f"now gives {names}")
+        self.model.load_state_dict(saved["model"])
+        if saved["masks"]:
+            self.pruner.load_state_dict({"masks": {k: v.to(self.device) for k, v in saved["masks"].items()}})
+        self.writer.rows, self.results = list(saved["rows"]), saved["results"]
+        torch.set_rng_state(saved["rng"])
+        position = Position(**saved["position"])
+        train = (position.state or {}).get("train")
+        where = f", after epoch {train['epoch']}" + (f", batch {train['batch']}" if train["batch"] else "") \
+            if train else ""
+        name = names[position.stage] if position.stage < len(names) else "the end (every stage done)"
+        self.echo(f"resuming {self.run_dir} at {name}{where}")
+        return position
+
+    @property
+    def device(self) -> torch.device:
+        return self.train[0].device
+
+
+class Stage:
+    """One part of a run; see the module docstring for how to write one."""
+
+    name: str
+
+    def check(self, ctx: RunContext) -> None:
+        """Raise ConfigError for what this stage cannot do with ``ctx``'s model, before any training."""
+
+    def run(self, ctx: RunContext, state: dict[str, Any] | None) -> None:
+        """Do the stage's work (continue from ``state`` if not None), checkpointing with ``ctx.checkpoint``."""
+        raise NotImplementedError
+
+
+class DenseTraining(Stage):
+    """Train the dense model (``train:``), with Han's regularization on the prunable weights."""
+
+    name = "dense"
+
+    def run(self, ctx: RunContext, state: dict[str, Any] | None) -> None:
+        cfg = ctx.config.train
+        trainer = ctx.trainer("dense", lr=cfg.lr, epochs=cfg.epochs, seed=ctx.config.seed,
+                              state=state["train"] if state else None)
+        trainer.fit(on_epoch=ctx.log_epoch(0), on_checkpoint=lambda t: ctx.checkpoint({"train": t.as_dict()}))
+        error = ctx.results["dense_error"] = ctx.evaluate()
+        ctx.echo(f"dense: test error {100 * error:.2f}%")
+        ctx.writer.checkpoint("dense", ctx.model, {}, {"stage": "dense", "test_error": error})
+        ctx.snapshots["dense"] = sample_weights(ctx.pruner.params)
+
+
+class PruneRetrain(Stage):
+    """The ``index``-th prune step: prune by its criterion, then retrain the remaining weights (``retrain:``)."""
+
+    def __init__(self, index: int, step: PruneStep) -> None:
+        self.index, self.step, self.name = index, step, f"step-{index}"
+        self.where = f"prune[{index - 1}].retrain.freeze"
+
+    def check(self, ctx: RunContext) -> None:
+        frozen = freeze_layers(ctx.model, self.step.retrain.freeze, self.where)
+        if frozen is not None:
+            frozen.remove()
+
+    def run(self, ctx: RunContext, state: dict[str, Any] | None) -> None:
+        i, retrain = self.index, self.step.retrain
+        if state is None:  # not pruned yet
+            state = {"pruned": self.prune(ctx), "train": None}
+            ctx.checkpoint(state)
+        if ctx.rescaler is not None and retrain.dropout_rescale:
+            ctx.rescaler.apply()
+        frozen = freeze_layers(ctx.model, retrain.freeze, self.where)  # before the optimizer: it takes what trains
+        trainer = ctx.trainer(f"retrain-{i}", lr=ctx.config.train.lr * retrain.lr_fraction, epochs=retrain.epochs,
+                              seed=ctx.config.seed + i, state=state["train"])
+        handle = ctx.pruner.attach(trainer.optimizer)
+        try:
+            trainer.fit(on_epoch=ctx.log_epoch(i),
+                        on_checkpoint=lambda t: ctx.checkpoint({**state, "train": t.as_dict()}))
+        finally:
+            handle.remove()
+            if frozen is not None:
+                frozen.remove()
+        ctx.pruner.check()
+        error = ctx.evaluate()
+        ctx.results["steps"].append({"step": i, "criterion": self.step.criterion,
+                                     "densities": state["pruned"]["densities"], "sparsity": ctx.pruner.sparsity(),
+                                     "error_pruned": state["pruned"]["pruned_error"], "error_retrained": error})
+        ctx.writer.checkpoint(self.name, ctx.model, ctx.pruner.masks, {"stage": self.name, **ctx.results["steps"][-1]})
+        ctx.echo(f"retrain {i}: test error {100 * error:.2f}%")
+
+    def prune(self, ctx: RunContext) -> dict[str, Any]:
+        densities = ctx.pruner.prune(build_criterion(self.step))
+        ctx.snapshots["pruned"] = sample_weights(ctx.pruner.params)
+        error = ctx.evaluate()
+        ctx.log({"stage": f"prune-{self.index}", "test_error": error}, self.index)
+        ctx.echo(f"prune {self.index} ({self.step.criterion}): sparsity {100 * ctx.pruner.sparsity():.2f}%, "
+                 f"test error before retraining {100 * error:.2f}%")
+        return {"densities": densities, "pruned_error": error}
+
+
+def build_stages(config: ExperimentConfig) -> list[Stage]:
+    """The stages ``config`` describes, in run order (``repeat: n`` has already made n prune steps)."""
+    return [DenseTraining(), *(PruneRetrain(i, step) for i, step in enumerate(config.prune, start=1))]
+
+
+def build_criterion(step: PruneStep):
+    """The :mod:`magprune.criteria` object a validated prune step describes."""
+    if step.criterion == "han2015":
+        return han2015(step.network)
+    if step.criterion == "density":
+        return LayerSparsity.from_densities(step.density) if isinstance(step.density, dict) \
+            else LayerSparsity(1.0 - step.density)
+    if step.criterion == "sparsity":
+        return LayerSparsity(step.sparsity)
+    if step.criterion == "global":
+        return GlobalSparsity(step.sparsity, step.layers)
+    return StdThreshold(step.q)
+
+
+def freeze_layers(model: nn.Module, kind: str, where: str) -> Any:
+    """Freeze the ``kind`` layers for a retraining (None for "none"); a freeze that cannot apply is a ConfigError."""
+    if kind == "none":
+        return None
+    try:
+        frozen = freeze(model, kind)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: cannot freeze {kind!r} layers: {exc}") from exc
+    if not any(p.requires_grad for p in model.parameters()):
+        frozen.remove()
+        raise ConfigError(f"{where}: freezing the {kind!r} layers of {type(model).__name__} leaves nothing to train")
+    return frozen
