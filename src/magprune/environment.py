@@ -22,18 +22,24 @@ def cpu_model() -> str:
 
 def machine_info() -> dict[str, Any]:
     """CPU (model, LLVM host name and vector features), cores, memory, torch threads, versions and load average."""
+    from importlib.metadata import PackageNotFoundError, version
+
     import llvmlite
     import numpy
     import torch
 
-    import magprune
     from magprune.kernels.jit import host_cpu
+
+    try:
+        magprune_version = version("magprune")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        magprune_version = "unknown"
 
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 0
     return {"cpu": cpu_model(), **host_cpu(), "cores": os.cpu_count(), "memory_gib": round(memory / 2**30, 1),
             "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
             "python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__,
-            "llvmlite": llvmlite.__version__, "magprune": magprune.__version__,
+            "llvmlite": llvmlite.__version__, "magprune": magprune_version,
             "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
 
 
