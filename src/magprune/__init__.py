@@ -12,6 +12,7 @@ from magprune.pruner import OptimizerHandle, Pruner, PruningInvariantError
 from magprune.report import SparsityReport, sparsity_report
 from magprune.retrain import DropoutRescaler, freeze, rescaled_dropout, weight_penalty
 from magprune.schedules import GradualCubic, Iterative, OneShot, PruningSchedule
+from magprune.sparse_training import SparseCompute, sparse_compute
 
 __version__ = "0.1.0"
 
@@ -26,6 +27,7 @@ __all__ = [
     "Pruner",
     "PruningInvariantError",
     "PruningSchedule",
+    "SparseCompute",
     "SparsityReport",
     "StdThreshold",
     "__version__",
@@ -39,6 +41,7 @@ __all__ = [
     "rescaled_dropout",
     "save_compressed",
     "shrink",
+    "sparse_compute",
     "sparsify",
     "sparsity_report",
     "weight_penalty",

@@ -105,6 +105,7 @@ class Pruner:
         self._kept_counts: dict[str, tuple[tuple[int, int], int]] = {}
         self._grad_handles: list[RemovableHandle] = []
         self._optimizers: dict[int, OptimizerHandle] = {}
+        self._sparse_compute: list[Any] = []  # handles of magprune.sparse_compute on this pruner's weights
 
     # ---------------------------------------------------------------- pruning
     def prune(self, criterion: Criterion, *, regrow: bool = False) -> dict[str, float]:
@@ -121,6 +122,11 @@ class Pruner:
 
         Returns the density (fraction kept) of every targeted parameter.
         """
+        if regrow and self._sparse_compute:
+            raise RuntimeError("sparse compute does not support regrowth: call its handle's remove() before "
+                               "prune(..., regrow=True)")
+        for handle in self._sparse_compute:  # the criterion reads the dense weights
+            handle.sync_dense()
         weights = {name: p.detach() for name, p in self.params.items()}
         proposed = criterion(weights, self.masks)
         if not isinstance(proposed, Mapping):
@@ -137,6 +143,8 @@ class Pruner:
         with torch.no_grad():
             for name, keep in proposed.items():
                 self._update_mask(name, keep, regrow)
+        for handle in self._sparse_compute:
+            handle.rebuild()
         self._install_grad_hooks()
         return self.densities()
 
@@ -287,6 +295,8 @@ class Pruner:
         Checks the weights and gradients at pruned positions, and for ``optimizer`` (default: every attached one)
         that first-moment state at pruned positions is zero and all floating-point state is finite.
         """
+        for handle in self._sparse_compute:
+            handle.sync_dense()
         problems = []
         optimizers = [optimizer] if optimizer is not None else [a.optimizer for a in self._optimizers.values()]
         with torch.no_grad():
@@ -317,6 +327,8 @@ class Pruner:
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Load masks saved by :meth:`state_dict`, zero the pruned weights and clean attached optimizers' state."""
+        if self._sparse_compute:
+            raise RuntimeError("load_state_dict while sparse compute is on: call its handle's remove() first")
         if not isinstance(state_dict, Mapping) or "masks" not in state_dict:
             raise ValueError("pruner state_dict must be a mapping with a 'masks' entry (from Pruner.state_dict())")
         masks = state_dict["masks"]

@@ -262,6 +262,16 @@ class CSRProduct:
         self.__dict__.update(state)
         self._prepare()
 
+    def rebind_values(self, vals: np.ndarray) -> None:
+        """Read the nonzeros' values from ``vals`` from now on (contiguous float32 of the same length, e.g. the
+        storage of a parameter that an optimizer updates in place); cached plans are dropped."""
+        if vals.shape != self.vals.shape or vals.dtype != np.float32 or not vals.flags.c_contiguous:
+            raise ValueError(f"rebind_values wants contiguous float32 values of shape {self.vals.shape}, got "
+                             f"{vals.dtype} {vals.shape}")
+        self.vals = vals
+        self._data = (self.cols.ctypes.data, self.vals.ctypes.data)
+        self._plans = {}
+
     def _ranges(self, parts: int) -> list[tuple[int, int]]:
         if parts <= 1:
             return [(0, self.n_rows)] if self.n_rows else []

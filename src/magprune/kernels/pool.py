@@ -33,9 +33,9 @@ _ENTRY_POINTS = {  # name: ctypes signature of the functions called from Python
     "worker_loop": ctypes.CFUNCTYPE(_I64, _VOID, _VOID, _I64),
     "spin_probe": ctypes.CFUNCTYPE(None, _VOID, _I64),
 }
-RECORD = 16  # int64 per record: kind (0 spmm, 1 spmv, 2 mask), function address, up to 14 arguments (x, out as
-# offsets)
-SPMM, SPMV, MASK = 0, 1, 2
+RECORD = 16  # int64 per record: kind (0 spmm, 1 spmv, 2 mask, 3 sddmm), function address, up to 14 arguments (x,
+# out as offsets)
+SPMM, SPMV, MASK, SDDMM = 0, 1, 2, 3
 MAX_TASKS = (1 << 20) - 1  # the task counter and count share one 64-bit word with the plan's sequence number
 SPIN_SECONDS = 2e-4  # how long a worker stays awake for the next plan (OpenMP's default active wait is longer)
 MAX_WORKERS = 63  # post() reports sleeping workers as bits of an int64
@@ -71,12 +71,14 @@ def _pool_ir(pause: str) -> str:
     for j in range(RECORD - 2):
         loads += [f"  %ap{j} = getelementptr i64, ptr %rec, i64 {2 + j}", f"  %a{j} = load i64, ptr %ap{j}"]
     # records hold input/output offsets; the bases of this call's arrays are added here (spmm: arguments 4 and 6,
-    # spmv: 4 and 5, mask: the tensor at 4), so a cached plan is never written to and serves concurrent calls
+    # spmv: 4 and 5, mask: the tensor at 4, sddmm: 4 and both 3 and 6, its output values and the output gradient
+    # sharing one buffer), so a cached plan is never written to and serves concurrent calls
     mm = [*args[:4], "%xa", args[5], "%oa.mm", *args[7:]]
     mv = [*args[:4], "%xa", "%oa.mv", *args[6:8]]
     mm_args = ", ".join(f"i64 {a}" for a in mm)
     mv_args = ", ".join(f"i64 {a}" for a in mv)
     mask_args = ", ".join(f"i64 {a}" for a in ["%xa", *args[:3]])
+    sd_args = ", ".join(f"i64 {a}" for a in [*args[:3], "%oa.sd", "%xa", args[5], "%oa.mm", *args[7:13]])
     mask = (1 << 20) - 1
     # Kernel arguments go through the records as int64 and are passed as such: pointers and int64 travel in the
     # same registers under the x86-64 and AArch64 C calling conventions.
@@ -88,8 +90,11 @@ def _pool_ir(pause: str) -> str:
         "  %rec = getelementptr i64, ptr %recs, i64 %off", "  %kind = load i64, ptr %rec",
         "  %fnp = getelementptr i64, ptr %rec, i64 1", "  %fn = load ptr, ptr %fnp", *loads,
         "  %xa = add i64 %a4, %xbase", "  %oa.mm = add i64 %a6, %obase", "  %oa.mv = add i64 %a5, %obase",
+        "  %oa.sd = add i64 %a3, %obase",
         f"  %mv = icmp eq i64 %kind, {SPMV}", "  br i1 %mv, label %callmv, label %notmv",
-        "notmv:", f"  %mk = icmp eq i64 %kind, {MASK}", "  br i1 %mk, label %callmask, label %callmm",
+        "notmv:", f"  %mk = icmp eq i64 %kind, {MASK}", "  br i1 %mk, label %callmask, label %notmask",
+        "notmask:", f"  %sd = icmp eq i64 %kind, {SDDMM}", "  br i1 %sd, label %callsd, label %callmm",
+        "callsd:", f"  call void %fn({sd_args})", "  br label %next",
         "callmm:", f"  call void %fn({mm_args})", "  br label %next",
         "callmask:", f"  call void %fn({mask_args})", "  br label %next",
         "callmv:", f"  call void %fn({mv_args})", "  br label %next",

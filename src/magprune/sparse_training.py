@@ -1,0 +1,381 @@
+"""Core room (sparse compute): retrain pruned Linear layers computing only their kept connections.
+
+``sparse_compute(model, pruner)`` turns every pruned ``nn.Linear`` of the pruner's targets into one whose weight is
+a compact parameter ``weight_values`` (the kept entries, row-major) and whose forward, input gradient and weight
+gradient run through the compiled kernels over those entries only: forward y^T = W x^T (:class:`CSRProduct`), input
+gradient dx^T = W^T dy^T (a second CSR product over W's transpose), weight gradient dW at kept positions only
+(:class:`SampledProduct`, an SDDMM). The optimizer then steps the kept entries only, so its cost falls with the
+density too; pruned entries do not exist, so they are exactly zero and their optimizer state is clean by
+construction. ``state_dict`` keys and shapes stay the plain ones (the dense ``weight`` is written and read).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from magprune.kernels.csr import CSRProduct
+from magprune.kernels.sddmm import SampledProduct
+from magprune.pruner import SECOND_MOMENT_FILL, SECOND_MOMENT_KEYS, Pruner
+from magprune.targets import module_name
+
+MAX_DENSITY = 0.5  # above this a layer stays dense: the kernels' per-nonzero cost passes the dense product's
+
+
+def _index_dtype(n: int) -> np.dtype:
+    """The narrowest unsigned dtype holding indices below ``n``."""
+    return np.dtype(np.uint8 if n <= 1 << 8 else np.uint16 if n <= 1 << 16 else np.uint32)
+
+
+def _blocking(n: int) -> tuple[int, int]:
+    """(width, blocks): the batch cut into blocks of at most 32 columns, a multiple of 8."""
+    width = 32 if n > 32 else max(-(-n // 8) * 8, 8)
+    return width, -(-n // width)
+
+
+def _to_blocks(a: Tensor, width: int, blocks: int) -> Tensor:
+    """(n, f) -> (blocks, f, width) contiguous, rows past n zero."""
+    n, f = a.shape
+    if blocks * width != n:
+        a = torch.cat([a, a.new_zeros(blocks * width - n, f)])
+    return a.view(blocks, width, f).transpose(1, 2).contiguous()
+
+
+def _from_blocks(b: Tensor, n: int) -> Tensor:
+    """(blocks, f, width) -> (n, f)."""
+    blocks, f, width = b.shape
+    return b.transpose(1, 2).reshape(blocks * width, f)[:n]
+
+
+class _Structure:
+    """One layer's kept connections as the kernels want them: the CSR product over W (forward), over W^T (input
+    gradient, its values gathered from W's by ``perm`` at each backward) and the sampled product (weight gradient)."""
+
+    def __init__(self, keep: np.ndarray, values: np.ndarray) -> None:
+        n_out, n_in = keep.shape
+        self.shape = (n_out, n_in)
+        self.positions = np.flatnonzero(keep)  # row-major, int64
+        rows, cols = np.divmod(self.positions, n_in)
+        indptr = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=n_out))]).astype(np.int32)
+        cols_w = cols.astype(_index_dtype(n_in))
+        self.product = CSRProduct(indptr, cols_w, np.ascontiguousarray(values, dtype=np.float32), n_in)
+        self.sampled = SampledProduct(indptr, cols_w, n_in)
+        perm = np.lexsort((rows, cols))  # W^T's nonzeros (by column of W, then row) as indices into W's
+        t_indptr = np.concatenate([[0], np.cumsum(np.bincount(cols, minlength=n_in))]).astype(np.int32)
+        self.product_t = CSRProduct(t_indptr, rows[perm].astype(_index_dtype(n_out)),
+                                    np.zeros(perm.size, np.float32), n_out)
+        self.values_t = torch.from_numpy(self.product_t.vals)
+        self.perm = torch.from_numpy(perm)
+        self.positions_t = torch.from_numpy(self.positions)
+
+    @property
+    def nnz(self) -> int:
+        return int(self.positions.size)
+
+
+class _SparseLinearFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, values: Tensor, bias: Tensor | None, layer: SparseComputeLayer) -> Tensor:
+        structure = layer.structure
+        n = x.shape[0]
+        width, blocks = _blocking(n)
+        xb = _to_blocks(x.detach(), width, blocks)
+        out = torch.empty(blocks, structure.shape[0], width)
+        if bias is None:
+            out.zero_()
+        else:
+            out.copy_(bias.detach()[None, :, None].expand_as(out))
+        structure.product.matmul(xb.numpy(), out.numpy(), torch.get_num_threads())
+        ctx.save_for_backward(values)
+        ctx.layer, ctx.structure, ctx.xb, ctx.n, ctx.has_bias = layer, structure, xb, n, bias is not None
+        return _from_blocks(out, n)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        if torch.is_grad_enabled():
+            raise RuntimeError("sparse compute does not support double backward (create_graph=True): call "
+                               "handle.remove() to train those layers dense")
+        (values,) = ctx.saved_tensors
+        structure, xb, n = ctx.structure, ctx.xb, ctx.n
+        if structure is not ctx.layer.structure:
+            raise RuntimeError("the layer was pruned again between its forward and backward; run the forward again")
+        blocks, n_in, width = xb.shape
+        n_out, nnz = structure.shape[0], structure.nnz
+        threads = torch.get_num_threads()
+        head = -(-nnz // 16) * 16  # the weight gradient, then the blocked output gradient, in one buffer
+        buffer = torch.empty(head + blocks * n_out * width)
+        dyb = buffer[head:].view(blocks, n_out, width)
+        dyb.copy_(_to_blocks(grad.contiguous(), width, blocks))
+        grad_x = grad_values = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            torch.index_select(values.detach(), 0, structure.perm, out=structure.values_t)
+            gxb = torch.zeros(blocks, n_in, width)
+            structure.product_t.matmul(dyb.numpy(), gxb.numpy(), threads)
+            grad_x = _from_blocks(gxb, n)
+        if ctx.needs_input_grad[1]:
+            structure.sampled.run(xb.numpy(), dyb.numpy(), buffer[:nnz].numpy(), threads)
+            grad_values = buffer[:nnz]
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = grad.sum(0)
+        return grad_x, grad_values, grad_bias, None
+
+
+class SparseComputeLayer:
+    """The sparse-compute state of one ``nn.Linear``: its dense parameter (held by the pruner, refreshed on demand),
+    its compact ``weight_values`` parameter and the kernels' structure."""
+
+    def __init__(self, name: str, module: nn.Linear, dense: nn.Parameter, keep: Tensor) -> None:
+        self.name, self.module, self.dense, self.original_class = name, module, dense, type(module)
+        self.structure = _Structure(keep.cpu().numpy(), np.zeros(int(keep.count_nonzero()), np.float32))
+        with torch.no_grad():
+            self.structure.product.vals[:] = dense.detach().reshape(-1)[self.structure.positions_t].numpy()
+        self.values = nn.Parameter(torch.from_numpy(self.structure.product.vals), requires_grad=dense.requires_grad)
+
+    def dense_from(self, values: Tensor) -> Tensor:
+        out = torch.zeros(self.structure.shape, dtype=values.dtype)
+        out.view(-1)[self.structure.positions_t] = values.detach()
+        return out
+
+    def compact_from(self, dense: Tensor) -> Tensor:
+        return dense.detach().reshape(-1)[self.structure.positions_t].contiguous()
+
+    def __call__(self, x: Tensor) -> Tensor:
+        n_out, n_in = self.structure.shape
+        if x.dtype != torch.float32 or not x.is_cpu:
+            raise TypeError(f"sparse compute ({self.name}) runs on float32 CPU tensors, got {x.dtype} on {x.device}")
+        if x.shape[-1] != n_in:
+            raise ValueError(f"{self.name} expects last dim {n_in}, got shape {list(x.shape)}")
+        values, bias = self.module.weight_values, self.module.bias
+        if values.dtype != torch.float32 or not values.is_cpu:
+            raise TypeError(f"sparse compute ({self.name}) needs float32 CPU weights, got {values.dtype} on "
+                            f"{values.device}: call handle.remove() before changing dtype or device")
+        if values.data_ptr() != self.structure.product.vals.ctypes.data:  # the storage was replaced (e.g. .data =)
+            self.structure.product.rebind_values(values.detach().contiguous().numpy())
+        lead = x.shape[:-1]
+        x2d = x.reshape(-1, n_in)
+        if x2d.shape[0] == 0:
+            return x.new_zeros(*lead, n_out) + (bias if bias is not None else 0)
+        return _SparseLinearFunction.apply(x2d, values, bias, self).reshape(*lead, n_out)
+
+
+def _sparse_forward(self: nn.Linear, x: Tensor) -> Tensor:
+    return self._magprune_sparse(x)
+
+
+def _dense_weight(self: nn.Linear) -> Tensor:
+    """A dense copy of the weight (detached; pruned entries zero): what ``weight`` reads while sparse compute is on."""
+    layer = self._magprune_sparse
+    return layer.dense_from(self.weight_values)
+
+
+_CLASSES: dict[type, type] = {}
+
+
+def _sparse_class(cls: type) -> type:
+    if cls not in _CLASSES:
+        _CLASSES[cls] = type(f"SparseCompute{cls.__name__}", (cls,),
+                             {"forward": _sparse_forward, "weight": property(_dense_weight)})
+    return _CLASSES[cls]
+
+
+def _state_dict_hook(module: nn.Module, state_dict: dict, prefix: str, local_metadata: Any) -> None:
+    values = state_dict.pop(prefix + "weight_values")
+    bias = state_dict.pop(prefix + "bias", None)
+    state_dict[prefix + "weight"] = module._magprune_sparse.dense_from(values)
+    if bias is not None:
+        state_dict[prefix + "bias"] = bias
+
+
+def _load_hook(module: nn.Module, state_dict: dict, prefix: str, local_metadata: Any, strict: bool,
+               missing_keys: list, unexpected_keys: list, error_msgs: list) -> None:
+    key = prefix + "weight"
+    if key in state_dict:
+        layer = module._magprune_sparse
+        weight = state_dict.pop(key)
+        if tuple(weight.shape) != layer.structure.shape:
+            error_msgs.append(f"size mismatch for {key}: copying a param with shape {tuple(weight.shape)}, the "
+                              f"shape in current model is {layer.structure.shape}")
+            return
+        state_dict[prefix + "weight_values"] = layer.compact_from(weight)
+
+
+class SparseCompute:
+    """Handle of :func:`sparse_compute`: ``remove()`` puts the dense weights (and the optimizers' state) back."""
+
+    def __init__(self, model: nn.Module, pruner: Pruner, layers: dict[str, SparseComputeLayer]) -> None:
+        self.model, self.pruner, self.layers = model, pruner, layers
+        self._hooks: list[Any] = []
+        self._active = False
+
+    @property
+    def names(self) -> list[str]:
+        """The weights (pruner names) computed sparse."""
+        return list(self.layers)
+
+    def _optimizers(self) -> list[torch.optim.Optimizer]:
+        return [attached.optimizer for attached in self.pruner._optimizers.values()]
+
+    def _install(self) -> None:
+        for layer in self.layers.values():
+            module = layer.module
+            params = dict(module._parameters)
+            module._parameters.clear()
+            module._parameters["weight_values"] = layer.values
+            module._parameters.update((k, v) for k, v in params.items() if k != "weight")
+            module._magprune_sparse = layer
+            module.__class__ = _sparse_class(layer.original_class)
+            self._hooks.append(module.register_state_dict_post_hook(_state_dict_hook))
+            self._hooks.append(module.register_load_state_dict_pre_hook(_load_hook))
+            for optimizer in self._optimizers():
+                self._swap(optimizer, layer.dense, layer.values, lambda v, _key, layer=layer: layer.compact_from(v))
+        self._active = True
+        self._invalidate()
+
+    def _invalidate(self) -> None:
+        for attached in self.pruner._optimizers.values():
+            attached.invalidate()
+
+    @staticmethod
+    def _swap(optimizer: torch.optim.Optimizer, old: Tensor, new: Tensor, convert) -> None:
+        """Put ``new`` where ``old`` is in the optimizer's groups, with its state converted."""
+        found = False
+        for group in optimizer.param_groups:
+            for i, p in enumerate(group["params"]):
+                if p is old:
+                    group["params"][i], found = new, True
+        if not found:
+            return
+        state = optimizer.state.pop(old, None)
+        if state:
+            optimizer.state[new] = {k: convert(v, k) if isinstance(v, Tensor) and v.shape == old.shape else v
+                                    for k, v in state.items()}
+
+    def sync_dense(self) -> None:
+        """Write the compact weights into the dense parameters the pruner holds (before it reads them)."""
+        if not self._active:
+            return
+        with torch.no_grad():
+            for layer in self.layers.values():
+                layer.dense.view(-1)[layer.structure.positions_t] = layer.values.detach()
+
+    def rebuild(self) -> None:
+        """Follow a deeper prune: keep the entries the pruner's masks still keep (weights, gradients, the attached
+        optimizers' state), in the same parameter objects, with the kernels' structure built anew."""
+        for name, layer in self.layers.items():
+            keep = self.pruner.masks[name].cpu().numpy()
+            new_positions = np.flatnonzero(keep)
+            old_positions = layer.structure.positions
+            if np.array_equal(new_positions, old_positions):
+                continue
+            index = np.searchsorted(old_positions, new_positions)
+            if index.size and (index.max() >= old_positions.size or
+                               not np.array_equal(old_positions[np.minimum(index, old_positions.size - 1)],
+                                                  new_positions)):
+                raise RuntimeError(f"{name}: the new mask keeps connections that were pruned (regrowth); sparse "
+                                   "compute supports deeper prunes only")
+            index_t = torch.from_numpy(index)
+            values = layer.values
+            structure = _Structure(keep, values.detach()[index_t].numpy())
+            layer.structure = structure
+            values.data = torch.from_numpy(structure.product.vals)
+            if values.grad is not None:
+                values.grad = values.grad[index_t].contiguous()
+            for optimizer in self._optimizers():
+                state = optimizer.state.get(values)
+                if state:
+                    for key, v in list(state.items()):
+                        if isinstance(v, Tensor) and v.shape == (old_positions.size,):
+                            state[key] = v[index_t].contiguous()
+        self._invalidate()
+
+    def remove(self) -> None:
+        """Back to dense layers: the weights (and gradients, and the attached optimizers' state) in the dense
+        parameters; pruned entries zero, second-moment state at pruned positions at the pruner's fill value."""
+        if not self._active:
+            return
+        self.sync_dense()
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
+        for layer in self.layers.values():
+            module = layer.module
+            module.__class__ = layer.original_class
+            del module._magprune_sparse
+            params = dict(module._parameters)
+            module._parameters.clear()
+            module._parameters["weight"] = layer.dense
+            module._parameters.update((k, v) for k, v in params.items() if k != "weight_values")
+            if layer.values.grad is not None:
+                layer.dense.grad = layer.dense_from(layer.values.grad)
+
+            def expand(v: Tensor, key: str, layer: SparseComputeLayer = layer) -> Tensor:
+                out = torch.full(layer.structure.shape, SECOND_MOMENT_FILL if key in SECOND_MOMENT_KEYS else 0.0,
+                                 dtype=v.dtype)
+                out.view(-1)[layer.structure.positions_t] = v
+                return out
+
+            for optimizer in self._optimizers():
+                self._swap(optimizer, layer.values, layer.dense, expand)
+        self._active = False
+        if self in self.pruner._sparse_compute:
+            self.pruner._sparse_compute.remove(self)
+        self._invalidate()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.names}, active={self._active})"
+
+
+def sparse_compute(model: nn.Module, pruner: Pruner, layers: Iterable[str] | None = None, *,
+                   max_density: float = MAX_DENSITY) -> SparseCompute:
+    """Compute only the kept connections of the pruner's pruned ``nn.Linear`` weights while retraining.
+
+    Each such layer (of ``layers``, pruner parameter names, if given; density at most ``max_density``) gets a compact
+    parameter ``weight_values`` in place of ``weight`` and runs forward, input gradient and weight gradient
+    through the sparse kernels. Optimizers attached to the pruner (:meth:`Pruner.attach`) are switched to the
+    compact parameters with their state; create other optimizers (and wrap the model in DDP) after this call.
+    ``model.fc.weight`` reads a dense copy; ``state_dict`` writes and loads the plain keys and shapes; a later
+    ``pruner.prune`` (deeper only) rebuilds the layers. Returns a handle whose ``remove()`` switches back.
+
+    Not supported (clear errors): regrowing prunes, double backward, non-float32 or CUDA weights or inputs.
+    Conv layers and layers above ``max_density`` stay dense under the pruner's masks.
+    """
+    if not isinstance(pruner, Pruner):
+        raise TypeError(f"pruner must be a magprune.Pruner, got {type(pruner).__name__}")
+    if not pruner.masks:
+        raise ValueError("sparse_compute needs a pruned model: call pruner.prune(...) first")
+    if pruner._sparse_compute:
+        raise RuntimeError("sparse compute is already on for this pruner; call its handle's remove() first")
+    if not 0.0 < max_density <= 1.0:
+        raise ValueError(f"max_density must be in (0, 1], got {max_density}")
+    modules = dict(model.named_modules())
+    wanted = set(layers) if layers is not None else None
+    if wanted is not None and (unknown := sorted(wanted - set(pruner.masks))):
+        raise ValueError(f"layers {unknown} are not pruned weights of this pruner; pruned: {sorted(pruner.masks)}")
+    chosen: dict[str, SparseComputeLayer] = {}
+    for name, param in pruner.params.items():
+        if name not in pruner.masks or (wanted is not None and name not in wanted) or not name.endswith("weight"):
+            continue
+        module = modules.get(module_name(name))
+        if not isinstance(module, nn.Linear) or type(module).forward is not nn.Linear.forward \
+                or module.weight is not param:
+            if wanted is not None:
+                raise ValueError(f"{name}: sparse compute supports nn.Linear weights only")
+            continue
+        if param.device.type != "cpu":
+            raise ValueError(f"{name}: sparse compute runs on CPU, the weight is on {param.device}")
+        if param.dtype != torch.float32:
+            raise TypeError(f"{name}: sparse compute supports float32 weights, got {param.dtype}")
+        mask = pruner.masks[name]
+        if int(mask.count_nonzero()) > max_density * mask.numel():
+            continue
+        chosen[name] = SparseComputeLayer(name, module, param, mask)
+    if not chosen:
+        raise ValueError(f"no pruned nn.Linear weight at density <= {max_density} among {sorted(pruner.masks)}")
+    handle = SparseCompute(model, pruner, chosen)
+    handle._install()
+    pruner._sparse_compute.append(handle)
+    return handle
