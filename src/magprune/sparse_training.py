@@ -359,7 +359,7 @@ def sparse_compute(model: nn.Module, pruner: Pruner, layers: Iterable[str] | Non
     for name, param in pruner.params.items():
         if name not in pruner.masks or (wanted is not None and name not in wanted) or not name.endswith("weight"):
             continue
-        module = modules.get(module_name(name))
+        module = modules.get(module_name(name) if "." in name else "")
         if not isinstance(module, nn.Linear) or type(module).forward is not nn.Linear.forward \
                 or module.weight is not param:
             if wanted is not None:
