@@ -266,3 +266,51 @@ def test_conv_layers_stay_dense_under_the_masks():
         nn.functional.cross_entropy(model(torch.randn(8, 1, 28, 28)), torch.randint(0, 10, (8,))).backward()
         optimizer.step()
     pruner.check(optimizer)
+
+
+def _ddp_rank(rank: int, world: int, port: int, out: str) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        model, pruner = _small()
+        magprune.sparse_compute(model, pruner, max_density=1.0)
+        ddp = nn.parallel.DistributedDataParallel(model)
+        optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
+        generator = torch.Generator().manual_seed(5)
+        for _ in range(5):
+            x, y = torch.randn(16, 64, generator=generator), torch.randint(0, 10, (16,), generator=generator)
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(ddp(x[rank * 8:(rank + 1) * 8]), y[rank * 8:(rank + 1) * 8]).backward()
+            optimizer.step()
+        torch.save(model.state_dict(), f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_all_reduces_the_compact_gradients(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_rank, args=(2, port, str(tmp_path)), nprocs=2)
+    model, pruner = _small()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    pruner.attach(optimizer)
+    generator = torch.Generator().manual_seed(5)
+    for _ in range(5):  # one process, the whole batch: what two ranks of half a batch each must reproduce
+        x, y = torch.randn(16, 64, generator=generator), torch.randint(0, 10, (16,), generator=generator)
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    for key, value in model.state_dict().items():
+        assert torch.equal(ranks[0][key], ranks[1][key]), key
+        torch.testing.assert_close(ranks[0][key], value, rtol=1e-4, atol=1e-5)
