@@ -20,7 +20,8 @@ from magprune.kernels.pool import CHUNKS_PER_THREAD, SDDMM, Plan
 
 WIDTHS = (8, 16, 24, 32)
 _INDEX_TYPES = {np.dtype(np.uint8): "i8", np.dtype(np.uint16): "i16", np.dtype(np.uint32): "i32"}
-PARALLEL_MIN_WORK = 1 << 20  # multiply-adds (nonzeros x batch columns) from which the rows are split over threads
+PARALLEL_MIN_WORK = 1 << 22  # multiply-adds (nonzeros x batch columns) from which the rows are split over threads, as
+# for the products (LeNet-300-100's fc1 at batch 64, 1.2M, is faster on the calling thread alone)
 
 
 def _sddmm_ir(width: int, index: str) -> str:

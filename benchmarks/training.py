@@ -1,0 +1,170 @@
+"""Benchmark: whole retraining steps of dense, masked-dense (the Pruner's default) and sparse-compute training
+(magprune.sparse_compute), side by side in one run.
+
+A step is zero_grad, forward, loss, backward, optimizer step. The three variants start from the same weights and
+are timed in interleaved rounds in a rotating order; each round's time is divided by the same round's dense time,
+and the table gives the median and the range of those ratios over the rounds (the machine may be shared: a ratio
+taken within one round is far less noisy than a time).
+
+    python benchmarks/training.py            # full run
+    python benchmarks/training.py --quick    # smoke run (3 rounds, the AlexNet MLP at batch 64 only)
+
+Writes benchmarks/results/training[_quick].{json,md} with the CPU model and magprune.kernels.host_cpu(). Sets
+OMP_WAIT_POLICY=PASSIVE unless set: torch's OpenMP threads otherwise spin after each op and take the cores from
+the sparse kernels' threads (see docs/deploy.md).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import llvmlite
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+import magprune
+from magprune.criteria import HAN2015_DENSITIES
+from magprune.fileio import write_atomic
+from magprune.kernels import host_cpu
+
+RESULTS = Path(__file__).resolve().parent / "results"
+OPTIMIZERS = {
+    "sgd-momentum": lambda params: torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=5e-4),
+    "adam": lambda params: torch.optim.Adam(params, lr=1e-3),
+}
+VARIANTS = ("dense", "masked", "sparse")
+TARGETS = {"lenet-300-100": 0.6, "lenet-5": 0.8, "alexnet-mlp": 0.35}  # sparse step / dense step (batch 64)
+
+
+def alexnet_mlp() -> nn.Module:
+    """AlexNet's classifier sized MLP: 9216-4096-4096-1000."""
+    return nn.Sequential(nn.Linear(9216, 4096), nn.ReLU(), nn.Linear(4096, 4096), nn.ReLU(), nn.Linear(4096, 1000))
+
+
+def build(network: str, variant: str, optimizer_name: str):
+    torch.manual_seed(0)
+    if network == "alexnet-mlp":
+        model, densities = alexnet_mlp(), {"0.weight": 0.09, "2.weight": 0.09, "4.weight": 0.25}
+    else:
+        model, densities = magprune.create_model(network), HAN2015_DENSITIES[network]
+    if variant != "dense":
+        pruner = magprune.Pruner(model)
+        pruner.prune(magprune.LayerSparsity({n: 1 - d for n, d in densities.items()}))
+        if variant == "sparse":
+            magprune.sparse_compute(model, pruner)
+    optimizer = OPTIMIZERS[optimizer_name](model.parameters())
+    if variant != "dense":
+        pruner.attach(optimizer)
+    return model, optimizer
+
+
+def bench_case(network: str, optimizer_name: str, batch: int, rounds: int) -> dict:
+    shape = {"lenet-300-100": (784,), "lenet-5": (1, 28, 28), "alexnet-mlp": (9216,)}[network]
+    generator = torch.Generator().manual_seed(1)
+    x, y = torch.randn(batch, *shape, generator=generator), torch.randint(0, 10, (batch,), generator=generator)
+    built = {v: build(network, v, optimizer_name) for v in VARIANTS}
+
+    def step(variant: str) -> float:
+        model, optimizer = built[variant]
+        start = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        return (time.perf_counter() - start) * 1e3
+
+    for variant in VARIANTS:  # warm-up: first calls compile kernels, build plans, create optimizer state
+        step(variant)
+        step(variant)
+    times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    for r in range(rounds):
+        order = VARIANTS[r % 3:] + VARIANTS[:r % 3]
+        for variant in order:
+            times[variant].append(step(variant))
+    ratios = {v: [t / d for t, d in zip(times[v], times["dense"], strict=True)] for v in VARIANTS if v != "dense"}
+    return {"network": network, "optimizer": optimizer_name, "batch": batch, "rounds": rounds,
+            "ms_min": {v: min(t) for v, t in times.items()},
+            "ms_median": {v: statistics.median(t) for v, t in times.items()},
+            "ratio_median": {v: statistics.median(r) for v, r in ratios.items()},
+            "ratio_range": {v: [min(r), max(r)] for v, r in ratios.items()},
+            "target": TARGETS[network] if batch == 64 else None}
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| network | optimizer | batch | dense ms | masked ms | sparse ms | masked / dense | sparse / dense "
+             "(median, range) | target |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        ms, med, rng = r["ms_median"], r["ratio_median"], r["ratio_range"]
+        target = "" if r["target"] is None else \
+            f"<= {r['target']} ({'met' if med['sparse'] <= r['target'] else 'not met'})"
+        lines.append(f"| {r['network']} | {r['optimizer']} | {r['batch']} | {ms['dense']:.2f} | {ms['masked']:.2f} | "
+                     f"{ms['sparse']:.2f} | {med['masked']:.2f} | **{med['sparse']:.2f}** "
+                     f"({rng['sparse'][0]:.2f}-{rng['sparse'][1]:.2f}) | {target} |")
+    return "\n".join(lines)
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine() -> dict:
+    return {"cpu_model": cpu_model(), "host_cpu": host_cpu(), "platform": platform.platform(),
+            "cpu_count": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+            "numpy": np.__version__, "llvmlite": llvmlite.__version__, "magprune": magprune.__version__,
+            "torch_threads": torch.get_num_threads(), "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),
+            "load_average_start": os.getloadavg()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="3 rounds, fewer cases")
+    parser.add_argument("--rounds", type=int, default=None, help="timed rounds per case (default 20, AlexNet 6)")
+    parser.add_argument("--network", action="append", choices=tuple(TARGETS), help="only these networks")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="directory for the JSON and Markdown results")
+    args = parser.parse_args()
+    info = machine()
+    cases = [(net, opt, 64) for net in ("lenet-300-100", "lenet-5") for opt in OPTIMIZERS]
+    cases += [("alexnet-mlp", opt, batch) for opt in OPTIMIZERS for batch in (64, 256)]
+    if args.quick:
+        cases = [c for c in cases if c[0] != "alexnet-mlp" or c[2] == 64]
+    if args.network:
+        cases = [c for c in cases if c[0] in args.network]
+    rows = []
+    for network, optimizer_name, batch in cases:
+        rounds = args.rounds or (3 if args.quick else 6 if network == "alexnet-mlp" else 20)
+        rows.append(bench_case(network, optimizer_name, batch, rounds))
+        print(table(rows[-1:]).splitlines()[-1], flush=True)
+    info["load_average_end"] = os.getloadavg()
+    text = table(rows)
+    print(f"\n{text}\n\nCPU: {info['cpu_model']} {info['host_cpu']}; load average start "
+          f"{info['load_average_start']}, end {info['load_average_end']}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = "training_quick" if args.quick else "training"
+    write_atomic(args.out / f"{stem}.json", json.dumps({"machine": info, "rows": rows}, indent=1).encode())
+    cmd = "python benchmarks/training.py" + (" --quick" if args.quick else "")
+    write_atomic(args.out / f"{stem}.md", (
+        f"# Retraining step benchmark\n\n`{cmd}` — whole steps (zero_grad, forward, loss, backward, optimizer step), "
+        "variants interleaved; ms are medians over rounds, ratios are per-round time / the same round's dense time "
+        f"(median and range over rounds; lower is better).\n\nMachine: {json.dumps(info)}\n\n{text}\n").encode())
+
+
+if __name__ == "__main__":
+    main()
