@@ -9,7 +9,7 @@ taken within one round is far less noisy than a time).
     python benchmarks/training.py            # full run
     python benchmarks/training.py --quick    # smoke run (3 rounds, the AlexNet MLP at batch 64 only)
 
-Writes benchmarks/results/training[_quick].{json,md} with the CPU model and magprune.kernels.host_cpu(). Sets
+Writes benchmarks/results/<LLVM host CPU>/training[_quick].{json,md} with the machine (magprune.environment). Sets
 OMP_WAIT_POLICY=PASSIVE unless set: torch's OpenMP threads otherwise spin after each op and take the cores from
 the sparse kernels' threads (see docs/deploy.md).
 """
@@ -22,14 +22,11 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
-import llvmlite
-import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -37,10 +34,10 @@ from torch.nn import functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import magprune
 from magprune.criteria import HAN2015_DENSITIES
+from magprune.environment import describe, machine_info
 from magprune.fileio import write_atomic
-from magprune.kernels import host_cpu
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(__file__).resolve().parent / "results"  # one folder per CPU: results/<LLVM host CPU name>/
 OPTIMIZERS = {
     "sgd-momentum": lambda params: torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=5e-4),
     "adam": lambda params: torch.optim.Adam(params, lr=1e-3),
@@ -115,21 +112,8 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def machine() -> dict:
-    return {"cpu_model": cpu_model(), "host_cpu": host_cpu(), "platform": platform.platform(),
-            "cpu_count": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-            "numpy": np.__version__, "llvmlite": llvmlite.__version__, "magprune": magprune.__version__,
-            "torch_threads": torch.get_num_threads(), "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),
+    return {**machine_info(), "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),
             "load_average_start": os.getloadavg()}
 
 
@@ -138,7 +122,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="3 rounds, fewer cases")
     parser.add_argument("--rounds", type=int, default=None, help="timed rounds per case (default 20, AlexNet 6)")
     parser.add_argument("--network", action="append", choices=tuple(TARGETS), help="only these networks")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="directory for the JSON and Markdown results")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="directory for the JSON and Markdown results (default: results/<LLVM host CPU>/)")
     args = parser.parse_args()
     info = machine()
     cases = [(net, opt, 64) for net in ("lenet-300-100", "lenet-5") for opt in OPTIMIZERS]
@@ -154,16 +139,18 @@ def main() -> None:
         print(table(rows[-1:]).splitlines()[-1], flush=True)
     info["load_average_end"] = os.getloadavg()
     text = table(rows)
-    print(f"\n{text}\n\nCPU: {info['cpu_model']} {info['host_cpu']}; load average start "
-          f"{info['load_average_start']}, end {info['load_average_end']}")
-    args.out.mkdir(parents=True, exist_ok=True)
+    print(f"\n{text}\n\n{describe(info)}; load average start {info['load_average_start']}, end "
+          f"{info['load_average_end']}")
+    out = args.out or RESULTS / info["llvm_host_cpu"]
+    out.mkdir(parents=True, exist_ok=True)
     stem = "training_quick" if args.quick else "training"
-    write_atomic(args.out / f"{stem}.json", json.dumps({"machine": info, "rows": rows}, indent=1).encode())
+    write_atomic(out / f"{stem}.json", json.dumps({"machine": info, "rows": rows}, indent=1).encode())
     cmd = "python benchmarks/training.py" + (" --quick" if args.quick else "")
-    write_atomic(args.out / f"{stem}.md", (
+    write_atomic(out / f"{stem}.md", (
         f"# Retraining step benchmark\n\n`{cmd}` — whole steps (zero_grad, forward, loss, backward, optimizer step), "
         "variants interleaved; ms are medians over rounds, ratios are per-round time / the same round's dense time "
-        f"(median and range over rounds; lower is better).\n\nMachine: {json.dumps(info)}\n\n{text}\n").encode())
+        f"(median and range over rounds; lower is better).\n\nMachine: {describe(info)}\n\n{json.dumps(info)}\n\n"
+        f"{text}\n").encode())
 
 
 if __name__ == "__main__":
