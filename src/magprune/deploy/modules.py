@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from magprune.deploy.format import as_numpy, encode_csr, smallest_uint
-from magprune.kernels.csr import CSRProduct
+from magprune.kernels.csr import CSRProduct, block_width
 
 
 def _csr_arrays(weight2d: Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -28,8 +28,9 @@ def _spmm(product: CSRProduct, bias: np.ndarray, x2d: np.ndarray) -> np.ndarray:
     returns (batch, out)."""
     batch, n_in = x2d.shape
     threads = torch.get_num_threads()
-    # y^T = W x^T, the batch cut into blocks of at most 32 columns (a multiple of 8, padded with zeros)
-    width = 32 if batch > 32 else -(-batch // 8) * 8
+    # y^T = W x^T, the batch cut into blocks of at most block_width() columns (a multiple of 8, padded with zeros)
+    widest = block_width()
+    width = widest if batch > widest else -(-batch // 8) * 8
     blocks = -(-batch // width)
     x = torch.from_numpy(x2d)
     if blocks * width != batch:

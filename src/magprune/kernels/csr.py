@@ -20,13 +20,12 @@ import itertools
 
 import numpy as np
 
-from magprune.kernels.jit import compiled
-from magprune.kernels.memory import huge_page_array
+from magprune.kernels.jit import compiled, vector_lanes
+from magprune.kernels.memory import huge_page_array, l2_cache_bytes
 from magprune.kernels.pool import CHUNKS_PER_THREAD, SPMM, SPMV, Plan
 
-WIDTHS = (8, 16, 32, 64)  # floats per block row: 1, 2, 4, 8 AVX vectors of 8 lanes
+WIDTHS = (8, 16, 32, 64)  # floats per block row: 1-8 AVX2 vectors of 8 lanes, 1-4 AVX-512 vectors of 16
 _INDEX_TYPES = {np.dtype(np.uint8): "i8", np.dtype(np.uint16): "i16", np.dtype(np.uint32): "i32"}
-_VEC = "<8 x float>"
 PREFETCH_AHEAD = 256  # nonzeros ahead that the matrix-vector kernel prefetches (1 KiB of values)
 
 # Below these sizes one thread does it all: waking a sleeping worker costs ~50 us, more than it saves (measured on
@@ -36,9 +35,12 @@ PARALLEL_MIN_WORK = 1 << 22  # multiply-adds of a batched product (nonzeros x co
 PARALLEL_MIN_NONZEROS = 1 << 19  # nonzeros of a matrix-vector product (batch 1)
 
 
-def _function_ir(width: int, index: str) -> str:
-    """IR of one kernel; nonzeros taken ``unroll`` at a time into as many accumulator sets (more FMA chains)."""
-    vectors = width // 8
+def _function_ir(width: int, index: str, lanes: int = 8) -> str:
+    """IR of one kernel over vectors of ``lanes`` floats (8: AVX2, 16: AVX-512); nonzeros taken ``unroll`` at a time
+    into as many accumulator sets (more FMA chains)."""
+    lanes = min(lanes, width)
+    _VEC = f"<{lanes} x float>"
+    vectors = width // lanes
     unroll = 2 if vectors <= 4 else 1  # 8 vectors x 2 sets would not fit the 16 AVX registers
     lines = [f"define void @spmm_{width}_{index}(ptr noalias %starts, ptr noalias %ends, ptr noalias %cols, "
              "ptr noalias %vals, ptr noalias %x, i64 %ldx, ptr noalias %out, i64 %ldo, i64 %r0, i64 %r1, "
@@ -59,7 +61,7 @@ def _function_ir(width: int, index: str) -> str:
              "  %s = zext i32 %s32 to i64", "  %e = zext i32 %e32 to i64",
              "  %ooff = mul nuw i64 %o, %ldo", "  %orow = getelementptr float, ptr %oc, i64 %ooff"]
     for i in range(vectors):
-        lines += [f"  %op{i} = getelementptr float, ptr %orow, i64 {8 * i}",
+        lines += [f"  %op{i} = getelementptr float, ptr %orow, i64 {lanes * i}",
                   f"  %init{i} = load {_VEC}, ptr %op{i}, align 4"]
     lines += ["  br label %loop", "loop:", "  %k = phi i64 [%s, %row], [%k.next, %body]"]
     for u in range(unroll):
@@ -75,9 +77,9 @@ def _function_ir(width: int, index: str) -> str:
                f"  %xr{tag} = getelementptr float, ptr %xc, i64 %xoff{tag}",
                f"  %vp{tag} = getelementptr float, ptr %vals, i64 {k}", f"  %v{tag} = load float, ptr %vp{tag}",
                f"  %vi{tag} = insertelement {_VEC} poison, float %v{tag}, i32 0",
-               f"  %vb{tag} = shufflevector {_VEC} %vi{tag}, {_VEC} poison, <8 x i32> zeroinitializer"]
+               f"  %vb{tag} = shufflevector {_VEC} %vi{tag}, {_VEC} poison, <{lanes} x i32> zeroinitializer"]
         for i in range(vectors):
-            out += [f"  %xp{tag}.{i} = getelementptr float, ptr %xr{tag}, i64 {8 * i}",
+            out += [f"  %xp{tag}.{i} = getelementptr float, ptr %xr{tag}, i64 {lanes * i}",
                     f"  %xv{tag}.{i} = load {_VEC}, ptr %xp{tag}.{i}, align 4",
                     f"  %m{tag}.{i} = fmul contract {_VEC} %vb{tag}, %xv{tag}.{i}",
                     f"  {new}.{i} = fadd contract {_VEC} {acc}.{i}, %m{tag}.{i}"]
@@ -169,11 +171,11 @@ def _matvec_ir(index: str) -> str:
 
 
 
-def _products_ir() -> str:
+def _products_ir(lanes: int) -> str:
     return "\n\n".join(
         ["declare float @llvm.vector.reduce.fadd.v4f32(float, <4 x float>)",
          "declare void @llvm.prefetch.p0(ptr, i32, i32, i32)"]
-        + [_function_ir(w, t) for w in WIDTHS for t in _INDEX_TYPES.values()]
+        + [_function_ir(w, t, lanes) for w in WIDTHS for t in _INDEX_TYPES.values()]
         + [_matvec_ir(t) for t in _INDEX_TYPES.values()])
 
 
@@ -184,10 +186,14 @@ def _addresses(engine) -> dict[tuple[int, str], int]:
     return found
 
 
-def kernel(width: int, index_dtype: np.dtype) -> int:
+def kernel(width: int, index_dtype: np.dtype, lanes: int | None = None) -> int:
     """Address of the compiled kernel for a block ``width`` (one of WIDTHS, or 1 for the matrix-vector product)
-    and a column-index dtype (uint8/16/32); the products compile on first use (~0.4 s)."""
-    return compiled("csr", _products_ir, _addresses)[width, _INDEX_TYPES[np.dtype(index_dtype)]]
+    and a column-index dtype (uint8/16/32), over vectors of ``lanes`` floats (default: the host's widest, see
+    :func:`.jit.vector_lanes`); the products compile on first use (~0.4 s)."""
+    lanes = lanes or vector_lanes()
+    if lanes not in (8, 16):
+        raise ValueError(f"lanes must be 8 (AVX2) or 16 (AVX-512), got {lanes}")
+    return compiled(f"csr{lanes}", lambda: _products_ir(lanes), _addresses)[width, _INDEX_TYPES[np.dtype(index_dtype)]]
 
 
 def row_splits(indptr: np.ndarray, parts: int) -> list[tuple[int, int]]:
@@ -198,10 +204,18 @@ def row_splits(indptr: np.ndarray, parts: int) -> list[tuple[int, int]]:
     return [(a, b) for a, b in itertools.pairwise(cuts) if b > a]
 
 
-TILE_ROWS = 2048  # input rows per tile: 2048 x 32 floats = 256 KiB of the input block, inside a 512 KiB+ L2
+def block_width() -> int:
+    """Batch columns per block of the batched products: 64 (four 16-lane vectors) on AVX-512, 32 on AVX2."""
+    return 64 if vector_lanes() == 16 else 32
 
 
-def tile_pointers(indptr: np.ndarray, cols: np.ndarray, n_in: int, tile_rows: int = TILE_ROWS) -> np.ndarray:
+def default_tile_rows() -> int:
+    """Input rows per tile: half of L2 holds a tile of the input block (2048 rows of 32 floats in a 512 KiB L2;
+    4096 rows of 64 floats in the 2 MiB L2 of this project's Intel Xeon, where 2048 measured 1.2-1.3x slower)."""
+    return max(l2_cache_bytes() // (2 * 4 * block_width()), 256)
+
+
+def tile_pointers(indptr: np.ndarray, cols: np.ndarray, n_in: int, tile_rows: int) -> np.ndarray:
     """(tiles + 1, n_rows) int32: row o's nonzeros with a column in tile t are tiles[t, o]:tiles[t + 1, o].
 
     Walking the input tile by tile keeps the rows of x that the nonzeros gather from in L2 (measured 15-20% faster
@@ -237,13 +251,13 @@ class CSRProduct:
     """
 
     def __init__(self, indptr: np.ndarray, cols: np.ndarray, vals: np.ndarray, n_in: int,
-                 tile_rows: int = TILE_ROWS) -> None:
+                 tile_rows: int | None = None, lanes: int | None = None) -> None:
         if indptr.dtype != np.int32 or cols.dtype not in _INDEX_TYPES or vals.dtype != np.float32:
             raise ValueError(f"CSRProduct wants int32 row pointers, uint8/16/32 columns and float32 values, got "
                              f"{indptr.dtype}, {cols.dtype}, {vals.dtype}")
-        self.n_in = n_in
+        self.n_in, self.lanes = n_in, lanes
         self.cols, self.vals = np.ascontiguousarray(cols), np.ascontiguousarray(vals)
-        self.tiles = tile_pointers(indptr, self.cols, n_in, tile_rows)
+        self.tiles = tile_pointers(indptr, self.cols, n_in, tile_rows or default_tile_rows())
         self._prepare()
 
     def _prepare(self) -> None:
@@ -256,10 +270,10 @@ class CSRProduct:
         self._reach = int(self.cols.max()) if self.cols.size else 0  # the largest column (conv_rows' bounds check)
 
     def __getstate__(self) -> dict:
-        return {"n_in": self.n_in, "cols": self.cols, "vals": self.vals, "tiles": self.tiles}
+        return {"n_in": self.n_in, "lanes": self.lanes, "cols": self.cols, "vals": self.vals, "tiles": self.tiles}
 
     def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
+        self.__dict__.update({"lanes": None, **state})
         self._prepare()
 
     def rebind_values(self, vals: np.ndarray) -> None:
@@ -305,7 +319,7 @@ class CSRProduct:
                                for rows in self._ranges(threads * CHUNKS_PER_THREAD)])
         plan.run(x_address, out.ctypes.data)
 
-    def matmul(self, x: np.ndarray, out: np.ndarray, threads: int, widest: int = 32) -> None:
+    def matmul(self, x: np.ndarray, out: np.ndarray, threads: int, widest: int | None = None) -> None:
         """out[b] += W @ x[b] for every b: x (B, n_in, m) and out (B, n_rows, m) C-contiguous float32, m a
         multiple of 8. A task is a range of rows; its records walk the input tiles and, per tile and chunk width,
         all blocks and column chunks of those rows."""
@@ -317,11 +331,12 @@ class CSRProduct:
         if m == 0 or batches == 0:
             return
         threads = threads if self.vals.size * batches * m >= PARALLEL_MIN_WORK else 1
+        widest = widest or block_width()
         x_step, o_step = x.strides[0] // 4, out.strides[0] // 4
         key = ("matmul", threads, batches, m, widest, x_step, o_step)
         plan = self._plans.get(key)
         if plan is None:
-            runs = [(offset * 4, count, kernel(width, self.cols.dtype))
+            runs = [(offset * 4, count, kernel(width, self.cols.dtype, self.lanes))
                     for offset, width, count in column_chunks(m, widest)]
             bounds, data = self._bounds, self._data
             # each task reads all of x again: as many tasks as keep that below the bytes of the weight, so late
@@ -355,7 +370,7 @@ class CSRProduct:
         key = ("conv_rows", threads, batches, out_h, row_step, w8)
         plan = self._plans.get(key)
         if plan is None:
-            runs = [(offset * 4, count, kernel(width, self.cols.dtype))
+            runs = [(offset * 4, count, kernel(width, self.cols.dtype, self.lanes))
                     for offset, width, count in column_chunks(w8, 64)]
             starts, ends, data = self._bounds[0], self._bounds[-1], self._data
             image_out = n_rows * out_h * w8

@@ -7,6 +7,7 @@ CPU on first use. Each kernel family (:mod:`.pool`, :mod:`.bitmask`, :mod:`.csr`
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 from collections.abc import Callable
@@ -64,6 +65,14 @@ def host_cpu() -> dict[str, Any]:
               "neon", "sve")
     return {"llvm_host_cpu": llvm.get_host_cpu_name(),
             "llvm_features": sorted(f for f in wanted if features.get(f, False))}
+
+
+@functools.cache
+def vector_lanes() -> int:
+    """Floats per vector register the kernels are built for: 16 where the host has AVX-512 (avx512f), else 8."""
+    import llvmlite.binding as llvm
+
+    return 16 if llvm.get_host_cpu_features().get("avx512f", False) else 8
 
 
 def _forget_lock_in_child() -> None:
