@@ -132,3 +132,26 @@ def test_freeze_conv_keeps_conv_weights_while_fc_retrains(tmp_path):
                      "prune": [{"criterion": "std", "q": 1.0, "retrain": {"freeze": "fc"}}]})
     with pytest.raises(ConfigError, match=r"prune\[0\]\.retrain\.freeze: freezing the 'fc' layers"):
         run_experiment(mlp, tmp_path / "mlp", progress=False, echo=lambda _: None)
+
+
+def test_retrain_compute_sparse_matches_dense_retraining(tmp_path):
+    dense = load_config(TINY)
+    sparse = from_dict({**dense.to_dict(), "prune": [
+        {**step, "retrain": {**step["retrain"], "compute": "sparse"}} for step in dense.to_dict()["prune"]]})
+    assert [s.retrain.compute for s in sparse.prune] == ["sparse", "sparse"]
+    summaries = {name: run_experiment(config, tmp_path / name, progress=False, echo=lambda _: None)
+                 for name, config in (("dense", dense), ("sparse", sparse))}
+    assert summaries["sparse"]["sparsity"] == pytest.approx(summaries["dense"]["sparsity"], abs=1e-3)
+    assert summaries["sparse"]["error_after"] == pytest.approx(summaries["dense"]["error_after"], abs=3 / 449)
+    model, masks, _ = load_run(tmp_path / "sparse")
+    state = load_file(tmp_path / "sparse" / "model.safetensors")
+    assert set(state) == set(model.state_dict())  # plain keys: the compact weights were written back
+    for name, mask in masks.items():
+        assert not state[name][~mask].any()
+
+
+def test_retrain_compute_sparse_refuses_freezing_the_fc_layers():
+    with pytest.raises(ConfigError, match=r"prune\[0\]\.retrain: compute 'sparse'"):
+        from_dict({"prune": [{"criterion": "std", "q": 1.0, "retrain": {"compute": "sparse", "freeze": "fc"}}]})
+    with pytest.raises(ConfigError, match=r"prune\[0\]\.retrain\.compute: must be one of \['dense', 'sparse'\]"):
+        from_dict({"prune": [{"criterion": "std", "q": 1.0, "retrain": {"compute": "fast"}}]})

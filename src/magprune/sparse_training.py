@@ -238,6 +238,12 @@ class SparseCompute:
         """The weights (pruner names) computed sparse."""
         return list(self.layers)
 
+    def compact(self, params: Iterable[Tensor]) -> list[Tensor]:
+        """``params`` with each sparse layer's dense weight replaced by its compact ``weight_values`` (e.g. the
+        tensors a weight penalty applies to: the pruned entries are zero, so the penalty is the same)."""
+        swap = {id(layer.dense): layer.values for layer in self.layers.values()} if self._active else {}
+        return [swap.get(id(p), p) for p in params]
+
     def _optimizers(self) -> list[torch.optim.Optimizer]:
         return [attached.optimizer for attached in self.pruner._optimizers.values()]
 

@@ -24,6 +24,7 @@ LR_POLICIES = ("constant", "inv", "step", "cosine")
 REGULARIZERS = ("none", "l1", "l2")
 CRITERIA = ("han2015", "density", "sparsity", "std", "global")
 FREEZE = ("none", "conv", "fc")
+COMPUTE = ("dense", "sparse")  # retraining: dense products under the masks, or magprune.sparse_compute
 
 
 @dataclass
@@ -68,6 +69,7 @@ class RetrainConfig:
     lr_fraction: float = 0.1
     freeze: str = "none"
     dropout_rescale: bool = True
+    compute: str = "dense"  # "sparse": pruned Linear layers computed over their kept connections only
 
 
 @dataclass
@@ -213,14 +215,19 @@ def _train(raw: Any) -> TrainConfig:
 
 
 def _retrain(raw: Any, where: str) -> RetrainConfig:
-    raw = _keys(raw, where, ["epochs", "lr_fraction", "freeze", "dropout_rescale"])
+    raw = _keys(raw, where, ["epochs", "lr_fraction", "freeze", "dropout_rescale", "compute"])
     d = RetrainConfig()
-    return RetrainConfig(
+    retrain = RetrainConfig(
         epochs=_number(raw.get("epochs", d.epochs), f"{where}.epochs", 0, integer=True),
         lr_fraction=_number(raw.get("lr_fraction", d.lr_fraction), f"{where}.lr_fraction", 0.0, lo_open=True),
         freeze=_choice(raw.get("freeze", d.freeze), f"{where}.freeze", FREEZE),
         dropout_rescale=_bool(raw.get("dropout_rescale", d.dropout_rescale), f"{where}.dropout_rescale"),
+        compute=_choice(raw.get("compute", d.compute), f"{where}.compute", COMPUTE),
     )
+    if retrain.compute == "sparse" and retrain.freeze == "fc":
+        raise ConfigError(f"{where}: compute 'sparse' retrains the fc layers sparse, freeze 'fc' leaves nothing to "
+                          "compute sparse; use compute 'dense' with freeze 'fc'")
+    return retrain
 
 
 # which target keys each criterion needs (first) and accepts

@@ -34,6 +34,7 @@ from magprune.experiment.rundir import RESUME_VERSION, RunError, RunWriter, load
 from magprune.experiment.train import Trainer, TrainState, evaluate
 from magprune.pruner import Pruner
 from magprune.retrain import DropoutRescaler, freeze
+from magprune.sparse_training import SparseCompute, sparse_compute
 
 
 @dataclass
@@ -82,10 +83,13 @@ class RunContext:
                       f"test error {100 * row['test_error']:.2f}% ({row['seconds']:.1f} s)")
         return log
 
-    def trainer(self, stage: str, *, lr: float, epochs: int, seed: int, state: dict[str, Any] | None) -> Trainer:
-        """The training loop of a stage on this run's model and data, continued from ``state`` if given."""
+    def trainer(self, stage: str, *, lr: float, epochs: int, seed: int, state: dict[str, Any] | None,
+                compute: SparseCompute | None = None) -> Trainer:
+        """The training loop of a stage on this run's model and data, continued from ``state`` if given (with
+        ``compute`` on, the penalty applies to its compact weights)."""
+        penalized = list(self.pruner.params.values())
         trainer = Trainer(self.model, self.train, self.test, self.config.train, lr=lr, epochs=epochs, seed=seed,
-                          stage=stage, penalized=list(self.pruner.params.values()),
+                          stage=stage, penalized=compute.compact(penalized) if compute is not None else penalized,
                           checkpoint_every=self.config.output.checkpoint_every, progress=self.progress)
         if state is not None:
             trainer.load_state(TrainState.from_dict(state))
@@ -169,6 +173,9 @@ class PruneRetrain(Stage):
         frozen = freeze_layers(ctx.model, self.step.retrain.freeze, self.where)
         if frozen is not None:
             frozen.remove()
+        if self.step.retrain.compute == "sparse" and ctx.device.type != "cpu":
+            raise ConfigError(f"prune[{self.index - 1}].retrain.compute: 'sparse' runs on CPU (its kernels are CPU "
+                              f"code); this run uses {ctx.device}")
 
     def run(self, ctx: RunContext, state: dict[str, Any] | None) -> None:
         i, retrain = self.index, self.step.retrain
@@ -178,13 +185,17 @@ class PruneRetrain(Stage):
         if ctx.rescaler is not None and retrain.dropout_rescale:
             ctx.rescaler.apply()
         frozen = freeze_layers(ctx.model, retrain.freeze, self.where)  # before the optimizer: it takes what trains
+        # sparse compute before the trainer too: its optimizer and DDP wrapper must take the compact weights
+        compute = self.sparse_compute(ctx) if retrain.compute == "sparse" else None
         trainer = ctx.trainer(f"retrain-{i}", lr=ctx.config.train.lr * retrain.lr_fraction, epochs=retrain.epochs,
-                              seed=ctx.config.seed + i, state=state["train"])
+                              seed=ctx.config.seed + i, state=state["train"], compute=compute)
         handle = ctx.pruner.attach(trainer.optimizer)
         try:
             trainer.fit(on_epoch=ctx.log_epoch(i),
                         on_checkpoint=lambda t: ctx.checkpoint({**state, "train": t.as_dict()}))
         finally:
+            if compute is not None:
+                compute.remove()
             handle.remove()
             if frozen is not None:
                 frozen.remove()
@@ -195,6 +206,12 @@ class PruneRetrain(Stage):
                                      "error_pruned": state["pruned"]["pruned_error"], "error_retrained": error})
         ctx.writer.checkpoint(self.name, ctx.model, ctx.pruner.masks, {"stage": self.name, **ctx.results["steps"][-1]})
         ctx.echo(f"retrain {i}: test error {100 * error:.2f}%")
+
+    def sparse_compute(self, ctx: RunContext) -> SparseCompute:
+        try:
+            return sparse_compute(ctx.model, ctx.pruner)
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"prune[{self.index - 1}].retrain.compute: 'sparse' cannot apply: {exc}") from exc
 
     def prune(self, ctx: RunContext) -> dict[str, Any]:
         densities = ctx.pruner.prune(build_criterion(self.step))
