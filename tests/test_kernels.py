@@ -172,3 +172,30 @@ def test_a_copied_bit_mask_keeps_its_bits_and_plans_anew(monkeypatch):
         t = np.ones(1000, dtype=np.float32)
         copied.fill(t.ctypes.data, 0, 2)
         assert np.array_equal(t, keep.astype(np.float32))
+
+
+@pytest.mark.parametrize("lanes", [8, 16])  # AVX2 and AVX-512 builds: LLVM splits 16-lane vectors on an AVX2 host
+@pytest.mark.parametrize("m", [8, 24, 40, 64, 136])
+def test_products_of_both_vector_widths_match_dense(lanes, m):
+    rng = np.random.default_rng(m)
+    weight = (rng.standard_normal((50, 300)) * (rng.random((50, 300)) < 0.2)).astype(np.float32)
+    weight[7] = 0.0  # an empty row
+    indptr = np.concatenate([[0], np.cumsum((weight != 0).sum(axis=1))]).astype(np.int32)
+    product = CSRProduct(indptr, np.nonzero(weight)[1].astype(np.uint16), weight[weight != 0], 300, tile_rows=64,
+                         lanes=lanes)
+    x = rng.standard_normal((2, 300, m)).astype(np.float32)
+    out = np.ones((2, 50, m), np.float32)
+    product.matmul(x, out, 2, widest=64)
+    assert _close(out, weight @ x + 1.0)
+
+
+def test_kernels_are_built_for_the_hosts_vector_width():
+    import llvmlite.binding as llvm
+
+    from magprune.kernels.jit import vector_lanes
+
+    assert vector_lanes() == (16 if llvm.get_host_cpu_features().get("avx512f", False) else 8)
+    assert csr.block_width() == 4 * vector_lanes()
+    assert csr.default_tile_rows() == max(memory.l2_cache_bytes() // (8 * csr.block_width()), 256)
+    with pytest.raises(ValueError, match="lanes must be 8"):
+        csr.kernel(8, np.uint16, lanes=4)
