@@ -35,13 +35,21 @@ PARALLEL_MIN_WORK = 1 << 22  # multiply-adds of a batched product (nonzeros x co
 PARALLEL_MIN_NONZEROS = 1 << 19  # nonzeros of a matrix-vector product (batch 1)
 
 
-def _function_ir(width: int, index: str, lanes: int = 8) -> str:
+def _unroll(vectors: int, lanes: int) -> int:
+    """Accumulator sets: 8 vectors x 2 sets would not fit AVX2's 16 registers; AVX-512 has 32, and two FMA units of
+    4 cycles' latency want 8 chains in flight (4 sets of 2 vectors for a 32-column block)."""
+    if lanes == 16:
+        return 4 if vectors <= 2 else 2
+    return 2 if vectors <= 4 else 1
+
+
+def _function_ir(width: int, index: str, lanes: int = 8, unroll: int | None = None) -> str:
     """IR of one kernel over vectors of ``lanes`` floats (8: AVX2, 16: AVX-512); nonzeros taken ``unroll`` at a time
     into as many accumulator sets (more FMA chains)."""
     lanes = min(lanes, width)
     _VEC = f"<{lanes} x float>"
     vectors = width // lanes
-    unroll = 2 if vectors <= 4 else 1  # 8 vectors x 2 sets would not fit the 16 AVX registers
+    unroll = unroll or _unroll(vectors, lanes)
     lines = [f"define void @spmm_{width}_{index}(ptr noalias %starts, ptr noalias %ends, ptr noalias %cols, "
              "ptr noalias %vals, ptr noalias %x, i64 %ldx, ptr noalias %out, i64 %ldo, i64 %r0, i64 %r1, "
              "i64 %chunks, i64 %blocks, i64 %xstep, i64 %ostep) nounwind {",
@@ -98,6 +106,18 @@ def _function_ir(width: int, index: str, lanes: int = 8) -> str:
         lines += [f"  %end{i} = phi {_VEC} [%acc0.{i}, %tail], [%fin.{i}, %last]" for i in range(vectors)]
         lines += [f"  %sum{i} = fadd {_VEC} %end{i}, %acc1.{i}" for i in range(vectors)]
         results = [f"%sum{i}" for i in range(vectors)]
+    elif unroll > 2:  # up to unroll - 1 nonzeros left: one at a time into the first set
+        lines += ["  br label %tl", "tl:", "  %kt = phi i64 [%k, %tail], [%kt.next, %tlbody]"]
+        lines += [f"  %ta.{i} = phi {_VEC} [%acc0.{i}, %tail], [%tn.{i}, %tlbody]" for i in range(vectors)]
+        lines += ["  %tleft = icmp ult i64 %kt, %e", "  br i1 %tleft, label %tlbody, label %store", "tlbody:"]
+        lines += nonzero("t", "%kt", "%ta", "%tn")
+        lines += ["  %kt.next = add nuw i64 %kt, 1", "  br label %tl", "store:"]
+        for i in range(vectors):
+            total = f"%ta.{i}"
+            for u in range(1, unroll):
+                lines.append(f"  %sum{u}.{i} = fadd {_VEC} {total}, %acc{u}.{i}")
+                total = f"%sum{u}.{i}"
+        results = [f"%sum{unroll - 1}.{i}" for i in range(vectors)]
     else:
         lines += ["  br label %store", "store:"]
         results = [f"%acc0.{i}" for i in range(vectors)]
