@@ -105,7 +105,9 @@ class Pruner:
         self._kept_counts: dict[str, tuple[tuple[int, int], int]] = {}
         self._grad_handles: list[RemovableHandle] = []
         self._optimizers: dict[int, OptimizerHandle] = {}
-        self._sparse_compute: list[Any] = []  # handles of magprune.sparse_compute on this pruner's weights
+        # handles of magprune.sparse_compute on this pruner's weights: synced before a prune or check reads the
+        # dense weights, rebuilt after a prune
+        self.compute_handles: list[Any] = []
 
     # ---------------------------------------------------------------- pruning
     def prune(self, criterion: Criterion, *, regrow: bool = False) -> dict[str, float]:
@@ -122,10 +124,10 @@ class Pruner:
 
         Returns the density (fraction kept) of every targeted parameter.
         """
-        if regrow and self._sparse_compute:
+        if regrow and self.compute_handles:
             raise RuntimeError("sparse compute does not support regrowth: call its handle's remove() before "
                                "prune(..., regrow=True)")
-        for handle in self._sparse_compute:  # the criterion reads the dense weights
+        for handle in self.compute_handles:  # the criterion reads the dense weights
             handle.sync_dense()
         weights = {name: p.detach() for name, p in self.params.items()}
         proposed = criterion(weights, self.masks)
@@ -143,7 +145,7 @@ class Pruner:
         with torch.no_grad():
             for name, keep in proposed.items():
                 self._update_mask(name, keep, regrow)
-        for handle in self._sparse_compute:
+        for handle in self.compute_handles:
             handle.rebuild()
         self._install_grad_hooks()
         return self.densities()
@@ -196,6 +198,11 @@ class Pruner:
             attached.reset_state(self.params[name], mask, None)
         self._install_grad_hooks()
         return attached
+
+    @property
+    def attached(self) -> list[OptimizerHandle]:
+        """The handles of the optimizers attached by :meth:`attach`."""
+        return list(self._optimizers.values())
 
     def remove(self) -> None:
         """Detach every hook; masks are kept, the weights stay as they are (pruned entries zero)."""
@@ -295,7 +302,7 @@ class Pruner:
         Checks the weights and gradients at pruned positions, and for ``optimizer`` (default: every attached one)
         that first-moment state at pruned positions is zero and all floating-point state is finite.
         """
-        for handle in self._sparse_compute:
+        for handle in self.compute_handles:
             handle.sync_dense()
         problems = []
         optimizers = [optimizer] if optimizer is not None else [a.optimizer for a in self._optimizers.values()]
@@ -327,7 +334,7 @@ class Pruner:
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Load masks saved by :meth:`state_dict`, zero the pruned weights and clean attached optimizers' state."""
-        if self._sparse_compute:
+        if self.compute_handles:
             raise RuntimeError("load_state_dict while sparse compute is on: call its handle's remove() first")
         if not isinstance(state_dict, Mapping) or "masks" not in state_dict:
             raise ValueError("pruner state_dict must be a mapping with a 'masks' entry (from Pruner.state_dict())")

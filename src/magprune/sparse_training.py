@@ -245,7 +245,7 @@ class SparseCompute:
         return [swap.get(id(p), p) for p in params]
 
     def _optimizers(self) -> list[torch.optim.Optimizer]:
-        return [attached.optimizer for attached in self.pruner._optimizers.values()]
+        return [attached.optimizer for attached in self.pruner.attached]
 
     def _install(self) -> None:
         for layer in self.layers.values():
@@ -264,7 +264,7 @@ class SparseCompute:
         self._invalidate()
 
     def _invalidate(self) -> None:
-        for attached in self.pruner._optimizers.values():
+        for attached in self.pruner.attached:
             attached.invalidate()
 
     @staticmethod
@@ -349,8 +349,8 @@ class SparseCompute:
             for optimizer in self._optimizers():
                 self._swap(optimizer, layer.values, layer.dense, expand)
         self._active = False
-        if self in self.pruner._sparse_compute:
-            self.pruner._sparse_compute.remove(self)
+        if self in self.pruner.compute_handles:
+            self.pruner.compute_handles.remove(self)
         self._invalidate()
 
     def __repr__(self) -> str:
@@ -375,7 +375,7 @@ def sparse_compute(model: nn.Module, pruner: Pruner, layers: Iterable[str] | Non
         raise TypeError(f"pruner must be a magprune.Pruner, got {type(pruner).__name__}")
     if not pruner.masks:
         raise ValueError("sparse_compute needs a pruned model: call pruner.prune(...) first")
-    if pruner._sparse_compute:
+    if pruner.compute_handles:
         raise RuntimeError("sparse compute is already on for this pruner; call its handle's remove() first")
     if not 0.0 < max_density <= 1.0:
         raise ValueError(f"max_density must be in (0, 1], got {max_density}")
@@ -405,5 +405,5 @@ def sparse_compute(model: nn.Module, pruner: Pruner, layers: Iterable[str] | Non
         raise ValueError(f"no pruned nn.Linear weight at density <= {max_density} among {sorted(pruner.masks)}")
     handle = SparseCompute(model, pruner, chosen)
     handle._install()
-    pruner._sparse_compute.append(handle)
+    pruner.compute_handles.append(handle)
     return handle
