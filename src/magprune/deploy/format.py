@@ -10,6 +10,11 @@ File format (safetensors, version 2; version 1 files still load). Every tensor o
   relative indexing): over the flattened tensor, code ``c < 15`` skips ``c`` zeros and then takes the next value,
   code ``15`` skips 15 zeros and takes nothing.
 
+- ``shared`` (version 3): a tensor whose nonzeros take at most 256 distinct values (after weight sharing,
+  :mod:`magprune.deploy.quantize`) as Deep Compression stores it: ``<name>/codebook``, ``<name>/gaps`` (relative
+  indices of a few bits with filler entries) and ``<name>/indices`` (codebook indices), both entropy-coded; see
+  :mod:`magprune.deploy.entropy`. Its metadata adds ``shared``: {index_bits, values, gaps, coders}.
+
 Then, as Deep Compression's last stage entropy-codes its indices, a part that deflate (zlib) shrinks by at least 5%
 is stored deflated, as uint8 bytes, and listed under ``deflated`` with its dtype and shape (version 2). The index
 arrays of a trained network compress well (runs of dead input pixels), fp32 values by ~10%.
@@ -34,13 +39,15 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from magprune.deploy.entropy import EncodingError, decode_shared, encode_shared
 from magprune.fileio import write_atomic
 
 FORMAT = "magprune-compressed"
-FORMAT_VERSION = 2
-_READABLE_VERSIONS = ("1", "2")
+FORMAT_VERSION = 3
+_READABLE_VERSIONS = ("1", "2", "3")
 DEFLATE_MIN_SAVING = 0.05  # store a part deflated when that saves at least this fraction of it
-_ENCODINGS = ("dense", "csr", "rel4")
+_ENCODINGS = ("dense", "csr", "rel4", "shared")
+MAX_NUMEL = 1 << 36  # a tensor larger than this in a file is refused rather than allocated
 
 
 class CompressedFormatError(ValueError):
@@ -144,13 +151,19 @@ def _compress(source: nn.Module | Mapping[str, Tensor]) -> tuple[dict[str, np.nd
         if not isinstance(tensor, Tensor) or tensor.is_sparse or tensor.layout != torch.strided:
             raise TypeError(f"{name}: only dense tensors can be saved, got {type(tensor).__name__}")
         encoding, parts = encode(tensor)
-        stored, deflated = _deflated(parts)
+        shared = _shared_encoding(tensor, parts)
+        stored, deflated = _deflated(parts) if shared is None else (shared[0], {})
+        if shared is not None:
+            encoding, parts = "shared", shared[0]
         params[name] = {"encoding": encoding, "shape": list(tensor.shape), "dtype": str(tensor.dtype),
                         "nnz": int(parts["values"].size) if "values" in parts else int(tensor.numel()),
                         "crc32": {part: zlib.crc32(a.tobytes()) for part, a in stored.items()},
                         "stored_bytes": _encoded_size(stored), "nonzero": int(tensor.count_nonzero())}
         if deflated:
             params[name]["deflated"] = deflated
+        if shared is not None:
+            params[name]["nnz"] = shared[1]["nnz"]
+            params[name]["shared"] = {k: v for k, v in shared[1].items() if k != "nnz"}
         arrays.update({f"{name}/{part}": a for part, a in stored.items()})
     return arrays, params
 
@@ -201,7 +214,8 @@ def _decode_param(path: Path, name: str, meta: Mapping, arrays: Mapping[str, np.
     dtype = _DTYPES.get(meta["dtype"])
     if dtype is None:
         raise _fail(path, f"{name}: unsupported dtype {meta['dtype']!r}")
-    needed = {"dense": ("dense",), "csr": ("values", "indptr", "cols"), "rel4": ("values", "codes")}[encoding]
+    needed = {"dense": ("dense",), "csr": ("values", "indptr", "cols"), "rel4": ("values", "codes"),
+              "shared": ("codebook", "gaps", "indices")}[encoding]
     parts = {}
     for part in needed:
         key = f"{name}/{part}"
@@ -217,6 +231,8 @@ def _decode_param(path: Path, name: str, meta: Mapping, arrays: Mapping[str, np.
         if parts["dense"].shape != shape:
             raise _fail(path, f"{name}: stored shape {list(parts['dense'].shape)} != recorded {list(shape)}")
         return torch.from_numpy(parts["dense"].copy()).to(dtype)
+    if encoding == "shared":
+        return _decode_shared_param(path, name, meta, parts, shape, dtype)
     values = parts["values"]
     if values.ndim != 1 or values.size != meta["nnz"]:
         raise _fail(path, f"{name}: {values.size} values stored, metadata says nnz={meta['nnz']}")
@@ -237,6 +253,31 @@ def _decode_param(path: Path, name: str, meta: Mapping, arrays: Mapping[str, np.
                               f"in {numel} elements")
         out[positions] = values
     return torch.from_numpy(out.reshape(shape)).to(dtype)
+
+
+def _shared_encoding(tensor: Tensor, parts: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict] | None:
+    """The ``shared`` parts and metadata of a weight (2-D or more) whose nonzeros take at most 256 values, if they
+    are smaller than the best other encoding's ``parts``; else None."""
+    if tensor.ndim < 2 or not tensor.numel() or not tensor.is_floating_point():
+        return None
+    found = encode_shared(as_numpy(tensor))
+    if found is None or _encoded_size(found[0]) >= _encoded_size(parts):
+        return None
+    return found
+
+
+def _decode_shared_param(path: Path, name: str, meta: Mapping, parts: Mapping[str, np.ndarray],
+                         shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+    numel = math.prod(shape)
+    if numel > MAX_NUMEL:
+        raise _fail(path, f"{name}: shape {list(shape)} has {numel} entries, more than this reader accepts")
+    if parts["codebook"].dtype != as_numpy(torch.zeros(0, dtype=dtype)).dtype:
+        raise _fail(path, f"{name}: codebook stored as {parts['codebook'].dtype}, metadata says {meta['dtype']}")
+    try:
+        flat = decode_shared(dict(parts), {**meta["shared"], "nnz": meta["nnz"]}, numel)
+    except EncodingError as error:
+        raise _fail(path, f"{name}: {error}") from error
+    return torch.from_numpy(flat.reshape(shape))
 
 
 def _inflate(path: Path, key: str, packed: np.ndarray, record: Mapping) -> np.ndarray:
