@@ -1,7 +1,8 @@
 """Deploy room (entropy coding): canonical Huffman streams and the shared-weight encoding of the compressed format.
 
 The ``shared`` encoding (compressed format version 3) stores a tensor whose nonzero entries take few distinct
-values the way Deep Compression does (Han, Mao and Dally 2016, section 4 and Fig. 2):
+values the way Deep Compression does (Han, Mao and Dally 2016, section 4 and Fig. 2), as one byte array (one
+tensor of the file: fewer header entries) of three parts:
 
 - ``codebook``: the distinct nonzero values (as bit patterns, so the round trip is exact), in ascending order;
 - ``gaps``: the sparse structure as relative indices of ``index_bits`` bits over the flattened tensor: symbol
@@ -11,7 +12,7 @@ values the way Deep Compression does (Han, Mao and Dally 2016, section 4 and Fig
 
 The two symbol streams are entropy-coded, each by whichever of Huffman (as in the paper), lzma, zlib or plain
 fixed-width bit packing gives the fewest bytes; ``index_bits`` is chosen per tensor (1 to 8) for the fewest bytes.
-A stream is one byte array: a coder byte, then for Huffman the code length of every symbol (one byte each), the
+A stream is one byte array: a coder byte, then for Huffman the code length of every symbol (4 bits each), the
 bit offset of every chunk of :data:`CHUNK` symbols after the first (uint32), and the bits, most significant first.
 The chunk offsets let the decoder run all chunks side by side in numpy (a Huffman decode is otherwise serial).
 """
@@ -26,7 +27,7 @@ import numpy as np
 
 CODERS = ("packed", "huffman", "zlib", "lzma")
 PACKED, HUFFMAN, ZLIB, LZMA = range(4)
-MAX_CODE_BITS = 16  # longest Huffman code; decoding reads windows of this many bits
+MAX_CODE_BITS = 15  # longest Huffman code (its length fits 4 bits); decoding reads windows of this many bits
 CHUNK = 4096  # symbols per independently decodable Huffman chunk
 MAX_INDEX_BITS = 8
 LZMA_PRESET = 6  # 8 MiB dictionary: preset 9 allocates 64 MiB per call, which made saving 10x slower
@@ -95,7 +96,12 @@ def huffman_encode(symbols: np.ndarray, alphabet: int) -> bytes:
     lengths = huffman_lengths(np.bincount(symbols, minlength=alphabet))
     packed, starts = _pack_bits(symbols, canonical_codes(lengths), lengths)
     offsets = starts[CHUNK:-1:CHUNK] if symbols.size > CHUNK else np.zeros(0, dtype=np.int64)
-    return lengths.astype(np.uint8).tobytes() + offsets.astype("<u4").tobytes() + packed.tobytes()
+    return _nibbles(lengths) + offsets.astype("<u4").tobytes() + packed.tobytes()
+
+
+def _nibbles(lengths: np.ndarray) -> bytes:
+    padded = np.concatenate([lengths, [0] * (lengths.size % 2)]).astype(np.uint8)
+    return (padded[0::2] << 4 | padded[1::2]).astype(np.uint8).tobytes()
 
 
 def huffman_decode(data: bytes, count: int, alphabet: int) -> np.ndarray:
@@ -103,16 +109,18 @@ def huffman_decode(data: bytes, count: int, alphabet: int) -> np.ndarray:
     if count == 0:
         return np.zeros(0, dtype=np.int64)
     chunks = -(-count // CHUNK)
-    head = alphabet + 4 * (chunks - 1)
+    table = -(-alphabet // 2)
+    head = table + 4 * (chunks - 1)
     if len(data) < head:
         raise EncodingError(f"Huffman stream of {len(data)} bytes is shorter than its {head}-byte header")
-    lengths = np.frombuffer(data, dtype=np.uint8, count=alphabet).astype(np.int64)
+    packed_lengths = np.frombuffer(data, dtype=np.uint8, count=table).astype(np.int64)
+    lengths = np.stack([packed_lengths >> 4, packed_lengths & 15], axis=1).reshape(-1)[:alphabet]
     if lengths.max() > MAX_CODE_BITS or not lengths.any():
         raise EncodingError(f"Huffman code lengths must be 1..{MAX_CODE_BITS} for at least one symbol")
     used = lengths > 0
     if np.sum(2.0 ** -lengths[used]) > 1.0 + 1e-12:
         raise EncodingError("Huffman code lengths are not a prefix code (Kraft sum above 1)")
-    offsets = np.concatenate([[0], np.frombuffer(data, dtype="<u4", count=chunks - 1, offset=alphabet)
+    offsets = np.concatenate([[0], np.frombuffer(data, dtype="<u4", count=chunks - 1, offset=table)
                               .astype(np.int64)])
     payload = np.frombuffer(data, dtype=np.uint8, offset=head)
     total_bits = 8 * payload.size
@@ -133,7 +141,8 @@ def huffman_decode(data: bytes, count: int, alphabet: int) -> np.ndarray:
     positions = offsets.copy()
     for step in range(per_chunk):
         byte = positions >> 3
-        window = (padded[byte] << 16 | padded[byte + 1] << 8 | padded[byte + 2]) >> (8 - (positions & 7))
+        window = (padded[byte] << 16 | padded[byte + 1] << 8 | padded[byte + 2]) >> (24 - MAX_CODE_BITS
+                                                                                      - (positions & 7))
         window &= (1 << MAX_CODE_BITS) - 1
         steps[step] = table_symbol[window]
         positions = np.minimum(positions + table_length[window], total_bits)  # overruns are caught below
@@ -270,29 +279,35 @@ def encode_shared(array: np.ndarray, index_bits: int | None = None,
     bits = min(widths, key=lambda b: len(encode_stream(relative_gaps(positions, b), 1 << b, quick)))
     gaps = relative_gaps(positions, bits)
     gap_stream, n_gaps = encode_stream(gaps, 1 << bits, coders), gaps.size
-    parts = {"codebook": codebook, "gaps": np.frombuffer(gap_stream, dtype=np.uint8),
-             "indices": np.frombuffer(index_stream, dtype=np.uint8)}
+    blob = codebook.tobytes() + gap_stream + index_stream
     meta = {"index_bits": bits, "values": int(codebook.size), "gaps": n_gaps, "nnz": int(positions.size),
+            "bytes": [len(gap_stream), len(index_stream)],
             "coders": [stream_coder(gap_stream), stream_coder(index_stream)]}
-    return parts, meta
+    return {"shared": np.frombuffer(blob, dtype=np.uint8)}, meta
 
 
-def decode_shared(parts: dict[str, np.ndarray], meta: dict, numel: int) -> np.ndarray:
-    """The flat array of ``numel`` entries that :func:`encode_shared` stored; malformed data raises
-    EncodingError."""
+def decode_shared(blob: np.ndarray, dtype: np.dtype, meta: dict, numel: int) -> np.ndarray:
+    """The flat array of ``numel`` entries of ``dtype`` that :func:`encode_shared` stored in ``blob``; malformed
+    data raises EncodingError."""
     bits, n_values, n_gaps, nnz = (int(meta["index_bits"]), int(meta["values"]), int(meta["gaps"]),
                                    int(meta["nnz"]))
-    codebook = parts["codebook"]
-    if not 1 <= bits <= MAX_INDEX_BITS or codebook.ndim != 1 or codebook.size != n_values or n_values > 256:
-        raise EncodingError(f"index_bits {bits} / codebook of {codebook.size} values (metadata {n_values}) invalid")
+    gap_bytes, index_bytes = (int(b) for b in meta["bytes"])
+    book_bytes = n_values * np.dtype(dtype).itemsize
+    if not 1 <= bits <= MAX_INDEX_BITS or not 0 <= n_values <= 256 or min(gap_bytes, index_bytes) < 1 \
+            or blob.ndim != 1 or blob.size != book_bytes + gap_bytes + index_bytes:
+        raise EncodingError(f"index_bits {bits}, {n_values} values and streams of {gap_bytes} + {index_bytes} bytes "
+                            f"do not fit the {blob.size} bytes stored")
+    raw = blob.tobytes()
+    codebook = np.frombuffer(raw, dtype=dtype, count=n_values)
+    parts = {"gaps": raw[book_bytes:book_bytes + gap_bytes], "indices": raw[book_bytes + gap_bytes:]}
     if not 0 <= nnz <= min(numel, n_gaps) or n_gaps > numel + 1:
         raise EncodingError(f"{nnz} nonzeros in {n_gaps} gap symbols do not fit {numel} entries")
-    gaps = decode_stream(parts["gaps"].tobytes(), n_gaps, 1 << bits)
+    gaps = decode_stream(parts["gaps"], n_gaps, 1 << bits)
     positions = positions_from_gaps(gaps, bits)
     if positions.size != nnz or (nnz and positions[-1] >= numel):
         raise EncodingError(f"relative indices give {positions.size} positions (last "
                             f"{int(positions[-1]) if positions.size else -1}) for {nnz} values in {numel} entries")
-    indices = decode_stream(parts["indices"].tobytes(), nnz, max(n_values, 1))
+    indices = decode_stream(parts["indices"], nnz, max(n_values, 1))
     if nnz and n_values == 0:
         raise EncodingError("nonzeros stored with an empty codebook")
     out = np.zeros(numel, dtype=codebook.dtype)

@@ -11,9 +11,10 @@ File format (safetensors, version 2; version 1 files still load). Every tensor o
   code ``15`` skips 15 zeros and takes nothing.
 
 - ``shared`` (version 3): a tensor whose nonzeros take at most 256 distinct values (after weight sharing,
-  :mod:`magprune.deploy.quantize`) as Deep Compression stores it: ``<name>/codebook``, ``<name>/gaps`` (relative
-  indices of a few bits with filler entries) and ``<name>/indices`` (codebook indices), both entropy-coded; see
-  :mod:`magprune.deploy.entropy`. Its metadata adds ``shared``: {index_bits, values, gaps, coders}.
+  :mod:`magprune.deploy.quantize`) as Deep Compression stores it, in one uint8 part ``<name>/shared``: the
+  codebook, the relative indices (a few bits each, filler entries where a gap overflows) and the codebook indices,
+  both entropy-coded; see :mod:`magprune.deploy.entropy`. Its metadata adds ``shared``: {index_bits, values,
+  gaps, bytes, coders}. Version 3 writes the metadata JSON without spaces.
 
 Then, as Deep Compression's last stage entropy-codes its indices, a part that deflate (zlib) shrinks by at least 5%
 is stored deflated, as uint8 bytes, and listed under ``deflated`` with its dtype and shape (version 2). The index
@@ -178,7 +179,7 @@ def save_compressed(source: nn.Module | Mapping[str, Tensor], path: str | os.Pat
 
     arrays, params = _compress(source)
     header = {**(metadata or {}), "format": FORMAT, "format_version": str(FORMAT_VERSION),
-              "params": json.dumps(params)}
+              "params": json.dumps(params, separators=(",", ":"))}
     write_atomic(Path(path), save(arrays, metadata=header))
     return params
 
@@ -215,7 +216,7 @@ def _decode_param(path: Path, name: str, meta: Mapping, arrays: Mapping[str, np.
     if dtype is None:
         raise _fail(path, f"{name}: unsupported dtype {meta['dtype']!r}")
     needed = {"dense": ("dense",), "csr": ("values", "indptr", "cols"), "rel4": ("values", "codes"),
-              "shared": ("codebook", "gaps", "indices")}[encoding]
+              "shared": ("shared",)}[encoding]
     parts = {}
     for part in needed:
         key = f"{name}/{part}"
@@ -271,10 +272,11 @@ def _decode_shared_param(path: Path, name: str, meta: Mapping, parts: Mapping[st
     numel = math.prod(shape)
     if numel > MAX_NUMEL:
         raise _fail(path, f"{name}: shape {list(shape)} has {numel} entries, more than this reader accepts")
-    if parts["codebook"].dtype != as_numpy(torch.zeros(0, dtype=dtype)).dtype:
-        raise _fail(path, f"{name}: codebook stored as {parts['codebook'].dtype}, metadata says {meta['dtype']}")
+    if parts["shared"].dtype != np.uint8:
+        raise _fail(path, f"{name}: shared part stored as {parts['shared'].dtype}, expected uint8")
     try:
-        flat = decode_shared(dict(parts), {**meta["shared"], "nnz": meta["nnz"]}, numel)
+        flat = decode_shared(parts["shared"], as_numpy(torch.zeros(0, dtype=dtype)).dtype,
+                             {**meta["shared"], "nnz": meta["nnz"]}, numel)
     except EncodingError as error:
         raise _fail(path, f"{name}: {error}") from error
     return torch.from_numpy(flat.reshape(shape))

@@ -1,0 +1,163 @@
+"""Kernels room (shared-weight products): batch-1 sparse matrix-vector products whose weights are codebook entries.
+
+At batch 1 a sparse layer's time is the time to stream its index and value arrays (fp32 CSR: 4 bytes of value and
+2 of column per nonzero). After weight sharing a row's nonzeros take at most K = 2**bits values, so the product is
+stored *grouped*: within a row the nonzeros are sorted by codebook entry and cut into groups of four that share
+one entry (a run whose length is not a multiple of four is padded with a column that points at a zero appended to
+x). Per group the kernel reads four columns and one byte, the codebook index; per row
+
+    out[r] += sum over groups g of codebook[label[g]] * (x[cols[4g]] + ... + x[cols[4g + 3]])
+
+with one multiply-add per group into a vector accumulator: about 2.3 bytes per nonzero (padding included) instead
+of 6, and no fp32 copy of the weights. A plan of separate per-run loops (tried first) was 2x slower than the fp32
+kernel: a mispredicted branch at the end of every run.
+
+``qspmv_{cols}(starts, ends, cols, book, x, out, r0, r1)``: rows ``r0 <= r < r1``, groups ``starts[r]`` to
+``ends[r]``; ``book`` holds the codebook (:data:`MAX_VALUES` float32) followed by the group labels (uint8). Two
+groups per pass into two accumulators, as the fp32 matrix-vector kernel of :mod:`.csr` does, whose signature it
+has: plans run it on the pool's threads as ``SPMV`` records.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from magprune.kernels.csr import row_splits
+from magprune.kernels.jit import compiled
+from magprune.kernels.memory import huge_page_array
+from magprune.kernels.pool import CHUNKS_PER_THREAD, SPMV, Plan
+
+_INDEX_TYPES = {np.dtype(np.uint8): "i8", np.dtype(np.uint16): "i16", np.dtype(np.uint32): "i32"}
+PARALLEL_MIN_NONZEROS = 1 << 19  # as for the fp32 matrix-vector product (csr.PARALLEL_MIN_NONZEROS)
+MAX_VALUES = 256
+GROUP = 4
+
+
+def _qspmv_ir(index: str) -> str:
+    lines = [f"define void @qspmv_{index}(ptr noalias %starts, ptr noalias %ends, ptr noalias %cols, "
+             "ptr noalias %book, ptr noalias %x, ptr noalias %out, i64 %r0, i64 %r1) nounwind {",
+             "entry:", f"  %labels = getelementptr i8, ptr %book, i64 {4 * MAX_VALUES}",
+             "  %any = icmp ult i64 %r0, %r1", "  br i1 %any, label %row, label %exit",
+             "row:", "  %o = phi i64 [%r0, %entry], [%o.next, %store]",
+             "  %sp = getelementptr i32, ptr %starts, i64 %o", "  %s32 = load i32, ptr %sp",
+             "  %ep = getelementptr i32, ptr %ends, i64 %o", "  %e32 = load i32, ptr %ep",
+             "  %s = zext i32 %s32 to i64", "  %e = zext i32 %e32 to i64",
+             "  %outp = getelementptr float, ptr %out, i64 %o", "  %init = load float, ptr %outp",
+             "  br label %loop",
+             "loop:", "  %g = phi i64 [%s, %row], [%g.next, %body]",
+             "  %acc0 = phi float [%init, %row], [%new0, %body]",
+             "  %acc1 = phi float [0.0, %row], [%new1, %body]",
+             "  %g.next = add nuw i64 %g, 2", "  %more = icmp ule i64 %g.next, %e",
+             "  br i1 %more, label %body, label %rest", "body:"]
+
+    def group(tag: str, g: str, acc: str, new: str) -> list[str]:
+        # scalar loads and adds: four x values summed in a tree, then one multiply-add by the group's shared value
+        # (inserting the loads into a vector, as the fp32 kernel does, spends a shuffle per nonzero)
+        out = [f"  %co{tag} = mul nuw i64 {g}, {GROUP}", f"  %cp{tag} = getelementptr {index}, ptr %cols, i64 %co{tag}",
+               f"  %cv{tag} = load <4 x {index}>, ptr %cp{tag}, align 1",
+               f"  %cw{tag} = zext <4 x {index}> %cv{tag} to <4 x i64>"]
+        for j in range(GROUP):
+            out += [f"  %c{tag}.{j} = extractelement <4 x i64> %cw{tag}, i32 {j}",
+                    f"  %xp{tag}.{j} = getelementptr float, ptr %x, i64 %c{tag}.{j}",
+                    f"  %x{tag}.{j} = load float, ptr %xp{tag}.{j}"]
+        out += [f"  %p{tag}.0 = fadd float %x{tag}.0, %x{tag}.1", f"  %p{tag}.1 = fadd float %x{tag}.2, %x{tag}.3",
+                f"  %p{tag} = fadd float %p{tag}.0, %p{tag}.1",
+                f"  %lp{tag} = getelementptr i8, ptr %labels, i64 {g}", f"  %l{tag} = load i8, ptr %lp{tag}",
+                f"  %li{tag} = zext i8 %l{tag} to i64", f"  %wp{tag} = getelementptr float, ptr %book, i64 %li{tag}",
+                f"  %w{tag} = load float, ptr %wp{tag}", f"  %m{tag} = fmul contract float %w{tag}, %p{tag}",
+                f"  {new} = fadd contract float {acc}, %m{tag}"]
+        return out
+
+    lines += group("a", "%g", "%acc0", "%new0")
+    lines += ["  %g1 = add nuw i64 %g, 1"] + group("b", "%g1", "%acc1", "%new1")
+    lines += ["  br label %loop", "rest:", "  %left = icmp ult i64 %g, %e",
+              "  br i1 %left, label %last, label %store", "last:"]
+    lines += group("t", "%g", "%acc0", "%fin")
+    lines += ["  br label %store", "store:", "  %end0 = phi float [%acc0, %rest], [%fin, %last]",
+              "  %sum = fadd float %end0, %acc1",
+              "  store float %sum, ptr %outp", "  %o.next = add nuw i64 %o, 1",
+              "  %rows.left = icmp ult i64 %o.next, %r1", "  br i1 %rows.left, label %row, label %exit",
+              "exit:", "  ret void", "}"]
+    return "\n".join(lines)
+
+
+def _ir() -> str:
+    return "\n\n".join(["declare float @llvm.vector.reduce.fadd.v4f32(float, <4 x float>)"]
+                        + [_qspmv_ir(t) for t in _INDEX_TYPES.values()])
+
+
+def _addresses(engine) -> dict[str, int]:
+    return {t: engine.get_function_address(f"qspmv_{t}") for t in _INDEX_TYPES.values()}
+
+
+def kernel(index_dtype: np.dtype) -> int:
+    """Address of the compiled product for a column dtype (uint8/16/32); compiled on first use."""
+    return compiled("quantized", _ir, _addresses)[_INDEX_TYPES[np.dtype(index_dtype)]]
+
+
+class QuantizedProduct:
+    """A sparse matrix with shared values, grouped for :func:`kernel` (see the module docstring).
+
+    Built from the coordinates of the nonzeros (``rows``, ``cols``), their codebook ``labels`` and the
+    ``codebook`` (at most :data:`MAX_VALUES` entries); ``n_rows`` x ``n_in``."""
+
+    def __init__(self, rows: np.ndarray, cols: np.ndarray, labels: np.ndarray, codebook: np.ndarray,
+                 n_rows: int, n_in: int) -> None:
+        codebook = np.asarray(codebook, dtype=np.float32).reshape(-1)
+        k = codebook.size
+        if not 1 <= k <= MAX_VALUES or rows.shape != cols.shape or rows.shape != labels.shape:
+            raise ValueError(f"QuantizedProduct wants 1..{MAX_VALUES} codebook entries and rows, cols, labels of one "
+                             f"shape, got {k} entries and shapes {rows.shape}, {cols.shape}, {labels.shape}")
+        rows, cols, labels = (np.asarray(a, dtype=np.int64).reshape(-1) for a in (rows, cols, labels))
+        if rows.size and (rows.min() < 0 or rows.max() >= n_rows or cols.min() < 0 or cols.max() >= n_in
+                          or labels.min() < 0 or labels.max() >= k):
+            raise ValueError(f"QuantizedProduct: coordinates or labels outside {n_rows}x{n_in} / {k} entries")
+        order = np.lexsort((cols, labels, rows))
+        run_of = (rows * k + labels)[order]  # runs: (row, label), in row-major order
+        runs = np.bincount(run_of, minlength=n_rows * k)
+        groups = -(-runs // GROUP)
+        first_group = np.concatenate([[0], np.cumsum(groups)])
+        first_member = np.concatenate([[0], np.cumsum(runs)])
+        if first_group[-1] * GROUP >= 2**31:
+            raise ValueError(f"{rows.size:,} nonzeros are beyond the kernel's 32-bit group indices")
+        index_dtype = next(d for d in _INDEX_TYPES if n_in <= np.iinfo(d).max)  # n_in: the zero padding slot
+        slots = np.full(int(first_group[-1]) * GROUP, n_in, dtype=index_dtype)
+        rank = np.arange(rows.size) - first_member[run_of]
+        slots[first_group[run_of] * GROUP + rank] = cols[order]
+        self.n_rows, self.n_in, self.k, self.nnz = n_rows, n_in, k, int(rows.size)
+        self.codebook = codebook.copy()
+        book = np.zeros(4 * MAX_VALUES + int(first_group[-1]), dtype=np.uint8)
+        book[:4 * k] = self.codebook.view(np.uint8)
+        book[4 * MAX_VALUES:] = np.repeat(np.tile(np.arange(k), n_rows), groups).astype(np.uint8)
+        self.cols, self.book = huge_page_array(slots), huge_page_array(book)
+        row_groups = first_group[::k][:n_rows + 1] if n_rows else np.zeros(1, dtype=np.int64)
+        self.indptr = np.ascontiguousarray(row_groups.astype(np.int64))  # groups per row, cumulative
+        self.starts = np.ascontiguousarray(self.indptr[:-1].astype(np.int32))
+        self.ends = np.ascontiguousarray(self.indptr[1:].astype(np.int32))
+        self.x = np.zeros(n_in + 1, dtype=np.float32)  # x and the zero the padding points at
+        self._plans: dict[int, Plan] = {}
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes a product streams: columns (with padding), group labels, codebook and row bounds."""
+        return self.cols.nbytes + self.book.nbytes + self.starts.nbytes + self.ends.nbytes
+
+    def matvec(self, x: np.ndarray, out: np.ndarray, threads: int = 1) -> None:
+        """out += W @ x for float32 x (n_in,) and contiguous float32 out (n_rows,). x is copied next to the zero
+        that padded columns read (n_in floats: microseconds against the product's milliseconds)."""
+        if x.shape != (self.n_in,) or x.dtype != np.float32:
+            raise ValueError(f"matvec wants a float32 x ({self.n_in},), got {x.dtype} {x.shape}")
+        if out.shape != (self.n_rows,) or out.dtype != np.float32 or not out.flags.c_contiguous:
+            raise ValueError(f"matvec wants a contiguous float32 out ({self.n_rows},), got {out.dtype} {out.shape}")
+        self.x[:-1] = x
+        threads = threads if self.nnz >= PARALLEL_MIN_NONZEROS else 1
+        plan = self._plans.get(threads)
+        if plan is None:
+            fn = kernel(self.cols.dtype)
+            parts = threads * CHUNKS_PER_THREAD if threads > 1 else 1
+            ranges = row_splits(self.indptr, parts) if parts > 1 else ([(0, self.n_rows)] if self.n_rows else [])
+            data = [self.starts.ctypes.data, self.ends.ctypes.data, self.cols.ctypes.data, self.book.ctypes.data]
+            plan = self._plans[threads] = Plan([[[SPMV, fn, *data, 0, 0, r0, r1] + [0] * 6] for r0, r1 in ranges]
+                                               or [[]], threads)
+        if plan.n_records:
+            plan.run(self.x.ctypes.data, out.ctypes.data)
