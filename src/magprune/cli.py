@@ -144,7 +144,13 @@ def _export(args: argparse.Namespace) -> int:
 
     from safetensors.torch import save
 
-    from magprune.deploy.format import format_size_report, save_compressed, size_report_from_params
+    from magprune.deploy.format import (
+        format_shared_table,
+        format_size_report,
+        save_compressed,
+        shared_rows,
+        size_report_from_params,
+    )
     from magprune.deploy.shrink import shrink
     from magprune.fileio import write_atomic
 
@@ -155,6 +161,11 @@ def _export(args: argparse.Namespace) -> int:
         out = Path(args.out or run_dir / "model.compressed.safetensors")
         params = save_compressed(model, out, metadata=meta)
         print(format_size_report(size_report_from_params(params), out.stat().st_size))
+    elif args.format == "quantized":
+        out = Path(args.out or run_dir / "model.quantized.safetensors")
+        _share_if_needed(model, args.bits)
+        params = save_compressed(model, out, metadata=meta)
+        print(format_shared_table(shared_rows(params), out.stat().st_size))
     else:
         out = Path(args.out or run_dir / "model.shrunk.safetensors")
         small = shrink(model)
@@ -168,6 +179,35 @@ def _export(args: argparse.Namespace) -> int:
                 print(f"  {layer}: {tuple(module.weight.shape)}")
     print(f"wrote {out}")
     return 0
+
+
+def _share_if_needed(model, bits_text: str | None) -> None:
+    """Share the weights of a run not yet quantized (k-means, no fine-tuning), as ``--bits`` says."""
+    from magprune.deploy.entropy import shared_values
+    from magprune.deploy.quantize import WeightSharing
+    from magprune.targets import select_parameters
+
+    params = select_parameters(model, None)
+    if bits_text is None and all(shared_values(p.detach().numpy()) is not None for p in params.values()):
+        return  # already shared (a run with a quantize stage)
+    bits = parse_bits(bits_text or "conv=8,fc=5")
+    try:
+        sharing = WeightSharing(model, bits=bits)
+    except ValueError as error:
+        raise UsageError(f"--bits: {error}") from error
+    print(f"shared the weights without fine-tuning ({sharing}); a quantize stage fine-tunes them")
+
+
+def parse_bits(text: str) -> int | dict[str, int]:
+    """``--bits``: one integer for every layer, or ``key=bits`` pairs (keys: parameter or module names, conv, fc)."""
+    try:
+        if "=" not in text:
+            return int(text)
+        pairs = [part.split("=", 1) for part in text.split(",")]
+        return {key.strip(): int(value) for key, value in pairs}
+    except ValueError:
+        raise UsageError(f"--bits must be an integer or comma-separated KEY=BITS pairs (e.g. conv=8,fc=5), "
+                         f"got {text!r}") from None
 
 
 def _positive_ints(text: str, option: str) -> tuple[int, ...]:
@@ -296,7 +336,12 @@ def build_parser() -> argparse.ArgumentParser:
                                  description="Export RUN_DIR (config.yaml, model.safetensors, masks.safetensors) "
                                  "as a compressed sparse file or as a smaller dense (shrunk) model.")
     export.add_argument("run_dir", metavar="RUN_DIR")
-    export.add_argument("--format", choices=["compressed", "shrunk"], required=True)
+    export.add_argument("--format", choices=["compressed", "quantized", "shrunk"], required=True,
+                        help="compressed: sparse (format v3); quantized: the same file after Deep Compression's "
+                        "weight sharing, with its per-layer table; shrunk: a smaller dense model")
+    export.add_argument("--bits", metavar="BITS", help="quantized: bits per shared value for a run not quantized "
+                        "yet, an integer or KEY=BITS pairs like conv=8,fc=5 (default conv=8,fc=5, Han's LeNet-5 "
+                        "setting); a run whose weights are shared already is written as it is")
     export.add_argument("--out", metavar="FILE", help="output file (default RUN_DIR/model.<format>.safetensors)")
     export.set_defaults(func=_export)
     bench = commands.add_parser("bench", help="latency and throughput, dense vs sparse, per layer",

@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import heapq
 import lzma
+import math
 import zlib
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -286,9 +288,26 @@ def encode_shared(array: np.ndarray, index_bits: int | None = None,
     return {"shared": np.frombuffer(blob, dtype=np.uint8)}, meta
 
 
-def decode_shared(blob: np.ndarray, dtype: np.dtype, meta: dict, numel: int) -> np.ndarray:
-    """The flat array of ``numel`` entries of ``dtype`` that :func:`encode_shared` stored in ``blob``; malformed
-    data raises EncodingError."""
+@dataclass(frozen=True)
+class SharedWeight:
+    """A shared-encoded tensor as stored, not expanded: flat ``positions`` of its nonzeros (ascending), the
+    ``codebook`` and each nonzero's codebook index (``indices``)."""
+
+    shape: tuple[int, ...]
+    positions: np.ndarray
+    codebook: np.ndarray
+    indices: np.ndarray
+
+    def dense(self) -> np.ndarray:
+        out = np.zeros(math.prod(self.shape), dtype=self.codebook.dtype)
+        out[self.positions] = self.codebook[self.indices]
+        return out.reshape(self.shape)
+
+
+def decode_shared(blob: np.ndarray, dtype: np.dtype, meta: dict, shape: tuple[int, ...]) -> SharedWeight:
+    """The tensor of ``shape`` and ``dtype`` that :func:`encode_shared` stored in ``blob``, unexpanded;
+    malformed data raises EncodingError."""
+    numel = math.prod(shape)
     bits, n_values, n_gaps, nnz = (int(meta["index_bits"]), int(meta["values"]), int(meta["gaps"]),
                                    int(meta["nnz"]))
     gap_bytes, index_bytes = (int(b) for b in meta["bytes"])
@@ -310,7 +329,4 @@ def decode_shared(blob: np.ndarray, dtype: np.dtype, meta: dict, numel: int) -> 
     indices = decode_stream(parts["indices"], nnz, max(n_values, 1))
     if nnz and n_values == 0:
         raise EncodingError("nonzeros stored with an empty codebook")
-    out = np.zeros(numel, dtype=codebook.dtype)
-    if nnz:
-        out[positions] = codebook[indices]
-    return out
+    return SharedWeight(tuple(shape), positions, codebook, indices)

@@ -1,0 +1,95 @@
+"""Deploy room (shared-weight inference): ``QuantizedLinear`` runs a Linear layer straight from its codebook indices
+(:mod:`magprune.kernels.quantized`), and :func:`load_quantized` builds a model from a compressed file with them."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from magprune.deploy.entropy import SharedWeight, shared_values
+from magprune.deploy.format import CompressedFormatError, as_numpy, load_compressed
+from magprune.kernels.quantized import QuantizedProduct
+
+
+class QuantizedLinear(nn.Module):
+    """Inference replacement for ``nn.Linear`` whose nonzero weights take at most 256 shared values (after
+    :class:`~magprune.deploy.quantize.WeightSharing`), held as codebook indices, never as fp32 weights.
+
+    Batch 1 (the case it is for: the time is the bytes read) runs one product of the kernel; a batch runs it once
+    per example. float32 CPU inputs, no autograd."""
+
+    def __init__(self, weight: SharedWeight, bias: Tensor | None) -> None:
+        super().__init__()
+        if len(weight.shape) != 2:
+            raise ValueError(f"QuantizedLinear wants a 2-D weight, got shape {list(weight.shape)}")
+        self.out_features, self.in_features = weight.shape
+        rows, cols = np.divmod(weight.positions, self.in_features)
+        codebook = weight.codebook if weight.codebook.size else np.zeros(1, dtype=np.float32)
+        self.product = QuantizedProduct(rows, cols, weight.indices, codebook, self.out_features, self.in_features)
+        self.bias_array = as_numpy(bias.float()).copy() if bias is not None else \
+            np.zeros(self.out_features, dtype=np.float32)
+        self.has_bias = bias is not None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> QuantizedLinear:
+        """From an ``nn.Linear`` whose nonzero weights take at most 256 distinct values."""
+        found = shared_values(as_numpy(linear.weight.detach().float()))
+        if found is None:
+            raise ValueError("QuantizedLinear.from_linear: the weight has more than 256 distinct nonzero values; "
+                             "share them first (magprune.deploy.quantize.WeightSharing)")
+        positions, codebook, indices = found
+        return cls(SharedWeight(tuple(linear.weight.shape), positions, codebook, indices),
+                   linear.bias.detach() if linear.bias is not None else None)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dtype != torch.float32 or not x.is_cpu:
+            raise TypeError(f"QuantizedLinear runs on float32 CPU tensors, got {x.dtype} on {x.device}")
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"QuantizedLinear expects last dim {self.in_features}, got shape {list(x.shape)}")
+        lead = x.shape[:-1]
+        rows = x.detach().reshape(-1, self.in_features).numpy()
+        out = np.empty((rows.shape[0], self.out_features), dtype=np.float32)
+        threads = torch.get_num_threads()
+        for i in range(rows.shape[0]):
+            out[i] = self.bias_array
+            self.product.matvec(rows[i], out[i], threads)
+        return torch.from_numpy(out.reshape(*lead, self.out_features))
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, nnz={self.product.nnz}, "
+                f"values={self.product.k}, bias={self.has_bias}")
+
+
+def load_quantized(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Load a compressed file into ``model`` for inference: every ``nn.Linear`` whose weight the file holds in the
+    ``shared`` encoding becomes a :class:`QuantizedLinear` built from the stored indices (no fp32 weight is made);
+    everything else is loaded as usual. Returns the model, in eval mode."""
+    state = load_compressed(path, expand_shared=False)
+    shared = {name: value for name, value in state.items() if isinstance(value, SharedWeight)}
+    replace = {}
+    for module_name, module in model.named_modules():
+        key = f"{module_name}.weight" if module_name else "weight"
+        if isinstance(module, nn.Linear) and key in shared:
+            if tuple(module.weight.shape) != shared[key].shape:
+                raise CompressedFormatError(f"{path}: {key}: file has shape {list(shared[key].shape)}, "
+                                            f"{type(model).__name__} expects {list(module.weight.shape)}")
+            bias_key = f"{module_name}.bias" if module_name else "bias"
+            replace[module_name] = QuantizedLinear(shared[key], state.get(bias_key))
+    plain = {k: torch.from_numpy(v.dense()) if isinstance(v, SharedWeight) else v for k, v in state.items()
+             if not any(k.startswith(f"{m}.") or (not m and k in ("weight", "bias")) for m in replace)}
+    own = model.state_dict()
+    missing = sorted(k for k in own if k not in plain and not any(k.startswith(f"{m}.") for m in replace))
+    if missing or set(plain) - set(own):
+        raise CompressedFormatError(f"{path}: does not fit {type(model).__name__}: missing {missing}, unexpected "
+                                    f"{sorted(set(plain) - set(own))}")
+    model.load_state_dict(plain, strict=False)
+    for module_name, layer in replace.items():
+        if module_name:
+            parent, _, child = module_name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, layer)
+        else:
+            model = layer
+    return model.eval()
