@@ -69,7 +69,7 @@ def _qspmv_ir(index: str) -> str:
         return out
 
     lines += group("a", "%g", "%acc0", "%new0")
-    lines += ["  %g1 = add nuw i64 %g, 1"] + group("b", "%g1", "%acc1", "%new1")
+    lines += ["  %g1 = add nuw i64 %g, 1", *group("b", "%g1", "%acc1", "%new1")]
     lines += ["  br label %loop", "rest:", "  %left = icmp ult i64 %g, %e",
               "  br i1 %left, label %last, label %store", "last:"]
     lines += group("t", "%g", "%acc0", "%fin")
