@@ -2,10 +2,15 @@
 whole model, at batch 1, 32 and 256, measured side by side in one run.
 
     python benchmarks/inference.py [--quick]
+    python benchmarks/inference.py --quantized [--quick]
 
-Writes benchmarks/results/<LLVM host CPU>/inference[_quick].{json,md}. Sets OMP_WAIT_POLICY=PASSIVE unless already
-set: torch's OpenMP threads otherwise spin after each dense call and take the cores from the sparse kernels' threads
-on a 2-core machine (see docs/deploy.md).
+Writes benchmarks/results/<LLVM host CPU>/inference[_quick].{json,md}. ``--quantized``: only the batch-1
+comparison of Deep Compression's shared weights (5 bits, as Han's FC layers) on the AlexNet fc6 and VGG-16 fc6
+shapes: dense torch, the fp32 CSR kernel (SparseLinear) and the kernel reading codebook indices (QuantizedLinear),
+on one and on all threads, interleaved; writes inference_quantized[_quick].{json,md} there.
+
+Sets OMP_WAIT_POLICY=PASSIVE unless already set: torch's OpenMP threads otherwise spin after each dense call and
+take the cores from the sparse kernels' threads on a 2-core machine (see docs/deploy.md).
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import magprune
 from magprune.deploy import SparseConv2d, SparseLinear, sparsify
+from magprune.deploy.quantize import WeightSharing
+from magprune.deploy.quantized import QuantizedLinear
 from magprune.environment import describe, machine_info
 from magprune.fileio import write_atomic
 
@@ -115,6 +122,65 @@ def bench_model(name: str, input_shape: tuple[int, ...], batch: int, rounds: int
     return rows
 
 
+def bench_quantized(label: str, n_in: int, n_out: int, density: float, bits: int, rounds: int) -> list[dict]:
+    """Batch 1: dense torch vs the fp32 CSR kernel vs the shared-weight kernel on the same (shared) weights."""
+    layer = random_pruned_linear(n_in, n_out, density)
+    WeightSharing(layer, bits=bits)
+    fp32, quantized = SparseLinear(layer), QuantizedLinear.from_linear(layer)
+    x = torch.randn(1, n_in)
+    rows = []
+    default_threads = torch.get_num_threads()
+    with torch.inference_mode():
+        torch.testing.assert_close(quantized(x), layer(x), rtol=1e-3, atol=1e-3)
+        for threads in sorted({1, default_threads}):
+            torch.set_num_threads(threads)
+            t = timed({"dense": lambda: layer(x), "fp32_csr": lambda: fp32(x), "quantized": lambda: quantized(x)},
+                      rounds)
+            rows.append({"case": label, "shape": f"{n_in}->{n_out}", "density": round(density, 4), "bits": bits,
+                         "threads": threads, "ms": {k: v["min"] for k, v in t.items()},
+                         "median_ms": {k: v["median"] for k, v in t.items()},
+                         "bytes": {"dense": layer.weight.numel() * 4, "fp32_csr": fp32.cols.nbytes + fp32.vals.nbytes
+                                   + fp32.product.tiles.nbytes, "quantized": quantized.product.nbytes}})
+    torch.set_num_threads(default_threads)
+    return rows
+
+
+def quantized_table(rows: list[dict]) -> str:
+    lines = ["| case | shape | density | bits | threads | dense ms | fp32 CSR ms | quantized ms | "
+             "quantized vs fp32 CSR (min / median) | fp32 CSR MB | quantized MB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ms, med, b = r["ms"], r["median_ms"], r["bytes"]
+        lines.append(f"| {r['case']} | {r['shape']} | {r['density']:.2f} | {r['bits']} | {r['threads']} | "
+                     f"{ms['dense']:.3f} | {ms['fp32_csr']:.3f} | {ms['quantized']:.3f} | "
+                     f"{ms['fp32_csr'] / ms['quantized']:.2f}x / {med['fp32_csr'] / med['quantized']:.2f}x | "
+                     f"{b['fp32_csr'] / 1e6:.1f} | {b['quantized'] / 1e6:.1f} |")
+    return "\n".join(lines)
+
+
+def main_quantized(args: argparse.Namespace) -> None:
+    rounds = 10 if args.quick else 60
+    info = machine()
+    rows = []
+    for label, n_in, n_out, density in (("AlexNet fc6", 9216, 4096, 0.09), ("VGG-16 fc6", 25088, 4096, 0.04)):
+        rows += bench_quantized(label, n_in, n_out, density, 5, rounds)
+        print(quantized_table(rows[-2:]), flush=True)
+    info["load_average_end"] = os.getloadavg()
+    text = quantized_table(rows)
+    print(f"\n{text}\n\nload average start {info['load_average_start']}, end {info['load_average_end']}")
+    out = args.out or RESULTS / info["llvm_host_cpu"]
+    out.mkdir(parents=True, exist_ok=True)
+    stem = "inference_quantized_quick" if args.quick else "inference_quantized"
+    write_atomic(out / f"{stem}.json",
+                 json.dumps({"machine": info, "rounds": rounds, "rows": rows}, indent=1).encode())
+    cmd = "python benchmarks/inference.py --quantized" + (" --quick" if args.quick else "")
+    write_atomic(out / f"{stem}.md", (
+        f"# Batch-1 inference from shared weights\n\n`{cmd}` — best (and median) of {rounds} interleaved rounds, "
+        f"ms. Same weights (pruned at random to the density, then shared at 5 bits) for all three.\n\n"
+        f"Machine: {describe(info)}; load average at the start / end: {info['load_average_start']} / "
+        f"{info['load_average_end']} (a shared machine: other jobs ran)\n\n{text}\n").encode())
+
+
 def speedups(row: dict) -> dict[str, float]:
     return {k: row["ms"]["dense"] / v for k, v in row["ms"].items() if k != "dense"}
 
@@ -144,7 +210,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="3 timed rounds instead of 10")
     parser.add_argument("--out", type=Path, default=None,
                         help="directory for the JSON and Markdown results (default: results/<LLVM host CPU name>)")
+    parser.add_argument("--quantized", action="store_true", help="only the batch-1 shared-weight comparison")
     args = parser.parse_args()
+    if args.quantized:
+        main_quantized(args)
+        return
     rounds = 3 if args.quick else 10
     info = machine()
     rows = []
