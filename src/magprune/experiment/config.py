@@ -12,6 +12,7 @@ from typing import Any
 
 import yaml
 
+from magprune.deploy.quantize import INITS, MAX_BITS
 from magprune.experiment.data import DATASET_NAMES
 
 
@@ -84,6 +85,18 @@ class PruneStep:
 
 
 @dataclass
+class QuantizeConfig:
+    """Deep Compression's weight sharing after the last prune step: ``2**bits`` shared values per layer (``bits``:
+    one int, or a mapping of parameter/module names or ``conv``/``fc`` to bits), centroids initialised ``init``,
+    then ``epochs`` of fine-tuning the shared values at ``lr_fraction`` x ``train.lr``."""
+
+    bits: int | dict[str, int] = 5
+    init: str = "linear"
+    epochs: int = 0
+    lr_fraction: float = 0.01
+
+
+@dataclass
 class OutputConfig:
     dir: str | None = None
     checkpoints: bool = True
@@ -99,6 +112,7 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     prune: list[PruneStep] = field(default_factory=list)
     output: OutputConfig = field(default_factory=OutputConfig)
+    quantize: QuantizeConfig | None = None  # None: no weight sharing
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -306,7 +320,7 @@ def _output(raw: Any) -> OutputConfig:
 
 def from_dict(raw: Any) -> ExperimentConfig:
     """Validate a plain mapping (as read from YAML) into an :class:`ExperimentConfig`."""
-    raw = _keys(raw, "config", ["name", "seed", "model", "data", "train", "prune", "output"])
+    raw = _keys(raw, "config", ["name", "seed", "model", "data", "train", "prune", "output", "quantize"])
     name = raw.get("name", "experiment")
     if not isinstance(name, str) or not name:
         raise ConfigError(f"name: must be a non-empty string, got {name!r}")
@@ -319,6 +333,25 @@ def from_dict(raw: Any) -> ExperimentConfig:
         train=_train(raw.get("train")),
         prune=_steps(raw.get("prune"), model.name),
         output=_output(raw.get("output")),
+        quantize=_quantize(raw.get("quantize")) if raw.get("quantize") is not None else None,
+    )
+
+
+def _quantize(raw: Any) -> QuantizeConfig:
+    raw = _keys(raw, "quantize", ["bits", "init", "epochs", "lr_fraction"])
+    d = QuantizeConfig()
+    bits = raw.get("bits", d.bits)
+    if isinstance(bits, dict):
+        if not bits or not all(isinstance(k, str) for k in bits):
+            raise ConfigError(f"quantize.bits: a mapping must name layers (or conv/fc) by strings, got {bits!r}")
+        bits = {k: _number(v, f"quantize.bits.{k}", 1, MAX_BITS, integer=True) for k, v in bits.items()}
+    else:
+        bits = _number(bits, "quantize.bits", 1, MAX_BITS, integer=True)
+    return QuantizeConfig(
+        bits=bits,
+        init=_choice(raw.get("init", d.init), "quantize.init", INITS),
+        epochs=_number(raw.get("epochs", d.epochs), "quantize.epochs", 0, integer=True),
+        lr_fraction=_number(raw.get("lr_fraction", d.lr_fraction), "quantize.lr_fraction", 0.0, lo_open=True),
     )
 
 
