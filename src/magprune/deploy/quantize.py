@@ -165,15 +165,16 @@ class WeightSharing:
                 self.codebooks[name] = torch.where(counts > 0, means, self.codebooks[name])
                 self._write(name)
 
-    def attach(self, optimizer: torch.optim.Optimizer) -> RemovableHandle:
+    def attach(self, optimizer: torch.optim.Optimizer, *, reset_state: bool = True) -> RemovableHandle:
         """Hook ``optimizer``: gradients reduced per cluster before each step, weights re-shared after it.
 
-        The optimizer's state for the shared parameters is cleared, so that all members of a cluster start from
-        the same state (an elementwise optimizer then keeps them equal). Returns a handle whose ``remove()``
+        The optimizer's state for the shared parameters is cleared (unless ``reset_state`` is false, for state
+        that was saved under this sharing and loaded back), so that all members of a cluster start from the same
+        state (an elementwise optimizer then keeps them equal). Returns a handle whose ``remove()``
         detaches both hooks. Optimizers that are not elementwise (L-BFGS) or gradient clipping by norm see every
         cluster's gradient once per member."""
         shared = {id(p) for p in self.params.values()}
-        for group in optimizer.param_groups:
+        for group in optimizer.param_groups if reset_state else []:
             for p in group["params"]:
                 if id(p) in shared:
                     optimizer.state.pop(p, None)
