@@ -374,3 +374,66 @@ def test_load_quantized_runs_the_file(tmp_path):
         torch.testing.assert_close(fast(x[:1]), model(x[:1]), rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="more than 256"):
         QuantizedLinear.from_linear(nn.Linear(30, 30))
+
+
+# ----------------------------------------------------------------------------------------------- pipeline step
+TINY_DC = """
+name: digits-dc
+seed: 0
+model: {name: lenet-300-100, kwargs: {in_features: 64}}
+data: {dataset: digits}
+train: {optimizer: sgd, lr: 0.05, momentum: 0.9, epochs: 1, batch_size: 64, regularization: l2, strength: 1.0e-4}
+prune:
+  - criterion: density
+    density: {fc1: 0.2, fc2: 0.3, fc3: 0.5}
+    retrain: {epochs: 1, lr_fraction: 0.1}
+quantize: {bits: {fc1: 4, fc: 5}, epochs: 2, lr_fraction: 0.01}
+"""
+
+
+def test_quantize_step_runs_and_resumes_to_the_same_result(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    from magprune.experiment.config import from_dict
+    from magprune.experiment.pipeline import run_experiment
+
+    config_path = tmp_path / "dc.yaml"
+    config_path.write_text(TINY_DC)
+    whole = run_experiment(from_dict(yaml.safe_load(TINY_DC)), tmp_path / "whole", progress=False,
+                           echo=lambda line: None)
+    q = whole["quantize"]
+    assert q["bits"] == {"fc1.weight": 4, "fc2.weight": 5, "fc3.weight": 5} and q["file_ratio"] > 5
+    assert "## Deep Compression" in (tmp_path / "whole" / "report.md").read_text()
+    # killed after the first fine-tuning epoch (step 2 = the quantize step), then resumed
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root / "src"), "MAGPRUNE_CRASH_AT": "saved:2:1"}
+    killed = subprocess.run([sys.executable, "-m", "magprune.cli", "run", str(config_path), "--out",
+                             str(tmp_path / "cut"), "--no-progress"], env=env, capture_output=True, timeout=300)
+    assert killed.returncode == -9, killed.stderr
+    resumed = run_experiment(from_dict(yaml.safe_load(TINY_DC)), tmp_path / "cut", progress=False,
+                             echo=lambda line: None, resume=True)
+    assert resumed["error_after"] == whole["error_after"]
+    assert resumed["quantize"]["error_fine_tuned"] == q["error_fine_tuned"]
+    a = (tmp_path / "whole" / "model.safetensors").read_bytes()
+    assert a == (tmp_path / "cut" / "model.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize(("section", "match"), [
+    ({"bits": 9}, r"quantize.bits: must be an integer in \[1, 8\]"),
+    ({"bits": {"fc": 0}}, r"quantize.bits.fc"),
+    ({"init": "kmeans++"}, "quantize.init: must be one of"),
+    ({"epochs": -1}, "quantize.epochs"),
+    ({"lr": 0.1}, r"quantize: unknown key\(s\) \['lr'\]"),
+])
+def test_quantize_config_is_validated(section, match):
+    from magprune.experiment.config import ConfigError, from_dict
+
+    with pytest.raises(ConfigError, match=match):
+        from_dict({"quantize": section})
+    assert from_dict({}).quantize is None
+    assert from_dict({"quantize": {"bits": {"conv": 8, "fc": 5}}}).quantize.bits == {"conv": 8, "fc": 5}
