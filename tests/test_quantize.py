@@ -391,36 +391,41 @@ quantize: {bits: {fc1: 4, fc: 5}, epochs: 2, lr_fraction: 0.01}
 """
 
 
-def test_quantize_step_runs_and_resumes_to_the_same_result(tmp_path):
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
+def test_quantize_step_runs_and_resumes_to_the_same_result(tmp_path, monkeypatch):
     import yaml
 
+    from magprune.experiment import stages
     from magprune.experiment.config import from_dict
     from magprune.experiment.pipeline import run_experiment
 
-    config_path = tmp_path / "dc.yaml"
-    config_path.write_text(TINY_DC)
-    whole = run_experiment(from_dict(yaml.safe_load(TINY_DC)), tmp_path / "whole", progress=False,
-                           echo=lambda line: None)
+    config = from_dict(yaml.safe_load(TINY_DC))
+    whole = run_experiment(config, tmp_path / "whole", progress=False, echo=lambda line: None)
     q = whole["quantize"]
     assert q["bits"] == {"fc1.weight": 4, "fc2.weight": 5, "fc3.weight": 5} and q["file_ratio"] > 5
     assert "## Deep Compression" in (tmp_path / "whole" / "report.md").read_text()
-    # killed after the first fine-tuning epoch (step 2 = the quantize step), then resumed
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": str(root / "src"), "MAGPRUNE_CRASH_AT": "saved:2:1"}
-    killed = subprocess.run([sys.executable, "-m", "magprune.cli", "run", str(config_path), "--out",
-                             str(tmp_path / "cut"), "--no-progress"], env=env, capture_output=True, timeout=300)
-    assert killed.returncode == -9, killed.stderr
-    resumed = run_experiment(from_dict(yaml.safe_load(TINY_DC)), tmp_path / "cut", progress=False,
-                             echo=lambda line: None, resume=True)
+    load_quantized(magprune.create_model("lenet-300-100", in_features=64),
+                   tmp_path / "whole" / "model.quantized.safetensors")
+
+    class Interrupted(Exception):
+        pass
+
+    checkpoint = stages.RunContext.checkpoint
+
+    def stop_after_first_fine_tuning_epoch(ctx, state):
+        checkpoint(ctx, state)
+        train = (state or {}).get("train")
+        if ctx.stages[ctx.stage].name == "quantize" and train and train["epoch"] == 1 and not train.get("batch"):
+            raise Interrupted
+
+    monkeypatch.setattr(stages.RunContext, "checkpoint", stop_after_first_fine_tuning_epoch)
+    with pytest.raises(Interrupted):
+        run_experiment(config, tmp_path / "cut", progress=False, echo=lambda line: None)
+    monkeypatch.undo()
+    resumed = run_experiment(config, tmp_path / "cut", progress=False, echo=lambda line: None, resume=True)
     assert resumed["error_after"] == whole["error_after"]
     assert resumed["quantize"]["error_fine_tuned"] == q["error_fine_tuned"]
-    a = (tmp_path / "whole" / "model.safetensors").read_bytes()
-    assert a == (tmp_path / "cut" / "model.safetensors").read_bytes()
+    whole_model, cut_model = (tmp_path / d / "model.safetensors" for d in ("whole", "cut"))
+    assert whole_model.read_bytes() == cut_model.read_bytes()
 
 
 @pytest.mark.parametrize(("section", "match"), [

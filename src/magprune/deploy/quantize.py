@@ -116,7 +116,7 @@ class WeightSharing:
         self.init, self.seed = init, seed
         self.params: dict[str, nn.Parameter] = dict(pruner.params) if pruner is not None else \
             select_parameters(model, None, layer_types)
-        self.bits = {name: _bits_for(model, name, bits) for name in self.params}
+        self.bits = {name: bits_for(model, name, bits) for name in self.params}
         self.masks: dict[str, Tensor] = {}
         self.labels: dict[str, Tensor] = {}  # uint8 cluster index per surviving weight, in row-major order
         self.codebooks: dict[str, Tensor] = {}  # (2**bits,) shared values, the parameter's dtype
@@ -234,7 +234,7 @@ class _Handles:
             handle.remove()
 
 
-def _bits_for(model: nn.Module, name: str, bits: int | Mapping[str, int]) -> int:
+def bits_for(model: nn.Module, name: str, bits: int | Mapping[str, int]) -> int:
     if isinstance(bits, Mapping):
         module = module_name(name)
         owner = model.get_submodule(module) if "." in name else model

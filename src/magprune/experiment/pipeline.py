@@ -158,6 +158,7 @@ def finish_run(ctx: RunContext, start: float) -> dict[str, Any]:
         "report": report.as_dict(),
         "wall_seconds": time.perf_counter() - start,
         "figures": figures,
+        "quantize": ctx.results.get("quantize"),
         "machine": {**machine_info(), "load_average_start": ctx.load_average_start,
                     "processes": distributed.world_size()},
     }
@@ -211,6 +212,7 @@ def render_report(summary: dict[str, Any]) -> str:
         for s in summary["steps"]:
             lines.append(f"| {s['step']} | {s['criterion']} | {100 * s['sparsity']:.2f}% | "
                          f"{100 * s['error_pruned']:.2f}% | {100 * s['error_retrained']:.2f}% |")
+    lines += _quantize_report(summary.get("quantize"))
     for caption, file in summary.get("figures", []):
         lines += ["", f"## {caption}", "", f"![{caption}]({file})"]
     machine = summary["machine"]
@@ -219,6 +221,24 @@ def render_report(summary: dict[str, Any]) -> str:
               f"(torch {machine['torch']}, {machine['torch_threads']} threads); load average at the end "
               f"{'/'.join(f'{v:.2f}' for v in load) if load else 'unknown'}.", ""]
     return "\n".join(lines)
+
+
+def _quantize_report(quantized: dict[str, Any] | None) -> list[str]:
+    """report.md's Deep Compression section: the per-layer table and the file-size ratio against dense fp32."""
+    if not quantized:
+        return []
+    layers = ", ".join(f"{n} {b} bits" for n, b in quantized["bits"].items())
+    lines = ["", "## Deep Compression: weight sharing and entropy coding (Han, Mao, Dally 2016, Tables 2-3)", "",
+             f"Shared values per layer: {layers} ({quantized['init']} init); test error "
+             f"{100 * quantized['error_shared']:.2f}% once shared, {100 * quantized['error_fine_tuned']:.2f}% "
+             f"after {quantized['epochs']} fine-tuning epochs.", ""]
+    if "table" in quantized:
+        lines += [quantized["table"], "",
+                  f"`{quantized['file']}`: {quantized['file_bytes']:,} bytes against "
+                  f"{quantized['dense_fp32_bytes']:,} of dense fp32, **{quantized['file_ratio']:.1f}x** smaller. "
+                  "Weight bits: per codebook index as quantized (P+Q) / as stored after entropy coding (+H, per "
+                  "nonzero); index bits: per relative index / as stored (fillers included)."]
+    return lines
 
 
 def _pct(part: int | None, whole: int | None) -> str:

@@ -19,6 +19,7 @@ The driver checkpoints after every finished stage, so a resumed run never repeat
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +30,9 @@ from torch import Tensor, nn
 
 from magprune.analysis.plots import sample_weights
 from magprune.criteria import GlobalSparsity, LayerSparsity, StdThreshold, han2015
-from magprune.experiment.config import ConfigError, ExperimentConfig, PruneStep
+from magprune.deploy.format import format_shared_table, save_compressed, shared_rows
+from magprune.deploy.quantize import WeightSharing, bits_for
+from magprune.experiment.config import ConfigError, ExperimentConfig, PruneStep, QuantizeConfig
 from magprune.experiment.rundir import RESUME_VERSION, RunError, RunWriter, load_resume_checkpoint, plain
 from magprune.experiment.train import Trainer, TrainState, evaluate
 from magprune.pruner import Pruner
@@ -223,9 +226,78 @@ class PruneRetrain(Stage):
         return {"densities": densities, "pruned_error": error}
 
 
+class Quantize(Stage):
+    """Deep Compression's weight sharing (``quantize:``) after the last prune step: per layer k-means over the
+    surviving weights, then the shared values fine-tuned (each moves by the sum of its members' gradients), then
+    the model written in the compressed format v3 (``model.quantized.safetensors``) with Deep Compression's table.
+
+    Its state: the clustering (labels, masks; the codebooks live in the model's weights) and the fine-tuning's."""
+
+    name = "quantize"
+
+    def __init__(self, step: int, cfg: QuantizeConfig) -> None:
+        self.step, self.cfg = step, cfg
+
+    def check(self, ctx: RunContext) -> None:
+        for name in ctx.pruner.params:
+            try:
+                bits_for(ctx.model, name, self.cfg.bits)
+            except ValueError as exc:
+                raise ConfigError(f"quantize.{exc}") from exc
+
+    def run(self, ctx: RunContext, state: dict[str, Any] | None) -> None:
+        q = self.cfg
+        if state is None:  # not shared yet
+            sharing = WeightSharing(ctx.model, ctx.pruner, bits=q.bits, init=q.init, seed=ctx.config.seed)
+            error = ctx.evaluate()
+            ctx.log({"stage": "quantize-shared", "test_error": error}, self.step)
+            ctx.echo(f"quantize: {sharing}, test error before fine-tuning {100 * error:.2f}%")
+            state = {"sharing": sharing.state_dict(), "shared_error": error, "train": None}
+            ctx.checkpoint(state)
+        else:  # resumed: the checkpoint's weights hold the fine-tuned shared values
+            weights = {n: p.detach().clone() for n, p in ctx.pruner.params.items()}
+            sharing = WeightSharing(ctx.model, ctx.pruner, bits=q.bits, init=q.init, max_iter=0)
+            sharing.load_state_dict(state["sharing"])
+            with torch.no_grad():
+                for name, param in ctx.pruner.params.items():
+                    param.copy_(weights[name])
+            sharing.update_centroids()
+        trainer = ctx.trainer("quantize", lr=ctx.config.train.lr * q.lr_fraction, epochs=q.epochs,
+                              seed=ctx.config.seed + self.step, state=state["train"])
+        handles = [ctx.pruner.attach(trainer.optimizer),
+                   sharing.attach(trainer.optimizer, reset_state=state["train"] is None)]
+        try:
+            trainer.fit(on_epoch=ctx.log_epoch(self.step),
+                        on_checkpoint=lambda t: ctx.checkpoint({**state, "train": t.as_dict()}))
+        finally:
+            for handle in handles:
+                handle.remove()
+        sharing.check()
+        ctx.pruner.check()
+        error = ctx.evaluate()
+        ctx.echo(f"quantize: test error after {q.epochs} fine-tuning epochs {100 * error:.2f}%")
+        ctx.results["quantize"] = {"bits": sharing.bits, "init": q.init, "epochs": q.epochs,
+                                   "error_shared": state["shared_error"], "error_fine_tuned": error,
+                                   **(self.write(ctx) if ctx.writer.enabled else {})}
+
+    def write(self, ctx: RunContext) -> dict[str, Any]:
+        """model.quantized.safetensors and the numbers of Deep Compression's table."""
+        config = ctx.config
+        path = ctx.run_dir / "model.quantized.safetensors"
+        spec = json.dumps({"name": config.model.name, "kwargs": dict(config.model.kwargs)})
+        params = save_compressed(ctx.model, path, metadata={"model": spec})
+        file_bytes = path.stat().st_size
+        dense_bytes = 4 * sum(t.numel() for t in ctx.model.state_dict().values())
+        return {"file": path.name, "file_bytes": file_bytes, "dense_fp32_bytes": dense_bytes,
+                "file_ratio": dense_bytes / file_bytes, "table": format_shared_table(shared_rows(params), file_bytes)}
+
+
 def build_stages(config: ExperimentConfig) -> list[Stage]:
     """The stages ``config`` describes, in run order (``repeat: n`` has already made n prune steps)."""
-    return [DenseTraining(), *(PruneRetrain(i, step) for i, step in enumerate(config.prune, start=1))]
+    stages: list[Stage] = [DenseTraining(), *(PruneRetrain(i, step) for i, step in enumerate(config.prune, start=1))]
+    if config.quantize is not None:
+        stages.append(Quantize(len(config.prune) + 1, config.quantize))
+    return stages
 
 
 def build_criterion(step: PruneStep):
