@@ -405,6 +405,12 @@ def test_quantize_step_runs_and_resumes_to_the_same_result(tmp_path, monkeypatch
     assert "## Deep Compression" in (tmp_path / "whole" / "report.md").read_text()
     load_quantized(magprune.create_model("lenet-300-100", in_features=64),
                    tmp_path / "whole" / "model.quantized.safetensors")
+    from magprune.cli import main
+
+    assert main(["export", str(tmp_path / "whole"), "--format", "quantized", "--out", str(tmp_path / "e.st")]) == 0
+    assert load_compressed(tmp_path / "e.st").keys() == load_compressed(
+        tmp_path / "whole" / "model.quantized.safetensors").keys()
+    assert main(["export", str(tmp_path / "whole"), "--format", "quantized", "--bits", "x=3"]) == 2
 
     class Interrupted(Exception):
         pass
