@@ -48,7 +48,8 @@ def rows_for(path: Path) -> list[dict]:
         for stream, (symbols, alphabet) in streams.items():
             sizes = {c: len(encode_stream(symbols, alphabet, (c,))) for c in CODERS}
             rows.append({"file": f"{path.parent.name}/{path.name}", "tensor": name, "stream": stream,
-                         "symbols": int(symbols.size), "alphabet": alphabet, "entropy_bytes": round(entropy_bytes(symbols), 1), "bytes": sizes})
+                         "symbols": int(symbols.size), "alphabet": alphabet,
+                         "entropy_bytes": round(entropy_bytes(symbols), 1), "bytes": sizes})
     return rows
 
 
