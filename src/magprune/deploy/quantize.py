@@ -9,7 +9,9 @@ optimizer (SGD, Adam, AdamW, RMSprop, ...) on the model is then the same optimiz
 get a zero gradient and are written back as exact zeros. The model stays plain: its ``state_dict`` is an ordinary
 dense one whose weights hold at most ``2**bits`` distinct nonzero values each.
 
-Memory: one uint8 cluster index per surviving weight, plus the keep-mask (the pruner's, or one bool per weight).
+Memory: per surviving weight one uint8 cluster index and its flat position (int32; int64 beyond 2**31 entries),
+plus the keep-mask (the pruner's, or one bool per weight). Positions, not the mask, drive the per-step work:
+``masked_select`` over a VGG-16 fc6 weight took 6.8 s on the 2-core machine, ``index_select`` 0.25 s.
 """
 
 from __future__ import annotations
@@ -119,13 +121,15 @@ class WeightSharing:
         self.bits = {name: bits_for(model, name, bits) for name in self.params}
         self.masks: dict[str, Tensor] = {}
         self.labels: dict[str, Tensor] = {}  # uint8 cluster index per surviving weight, in row-major order
+        self.positions: dict[str, Tensor] = {}  # flat position of each surviving weight
         self.codebooks: dict[str, Tensor] = {}  # (2**bits,) shared values, the parameter's dtype
         self._handles: list[RemovableHandle] = []
         with torch.no_grad():
             for name, param in self.params.items():
                 mask = pruner.masks.get(name) if pruner is not None else None
                 self.masks[name] = (param != 0) if mask is None else mask.to(device=param.device, dtype=torch.bool)
-                survivors = param.detach().masked_select(self.masks[name]).cpu().double().numpy()
+                self.positions[name] = _positions(self.masks[name])
+                survivors = self._survivors(name, param).cpu().double().numpy()
                 k = 2 ** self.bits[name]
                 centroids, labels = kmeans_1d(survivors, initial_centroids(survivors, k, init, seed), max_iter)
                 self.codebooks[name] = torch.from_numpy(centroids).to(device=param.device, dtype=param.dtype)
@@ -133,23 +137,26 @@ class WeightSharing:
                 self._write(name)
 
     # ---------------------------------------------------------------- the update
+    def _survivors(self, name: str, tensor: Tensor) -> Tensor:
+        return tensor.detach().reshape(-1).index_select(0, self.positions[name])
+
     def _write(self, name: str) -> None:
         """Set every surviving weight to its centroid and every pruned one to 0."""
-        param, mask = self.params[name], self.masks[name]
+        param = self.params[name]
         values = self.codebooks[name].index_select(0, self.labels[name].int())
         param.data.zero_()
-        param.data.masked_scatter_(mask, values)
+        param.data.view(-1)[self.positions[name]] = values
 
     def reduce_gradients(self) -> None:
         """Replace each member's gradient by the sum of its cluster's gradients (equation 3); 0 at pruned entries."""
         for name, param in self.params.items():
             if param.grad is None:
                 continue
-            mask, labels = self.masks[name], self.labels[name].int()
+            labels = self.labels[name].int()
             sums = torch.zeros(self.codebooks[name].numel(), dtype=torch.float64, device=param.device)
-            sums.index_add_(0, labels, param.grad.masked_select(mask).double())
+            sums.index_add_(0, labels, self._survivors(name, param.grad).double())
             param.grad.zero_()
-            param.grad.masked_scatter_(mask, sums.to(param.grad.dtype).index_select(0, labels))
+            param.grad.view(-1)[self.positions[name]] = sums.to(param.grad.dtype).index_select(0, labels)
 
     def update_centroids(self) -> None:
         """Read each centroid back as the mean of its members (all equal after an elementwise step) and rewrite
@@ -159,7 +166,7 @@ class WeightSharing:
                 labels = self.labels[name].int()
                 k = self.codebooks[name].numel()
                 sums = torch.zeros(k, dtype=torch.float64, device=param.device)
-                sums.index_add_(0, labels, param.detach().masked_select(self.masks[name]).double())
+                sums.index_add_(0, labels, self._survivors(name, param).double())
                 counts = torch.bincount(labels, minlength=k)
                 means = (sums / counts.clamp(min=1)).to(param.dtype)
                 self.codebooks[name] = torch.where(counts > 0, means, self.codebooks[name])
@@ -190,8 +197,8 @@ class WeightSharing:
         with torch.no_grad():
             for name, param in self.params.items():
                 expected = torch.zeros_like(param)
-                expected.masked_scatter_(self.masks[name],
-                                         self.codebooks[name].index_select(0, self.labels[name].int()))
+                expected.view(-1)[self.positions[name]] = self.codebooks[name].index_select(
+                    0, self.labels[name].int())
                 if not torch.equal(param.detach(), expected):
                     bad = int((param.detach() != expected).sum())
                     raise AssertionError(f"{name}: {bad} weights differ from their shared value")
@@ -214,7 +221,7 @@ class WeightSharing:
             labels = state["labels"][name].to(device=param.device, dtype=torch.uint8)
             if mask.shape != param.shape or labels.numel() != int(mask.sum()):
                 raise ValueError(f"{name}: saved mask/labels do not fit the parameter of shape {list(param.shape)}")
-            self.masks[name], self.labels[name] = mask, labels
+            self.masks[name], self.labels[name], self.positions[name] = mask, labels, _positions(mask)
             self.codebooks[name] = state["codebooks"][name].to(device=param.device, dtype=param.dtype)
             self.bits[name] = int(state["bits"][name])
         with torch.no_grad():
@@ -223,6 +230,11 @@ class WeightSharing:
 
     def __repr__(self) -> str:
         return f"WeightSharing({', '.join(f'{n}: {b} bits' for n, b in self.bits.items())}, init={self.init!r})"
+
+
+def _positions(mask: Tensor) -> Tensor:
+    flat = torch.nonzero(mask.reshape(-1)).reshape(-1)
+    return flat.int() if mask.numel() < 2**31 else flat
 
 
 class _Handles:
