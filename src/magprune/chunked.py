@@ -8,13 +8,17 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
+from magprune.sharding import local
+
 CHUNK = 1 << 18  # elements per temporary chunk (1 MB of fp32)
 
 
 def chunks(tensor: Tensor, *masks: Tensor | None) -> Iterator[tuple]:
     """``(start, part, *mask_parts)``: matching flat chunks of ``tensor`` and each of ``masks`` (None stays None), at
     most CHUNK entries each, ``start`` the flat offset of the chunk. The parts are views, so writes land in
-    ``tensor``; a non-contiguous ``tensor`` comes as one whole part in its own shape (start 0)."""
+    ``tensor``; a non-contiguous ``tensor`` comes as one whole part in its own shape (start 0). Sharded tensors
+    (DTensors) are read by their local shards, ``start`` counting within the shard."""
+    tensor, masks = local(tensor), tuple(None if m is None else local(m) for m in masks)
     if not tensor.is_contiguous():
         yield (0, tensor, *masks)
         return

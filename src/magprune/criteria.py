@@ -18,7 +18,7 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import Tensor
 
-from magprune import chunked
+from magprune import chunked, sharding
 
 # Han et al. 2015, Tables 2-3: fraction of weights kept per layer, keyed by the module names of magprune's models.
 HAN2015_DENSITIES: dict[str, dict[str, float]] = {
@@ -66,8 +66,9 @@ def _require_weights(weights: Mapping[str, Tensor]) -> None:
 
 
 def _flat_chunks(tensor: Tensor) -> Iterable[tuple[int, Tensor]]:
-    """(start, part) over ``tensor`` read flat (a non-contiguous tensor is read from a flat copy)."""
-    return chunked.chunks(tensor.detach().reshape(-1))
+    """(start, part) over ``tensor`` read flat (a non-contiguous tensor is read from a flat copy; a sharded one by
+    its local shard)."""
+    return chunked.chunks(sharding.local(tensor.detach()).reshape(-1))
 
 
 def _magnitude_bits(chunk: Tensor) -> Tensor:
@@ -79,12 +80,14 @@ def kth_smallest_magnitude(tensors: list[Tensor], k: int) -> tuple[int, int]:
     """Exact k-th smallest |x| (1-based) over several tensors, by two 16-bit radix passes of histogram counting.
 
     Returns ``(bits, below)``: the float32 bit pattern of that magnitude and how many entries lie strictly below
-    it. Memory is one chunk's temporaries, whatever the tensors' size.
+    it. Memory is one chunk's temporaries, whatever the tensors' size. Over sharded tensors (FSDP2) both histograms
+    are summed over the shards, so every rank gets the answer for the whole tensors.
     """
     total = sum(t.numel() for t in tensors)
     if not 1 <= k <= total:
         raise ValueError(f"k must be in [1, {total}], got {k}")
-    if total <= chunked.CHUNK:
+    mesh = sharding.mesh_of(tensors)
+    if total <= chunked.CHUNK and mesh is None:
         # Small enough for one temporary: kthvalue beats two 65,536-bin histograms (models with many small layers).
         flat = torch.cat([_magnitude_bits(t.reshape(-1)).view(torch.float32) for t in tensors])
         if not torch.isfinite(flat).all():
@@ -95,6 +98,7 @@ def kth_smallest_magnitude(tensors: list[Tensor], k: int) -> tuple[int, int]:
     for tensor in tensors:
         for _, chunk in _flat_chunks(tensor):
             high += torch.bincount((_magnitude_bits(chunk) >> 16).reshape(-1), minlength=1 << 16).cpu()
+    sharding.all_reduce_sum_(high, mesh)
     if high[0x7F80:].any():
         raise ValueError("weights contain NaN or infinity; cannot rank them by magnitude")
     cum = high.cumsum(0)
@@ -107,6 +111,7 @@ def kth_smallest_magnitude(tensors: list[Tensor], k: int) -> tuple[int, int]:
             in_bucket = bits[(bits >> 16) == hi]
             if in_bucket.numel():
                 low += torch.bincount((in_bucket & 0xFFFF).reshape(-1), minlength=1 << 16).cpu()
+    sharding.all_reduce_sum_(low, mesh)
     cum_low = low.cumsum(0)
     lo = int(torch.searchsorted(cum_low, k - below))
     below += int(cum_low[lo - 1]) if lo > 0 else 0
@@ -117,14 +122,21 @@ def prune_smallest(tensors: list[Tensor], k: int) -> list[Tensor]:
     """Keep-masks that prune exactly the ``k`` smallest-magnitude entries over ``tensors``.
 
     Ties at the threshold are broken by position (earlier tensor, then lower flat index, pruned first), so the
-    result is deterministic and the count is exact.
+    result is deterministic and the count is exact. Sharded tensors (FSDP2) get sharded masks, the same as one
+    process would make from the whole tensors.
     """
-    masks = [torch.ones(t.shape, dtype=torch.bool, device=t.device) for t in tensors]
+    masks = [torch.ones(sharding.local(t).shape, dtype=torch.bool, device=t.device) for t in tensors]
     if k <= 0:
-        return masks
+        return [sharding.like(mask, t) for mask, t in zip(masks, tensors, strict=True)]
     bits, below = kth_smallest_magnitude(tensors, k)
     ties_to_prune = k - below
-    for tensor, mask in zip(tensors, masks, strict=True):
+    budgets = None
+    if sharding.mesh_of(tensors) is not None:  # which ties are first in global order: count them all first
+        budgets = sharding.tie_budgets(tensors, [sum(int((_magnitude_bits(c) == bits).count_nonzero())
+                                                     for _, c in _flat_chunks(t)) for t in tensors], ties_to_prune)
+    for index, (tensor, mask) in enumerate(zip(tensors, masks, strict=True)):
+        if budgets is not None:
+            ties_to_prune = budgets[index]
         flat_mask = mask.view(-1)
         for start, chunk in _flat_chunks(tensor):
             chunk_bits = _magnitude_bits(chunk)
@@ -136,13 +148,13 @@ def prune_smallest(tensors: list[Tensor], k: int) -> list[Tensor]:
                 ties_to_prune -= min(ties_to_prune, tie_index.numel())
             else:
                 flat_mask[start:start + chunk.numel()] |= chunk_bits == bits
-    return masks
+    return [sharding.like(mask, t) for mask, t in zip(masks, tensors, strict=True)]
 
 
 def masked_std(weight: Tensor, mask: Tensor | None = None) -> float:
     """Standard deviation (unbiased, as ``torch.std``) of the entries of ``weight`` kept by ``mask``, chunked."""
     count, total, total_sq = 0, 0.0, 0.0
-    flat_mask = None if mask is None else mask.reshape(-1)
+    flat_mask = None if mask is None else sharding.local(mask).reshape(-1)
     for start, chunk in _flat_chunks(weight):
         values = chunk.to(torch.float64)
         if flat_mask is not None:
@@ -150,6 +162,7 @@ def masked_std(weight: Tensor, mask: Tensor | None = None) -> float:
         count += values.numel()
         total += float(values.sum())
         total_sq += float((values * values).sum())
+    count, total, total_sq = sharding.sum_over_shards([count, total, total_sq], weight)
     if count < 2:
         return 0.0
     mean = total / count
@@ -157,12 +170,12 @@ def masked_std(weight: Tensor, mask: Tensor | None = None) -> float:
 
 
 def keep_at_least(weight: Tensor, threshold: float) -> Tensor:
-    """Keep-mask of the entries with ``|w| >= threshold``, built chunk by chunk."""
-    mask = torch.empty(weight.shape, dtype=torch.bool, device=weight.device)
+    """Keep-mask of the entries with ``|w| >= threshold``, built chunk by chunk (sharded like ``weight``)."""
+    mask = torch.empty(sharding.local(weight).shape, dtype=torch.bool, device=weight.device)
     flat_mask = mask.view(-1)
     for start, chunk in _flat_chunks(weight):
         flat_mask[start:start + chunk.numel()] = chunk.abs() >= threshold
-    return mask
+    return sharding.like(mask, weight)
 
 
 class StdThreshold:

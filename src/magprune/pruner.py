@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from magprune import sharding
 from magprune.chunked import all_finite, count_dropped_nonzero, fill_dropped
 from magprune.targets import DEFAULT_LAYER_TYPES, select_parameters
 
@@ -121,6 +122,8 @@ class Pruner:
 
         Under ``torch.distributed`` (e.g. DDP launched by ``torchrun``) the masks of rank 0 are broadcast to every
         rank, so all ranks prune exactly the same connections even if their weights differed in the last bit.
+        Parameters sharded by FSDP2 (``fully_shard``: DTensors) get masks sharded like them, which the criteria
+        compute from statistics summed over the shards (:mod:`magprune.sharding`); call ``prune`` on every rank.
 
         Returns the density (fraction kept) of every targeted parameter.
         """
@@ -141,7 +144,8 @@ class Pruner:
             if not isinstance(keep, Tensor) or keep.dtype != torch.bool or keep.shape != shape:
                 raise ValueError(f"mask for {name!r} must be a bool tensor of shape {tuple(shape)}, got "
                                  f"{getattr(keep, 'dtype', type(keep))} {tuple(getattr(keep, 'shape', ()))}")
-        proposed = _broadcast_from_rank0(proposed)
+        proposed = _broadcast_from_rank0({name: sharding.match(keep, self.params[name])
+                                          for name, keep in proposed.items()})
         with torch.no_grad():
             for name, keep in proposed.items():
                 self._update_mask(name, keep, regrow)
@@ -228,7 +232,9 @@ class Pruner:
 
     def _fill_dropped(self, name: str, tensor: Tensor, value: float) -> None:
         """Set ``tensor`` (``name``'s weight, its gradient or optimizer state) to ``value`` where ``name`` is pruned,
-        by the fastest means at hand: the compiled kernel on a bit-packed mask, else a multiply (zeros) or a fill."""
+        by the fastest means at hand: the compiled kernel on a bit-packed mask, else a multiply (zeros) or a fill.
+        Sharded tensors are masked shard by shard, each by its local mask."""
+        tensor = sharding.local(tensor)
         packed = self._packed_mask(name, tensor)
         if packed is not None:
             packed.fill(tensor.data_ptr(), struct.unpack("<I", struct.pack("<f", value))[0] if value else 0,
@@ -245,7 +251,7 @@ class Pruner:
         if not (self.fast_masks and tensor.numel() >= PACKED_MIN_NUMEL and tensor.dtype == torch.float32
                 and tensor.device.type == "cpu" and tensor.is_contiguous()):
             return None
-        mask = self.masks[name]
+        mask = sharding.local(self.masks[name])
         if mask.device.type != "cpu" or mask.numel() != tensor.numel():
             return None
         key = (id(mask), mask._version)
@@ -257,8 +263,8 @@ class Pruner:
         return cached[1]
 
     def _kept(self, name: str) -> int:
-        """Number of kept connections of ``name``, cached until its mask changes (in place or replaced)."""
-        mask = self.masks[name]
+        """Number of kept connections of ``name`` (in this rank's shard), cached until its mask changes."""
+        mask = sharding.local(self.masks[name])
         key = (id(mask), mask._version)
         cached = self._kept_counts.get(name)
         if cached is None or cached[0] != key:
@@ -273,6 +279,7 @@ class Pruner:
         if mult is None or mult.device != param.device or mult.dtype != want:
             mask = self.masks[name].to(param.device)
             self.masks[name] = mask
+            mask = sharding.local(mask)
             mult = mask.to(param.dtype) if self.fast_masks else mask.view(torch.uint8)
             self._multipliers[name] = mult
         return mult
@@ -281,7 +288,7 @@ class Pruner:
     def densities(self) -> dict[str, float]:
         # count_nonzero, not sum(): summing a bool tensor makes an int64 copy, 8 bytes per weight.
         """Fraction of entries kept, per targeted parameter (1.0 where nothing is pruned)."""
-        return {name: (int(self.masks[name].count_nonzero()) / p.numel()) if name in self.masks else 1.0
+        return {name: (sharding.count_nonzero(self.masks[name]) / p.numel()) if name in self.masks else 1.0
                 for name, p in self.params.items()}
 
     @property
@@ -293,14 +300,16 @@ class Pruner:
     def sparsity(self) -> float:
         """Fraction of all targeted entries that are pruned."""
         total = sum(p.numel() for p in self.params.values())
-        kept = sum(int(self.masks[n].count_nonzero()) if n in self.masks else p.numel() for n, p in self.params.items())
+        kept = sum(sharding.count_nonzero(self.masks[n]) if n in self.masks else p.numel()
+                   for n, p in self.params.items())
         return 1.0 - kept / total
 
     def check(self, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Raise :class:`PruningInvariantError` unless every pruned entry is exactly zero and state is clean.
 
         Checks the weights and gradients at pruned positions, and for ``optimizer`` (default: every attached one)
-        that first-moment state at pruned positions is zero and all floating-point state is finite.
+        that first-moment state at pruned positions is zero and all floating-point state is finite. With sharded
+        (FSDP2) parameters every rank checks its shards and all ranks raise together: call it on every rank.
         """
         for handle in self.compute_handles:
             handle.sync_dense()
@@ -324,6 +333,7 @@ class Pruner:
                         if key in FIRST_MOMENT_KEYS and value.shape == param.shape \
                                 and count_dropped_nonzero(value, mask):
                             problems.append(f"{name}: optimizer state {key!r} is nonzero at pruned positions")
+        problems = sharding.problems_over_ranks(problems, list(self.masks.values()))
         if problems:
             raise PruningInvariantError("; ".join(problems))
 
@@ -349,7 +359,9 @@ class Pruner:
                 raise ValueError(f"mask {name!r} in state_dict must be a bool tensor of shape "
                                  f"{tuple(param.shape)}, got {getattr(mask, 'dtype', type(mask))} "
                                  f"{tuple(getattr(mask, 'shape', ()))}")
-        self.masks = {name: mask.to(self.params[name].device).clone() for name, mask in masks.items()}
+        # A whole mask saved by one process is cut to this rank's shard of an FSDP2 parameter (and back).
+        self.masks = {name: sharding.match(mask.to(self.params[name].device), self.params[name]).clone()
+                      for name, mask in masks.items()}
         self._multipliers.clear()
         self._packed.clear()
         self.apply_masks()
@@ -418,7 +430,7 @@ class OptimizerHandle:
         # More nonzero weights than kept connections means a pruned one moved. One counting pass and no temporary:
         # the exact test by boolean indexing took ~1.3 ms on LeNet-300-100, 1% of every step at refresh_every=100.
         # It misses a revival only if as many kept weights are exactly 0.0 at the same time; check() is exact.
-        return any(int(torch.count_nonzero(self.pruner.params[n].detach())) > self.pruner._kept(n)
+        return any(int(torch.count_nonzero(sharding.local(self.pruner.params[n].detach()))) > self.pruner._kept(n)
                    for n in self._owned())
 
     def _refresh_second_moments(self) -> None:
@@ -459,6 +471,9 @@ def _broadcast_from_rank0(masks: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
         raise RuntimeError(f"ranks disagree on which layers to prune: rank 0 has {gathered[0]}, this rank {names}")
     synced = {}
     for name in names:
+        if sharding.is_sharded(masks[name]):  # computed from statistics over all shards: equal on every rank
+            synced[name] = masks[name]
+            continue
         # NCCL cannot broadcast bool; a uint8 view shares the storage
         mask = masks[name].contiguous()
         dist.broadcast(mask.view(torch.uint8), src=0)
