@@ -13,17 +13,23 @@ divided by the model's size in fp32 bytes. Cases:
   there "extra memory" is the peak over the RSS after one dense step (weights, gradients and momentum allocated),
   "mask copies" the bytes of the copies the pruner keeps for training, and the time that of one step after a
   first, untimed one (which compiles the kernels)
+- with ``--fsdp``: the model sharded over 2 gloo processes by FSDP2 (``fully_shard`` per layer and at the root),
+  pruned by ``han2015("vgg-16")`` and ``GlobalSparsity``, and a training step (SGD momentum, batch 1 per rank)
+  after a global prune; each rank measures its own peak over its own RSS (taken after sharding, and for the
+  training case after a dense step), beside the single-process magprune cases, interleaved
 
     python benchmarks/scale.py            # VGG-16 ImageNet (138M weights; ~10 GB peak for the torch global case)
     python benchmarks/scale.py --quick    # VGG-16 CIFAR-size (15M weights)
+    python benchmarks/scale.py --fsdp [--quick]   # sharded over 2 ranks: per-rank memory
 
-Writes benchmarks/results/<LLVM host CPU>/scale.json and scale.md.
+Writes benchmarks/results/<LLVM host CPU>/scale.json and scale.md (``--fsdp``: scale-fsdp.json and .md).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -34,6 +40,8 @@ GLOBAL_SPARSITY = 0.925  # Han's VGG-16 total: 7.5% of weights kept
 CASES = ["magprune-han2015", "magprune-global", "torch-l1-per-layer", "torch-global-l1"]
 TRAIN_CASES = ["train-dense", "train-magprune", "train-magprune-fp32-masks"]
 TRAIN_STEPS = 2
+FSDP_CASES = ["fsdp2-han2015", "fsdp2-global", "fsdp2-train-dense", "fsdp2-train"]
+FSDP_WORLD = 2
 
 
 def _rss_kb(field: str) -> int:
@@ -90,10 +98,103 @@ def run_train_case(case: str, model_name: str) -> dict:
             "extra_over_model": (peak - before) * 1024 / model_bytes, "density": density, "mask_copy_bytes": copies}
 
 
+def _fsdp_rank(rank: int, case: str, model_name: str, port: int, out: str) -> None:
+    """One rank of a sharded case (spawned by run_fsdp_case): shard, prune (and train), measure this rank's peak."""
+    import gc
+
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+    from torch.nn import functional as F
+
+    import magprune
+    from magprune import sharding
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)  # one core per rank
+    dist.init_process_group("gloo", rank=rank, world_size=FSDP_WORLD)
+    torch.manual_seed(0)
+    model = magprune.create_model(model_name)
+    for module in model.modules():
+        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+            fully_shard(module)
+    fully_shard(model)
+    gc.collect()
+    local_param_bytes = sum(sharding.local(p.detach()).nbytes for p in model.parameters())
+    side = 224 if model_name == "vgg-16" else 32
+    generator = torch.Generator().manual_seed(rank)
+    x, y = torch.randn(1, 3, side, side, generator=generator), torch.tensor([rank])
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=False)
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+
+    training = case.startswith("fsdp2-train")
+    if training:
+        step()  # dense: sharded gradients and momentum exist from here on
+    dist.barrier()
+    Path("/proc/self/clear_refs").write_text("5")
+    before = _rss_kb("VmRSS")
+    start = time.perf_counter()
+    pruner = magprune.Pruner(model)
+    if case == "fsdp2-han2015":
+        pruner.prune(magprune.han2015("vgg-16"))
+    elif case != "fsdp2-train-dense":
+        pruner.attach(optimizer)
+        pruner.prune(magprune.GlobalSparsity(GLOBAL_SPARSITY))
+    seconds = time.perf_counter() - start
+    if training:
+        step()
+        start = time.perf_counter()
+        for _ in range(TRAIN_STEPS):
+            step()
+        seconds = (time.perf_counter() - start) / TRAIN_STEPS
+    peak = _rss_kb("VmHWM")
+    pruner.check()
+    density = 1 - pruner.sparsity()
+    local_mask_bytes = sum(sharding.local(p.detach()).numel() for p in pruner.params.values())  # bool: 1 byte
+    Path(out, f"rank{rank}.json").write_text(json.dumps({
+        "rank": rank, "seconds": seconds, "extra_bytes": (peak - before) * 1024, "density": density,
+        "local_param_bytes": local_param_bytes, "local_mask_bytes": local_mask_bytes,
+        "mask_copy_bytes": pruner.mask_copy_bytes}))
+    dist.destroy_process_group()
+
+
+def run_fsdp_case(case: str, model_name: str) -> dict:
+    """A sharded case, inside the child process: 2 ranks, one row with every rank's figures and the worst rank's."""
+    import socket
+    import tempfile
+
+    import torch
+    import torch.multiprocessing as mp
+
+    import magprune
+
+    model = magprune.create_model(model_name)
+    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)))
+    del model
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory() as out:
+        mp.spawn(_fsdp_rank, args=(case, model_name, port, out), nprocs=FSDP_WORLD)
+        ranks = [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(FSDP_WORLD)]
+    worst = max(ranks, key=lambda r: r["extra_bytes"])
+    return {"case": case, "model": model_name, "weights": weights, "model_bytes": model_bytes,
+            "seconds": max(r["seconds"] for r in ranks), "extra_bytes": worst["extra_bytes"],
+            "extra_over_model": worst["extra_bytes"] / model_bytes, "density": ranks[0]["density"],
+            "mask_copy_bytes": worst["mask_copy_bytes"], "ranks": ranks}
+
+
 def run_case(case: str, model_name: str) -> dict:
     """Runs inside the child process."""
     if case in TRAIN_CASES:
         return run_train_case(case, model_name)
+    if case in FSDP_CASES:
+        return run_fsdp_case(case, model_name)
     import torch
     from torch.nn.utils import prune as torch_prune
 
@@ -142,6 +243,8 @@ def machine() -> dict:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="CIFAR-size VGG-16 instead of ImageNet's")
+    parser.add_argument("--fsdp", action="store_true",
+                        help="the model sharded over 2 ranks by FSDP2 (per-rank memory), beside one process")
     parser.add_argument("--out", type=Path, default=None,
                         help="directory for the JSON and Markdown results (default: results/<LLVM host CPU name>)")
     parser.add_argument("--case", help=argparse.SUPPRESS)
@@ -152,7 +255,9 @@ def main(argv=None) -> dict:
         return {}
     model_name = "vgg-16-cifar" if args.quick else "vgg-16"
     rows = []
-    for case in CASES + TRAIN_CASES:
+    cases = ["magprune-han2015", "fsdp2-han2015", "magprune-global", "fsdp2-global", "train-dense",
+             "fsdp2-train-dense", "train-magprune", "fsdp2-train"] if args.fsdp else CASES + TRAIN_CASES
+    for case in cases:
         child = subprocess.run([sys.executable, __file__, "--case", case, "--model", model_name],
                                capture_output=True, text=True, timeout=1800)
         if child.returncode:
@@ -166,19 +271,23 @@ def main(argv=None) -> dict:
     by_case = {r["case"]: r for r in rows if "error" not in r}
     ratios = {}
     for ours, theirs in (("magprune-han2015", "torch-l1-per-layer"), ("magprune-global", "torch-global-l1"),
-                         ("train-magprune", "train-magprune-fp32-masks"), ("train-dense", "train-magprune")):
+                         ("train-magprune", "train-magprune-fp32-masks"), ("train-dense", "train-magprune"),
+                         ("fsdp2-han2015", "magprune-han2015"), ("fsdp2-global", "magprune-global"),
+                         ("fsdp2-train-dense", "train-dense"), ("fsdp2-train", "train-magprune"),
+                         ("fsdp2-train-dense", "fsdp2-train")):
         if ours in by_case and theirs in by_case:
             ratios[f"{theirs} / {ours}"] = {
                 "time": by_case[theirs]["seconds"] / by_case[ours]["seconds"],
                 "extra_memory": by_case[theirs]["extra_bytes"] / max(by_case[ours]["extra_bytes"], 1)}
-    result = {"command": "python benchmarks/scale.py" + (" --quick" if args.quick else ""), "machine": machine(),
+    result = {"command": "python benchmarks/scale.py" + (" --fsdp" if args.fsdp else "")
+              + (" --quick" if args.quick else ""), "machine": machine(),
               "rows": rows, "ratios": ratios}
     from magprune.fileio import write_atomic
 
     markdown = to_markdown(result)
     out = args.out or RESULTS / result["machine"]["llvm_host_cpu"]
     out.mkdir(parents=True, exist_ok=True)
-    suffix = "-quick" if args.quick else ""
+    suffix = ("-fsdp" if args.fsdp else "") + ("-quick" if args.quick else "")
     write_atomic(out / f"scale{suffix}.json", json.dumps(result, indent=2).encode())
     write_atomic(out / f"scale{suffix}.md", markdown.encode())
     print()
@@ -205,6 +314,16 @@ def to_markdown(result: dict) -> str:
     lines += ["", "Training rows: time is one step; extra memory is over the RSS after a dense step.", "",
               "| ratio (theirs / ours) | time | extra memory |", "| --- | ---: | ---: |"]
     lines += [f"| {k} | {v['time']:.1f}x | {v['extra_memory']:.1f}x |" for k, v in result["ratios"].items()]
+    sharded = [r for r in result["rows"] if "ranks" in r]
+    if sharded:
+        lines += ["", f"FSDP2 rows, per rank ({FSDP_WORLD} gloo processes, one thread each; the rows above give the "
+                  "worst rank): its shard of the parameters, its local boolean masks, its peak extra memory.", "",
+                  "| case | rank | local parameters | local masks | peak extra memory | x local masks | "
+                  "x local parameters |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        lines += [f"| {r['case']} | {k['rank']} | {k['local_param_bytes'] / 2**20:,.1f} MiB | "
+                  f"{k['local_mask_bytes'] / 2**20:,.1f} MiB | {k['extra_bytes'] / 2**20:,.1f} MiB | "
+                  f"{k['extra_bytes'] / k['local_mask_bytes']:.2f} | {k['extra_bytes'] / k['local_param_bytes']:.3f} |"
+                  for r in sharded for k in r["ranks"]]
     return "\n".join(lines) + "\n"
 
 
