@@ -20,6 +20,7 @@ def test_every_shipped_config_loads():
 @pytest.mark.parametrize(("raw", "field", "value", "allowed"), [
     ({"train": {"lr": -0.1}}, "train.lr", "-0.1", "a number in (0.0"),
     ({"train": {"optimizer": "rmsprop"}}, "train.optimizer", "'rmsprop'", "['sgd', 'adam']"),
+    ({"train": {"distributed": "deepspeed"}}, "train.distributed", "'deepspeed'", "['ddp', 'fsdp']"),
     ({"train": {"epochs": 2.5}}, "train.epochs", "2.5", "an integer"),
     ({"train": {"lr_schedule": {"policy": "poly"}}}, "train.lr_schedule.policy", "'poly'", "'inv'"),
     ({"model": {"name": "resnet"}}, "model.name", "'resnet'", "'lenet-5'"),

@@ -93,3 +93,44 @@ def test_batch_size_must_split_evenly_over_ranks(tmp_path):
                     "--set", "train.batch_size=63"], tmp_path)
     assert out.returncode != 0
     assert "divisible by the number of processes (2)" in out.stderr
+
+
+def test_torchrun_fsdp_run_ends_like_the_ddp_run(tmp_path):
+    """train.distributed: fsdp (FSDP2, each rank holds half of every weight) and DDP under the same torchrun: same
+    masks, the same weights to float rounding, the same metrics; the files hold the whole, unsharded tensors."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "digits-tiny.yaml"
+    runs = {}
+    for mode in ("ddp", "fsdp"):
+        out = _run_cli(["-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(_free_port()),
+                        "-m", "magprune", "run", str(config), "--out", mode, "--no-progress",
+                        "--set", f"train.distributed={mode}"], tmp_path)
+        assert out.returncode == 0, out.stderr
+        runs[mode] = tmp_path / mode
+    masks_d, masks_f = (load_file(runs[m] / "masks.safetensors") for m in ("ddp", "fsdp"))
+    assert masks_d.keys() == masks_f.keys()
+    for name in masks_d:
+        assert torch.equal(masks_d[name], masks_f[name]), name
+    weights_d, weights_f = (load_file(runs[m] / "model.safetensors") for m in ("ddp", "fsdp"))
+    for name in weights_d:
+        assert weights_f[name].shape == weights_d[name].shape
+        torch.testing.assert_close(weights_f[name], weights_d[name], rtol=1e-4, atol=1e-6)
+    step_d = load_file(runs["ddp"] / "checkpoints/step-2.safetensors")
+    step_f = load_file(runs["fsdp"] / "checkpoints/step-2.safetensors")
+    assert step_d.keys() == step_f.keys()
+    summary_d, summary_f = (json.loads((runs[m] / "summary.json").read_text()) for m in ("ddp", "fsdp"))
+    assert summary_f["machine"]["distributed"] == "fsdp" and summary_d["machine"]["distributed"] == "ddp"
+    assert summary_f["sparsity"] == summary_d["sparsity"]
+    assert summary_f["error_after"] == summary_d["error_after"]
+    assert summary_f["params_after"] == summary_d["params_after"]
+    rows_d, rows_f = ([json.loads(line) for line in (runs[m] / "metrics.jsonl").read_text().splitlines()]
+                      for m in ("ddp", "fsdp"))
+    assert [r["stage"] for r in rows_d] == [r["stage"] for r in rows_f]
+    for a, b in zip(rows_d, rows_f, strict=True):
+        assert b["test_error"] == a["test_error"]
+        if a["train_loss"] is not None:
+            assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-6)

@@ -26,6 +26,7 @@ REGULARIZERS = ("none", "l1", "l2")
 CRITERIA = ("han2015", "density", "sparsity", "std", "global")
 FREEZE = ("none", "conv", "fc")
 COMPUTE = ("dense", "sparse")  # retraining: dense products under the masks, or magprune.sparse_compute
+DISTRIBUTED = ("ddp", "fsdp")
 
 
 @dataclass
@@ -62,6 +63,7 @@ class TrainConfig:
     dropout: float = 0.0
     eval_batch_size: int = 2000
     threads: int = 1  # torch intra-op threads; 0 = torch's default. Small nets run fastest on one, busy machines too.
+    distributed: str = "ddp"  # under torchrun: "ddp" (a whole copy per rank) or "fsdp" (FSDP2 fully_shard, 1/N each)
 
 
 @dataclass
@@ -209,7 +211,7 @@ def _schedule(raw: Any, where: str) -> LRSchedule:
 
 def _train(raw: Any) -> TrainConfig:
     allowed = ["optimizer", "lr", "momentum", "epochs", "batch_size", "lr_schedule", "regularization", "strength",
-               "dropout", "eval_batch_size", "threads"]
+               "dropout", "eval_batch_size", "threads", "distributed"]
     raw = _keys(raw, "train", allowed)
     d = TrainConfig()
     return TrainConfig(
@@ -225,6 +227,7 @@ def _train(raw: Any) -> TrainConfig:
         eval_batch_size=_number(raw.get("eval_batch_size", d.eval_batch_size), "train.eval_batch_size", 1,
                                 integer=True),
         threads=_number(raw.get("threads", d.threads), "train.threads", 0, 1024, integer=True),
+        distributed=_choice(raw.get("distributed", d.distributed), "train.distributed", DISTRIBUTED),
     )
 
 

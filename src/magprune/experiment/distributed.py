@@ -1,16 +1,18 @@
-"""Distributed room: PyTorch's own DDP under ``torchrun`` (gloo on CPU, NCCL on GPU), and what the pipeline needs
-from it: rank and world size, the device, sharded batches and metrics summed over ranks."""
+"""Distributed room: PyTorch's own DDP or FSDP2 under ``torchrun`` (gloo on CPU, NCCL on GPU), and what the pipeline
+needs from it: rank and world size, the device, sharded models and batches, whole copies, metrics summed over ranks."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
 
+from magprune import sharding
 from magprune.experiment.config import ConfigError
+from magprune.targets import DEFAULT_LAYER_TYPES
 
 
 def init_from_env() -> bool:
@@ -77,6 +79,40 @@ def sum_over_ranks(values: Sequence[float]) -> list[float]:
     tensor = torch.tensor(list(values), dtype=torch.float64, device=device())
     dist.all_reduce(tensor)
     return tensor.tolist()
+
+
+def shard_model(model: nn.Module) -> nn.Module:
+    """Shard ``model`` in place with FSDP2: ``fully_shard`` on every prunable layer, then on the root (the usual
+    FSDP2 layout: a layer's weights are gathered just for its forward and backward)."""
+    from torch.distributed.fsdp import fully_shard
+
+    for module in model.modules():
+        if isinstance(module, DEFAULT_LAYER_TYPES) and module is not model:
+            fully_shard(module)
+    fully_shard(model)
+    return model
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether ``model``'s parameters are sharded (FSDP2): then DDP must not wrap it."""
+    return any(sharding.is_sharded(p) for p in model.parameters())
+
+
+def whole_copy(model: nn.Module, build: Callable[[], nn.Module]) -> nn.Module:
+    """``model`` itself, or for a sharded one a plain copy with the whole weights on every rank (``build`` makes an
+    empty model of the same architecture): what the report, the histograms and the saved files read. Collective."""
+    if not is_sharded(model):
+        return model
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    copy = build()
+    copy.load_state_dict(get_model_state_dict(model, options=StateDictOptions(full_state_dict=True)))
+    return copy.to(device())
+
+
+def whole_masks(masks: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The masks whole on every rank (sharded ones gathered). Collective."""
+    return {name: mask.full_tensor() if sharding.is_sharded(mask) else mask for name, mask in masks.items()}
 
 
 def cleanup() -> None:

@@ -106,18 +106,21 @@ def open_run(config: ExperimentConfig, run_dir: Path, stages: list[Stage], *, da
          f"({len(train[1])} train / {len(test[1])} test)")
     torch.manual_seed(config.seed)
     model = build_model(config).to(device)
+    if config.train.distributed == "fsdp" and distributed.is_distributed():
+        distributed.shard_model(model)  # before the pruner and the optimizers take its parameters
     pruner = Pruner(model)
     rescaler = DropoutRescaler(model, pruner) if any(
         isinstance(m, nn.modules.dropout._DropoutNd) for m in model.modules()) else None
     return RunContext(config=config, run_dir=run_dir, stages=stages, model=model, pruner=pruner, train=train,
                       test=test, writer=writer, echo=echo, progress=progress, rescaler=rescaler,
-                      load_average_start=load_average_start)
+                      load_average_start=load_average_start, build_model=lambda: build_model(config))
 
 
 def finish_run(ctx: RunContext, start: float) -> dict[str, Any]:
     """After the last stage: the histograms, model.safetensors, masks.safetensors, summary.json and report.md."""
-    config, model, pruner, run_dir = ctx.config, ctx.model, ctx.pruner, ctx.run_dir
+    config, pruner, run_dir = ctx.config, ctx.pruner, ctx.run_dir
     final_error = ctx.evaluate()
+    whole = ctx.whole_model()  # under FSDP2 a plain copy: the files hold whole tensors, as from one process
     # Weights for the histograms (Han's Fig. 7): dense, right after the last prune, after the last retraining.
     snapshots = dict(ctx.snapshots)
     dense_file = run_dir / "checkpoints" / "dense.safetensors"
@@ -127,7 +130,7 @@ def finish_run(ctx: RunContext, start: float) -> dict[str, Any]:
                                               if f"model.{n}" in dense_tensors}), **snapshots}
         del dense_tensors
     if config.prune:
-        snapshots["retrained"] = sample_weights(pruner.params)
+        snapshots["retrained"] = sample_weights({n: p for n, p in whole.named_parameters() if n in pruner.params})
     figures = []
     if distributed.is_main() and snapshots:
         from magprune.analysis.plots import plot_weight_histograms
@@ -136,9 +139,9 @@ def finish_run(ctx: RunContext, start: float) -> dict[str, Any]:
                                title=f"{config.model.name}: weights per layer ({', '.join(snapshots)})",
                                sizes={n: p.numel() for n, p in pruner.params.items()})
         figures.append(("Weight distribution per layer (Han et al. Fig. 7)", "histograms.png"))
-    report = sparsity_report(model, ctx.test[0][:1])
-    ctx.writer.write("model.safetensors", save_safetensors(plain(model.state_dict())))
-    masks = plain(pruner.masks) or {n: torch.ones_like(p, dtype=torch.bool).cpu() for n, p in pruner.params.items()}
+    report = sparsity_report(whole, ctx.test[0][:1])
+    ctx.writer.write("model.safetensors", save_safetensors(plain(whole.state_dict())))
+    masks = plain(ctx.whole_masks()) or {n: torch.ones(p.shape, dtype=torch.bool) for n, p in pruner.params.items()}
     ctx.writer.write("masks.safetensors", save_safetensors(masks))
     dense_error = ctx.results["dense_error"]
     summary = {
@@ -160,7 +163,8 @@ def finish_run(ctx: RunContext, start: float) -> dict[str, Any]:
         "figures": figures,
         "quantize": ctx.results.get("quantize"),
         "machine": {**machine_info(), "load_average_start": ctx.load_average_start,
-                    "processes": distributed.world_size()},
+                    "processes": distributed.world_size(),
+                    "distributed": config.train.distributed if distributed.is_distributed() else None},
     }
     ctx.writer.write("summary.json", (json.dumps(summary, indent=2) + "\n").encode())
     ctx.writer.write("report.md", render_report(summary).encode())

@@ -32,6 +32,7 @@ from magprune.analysis.plots import sample_weights
 from magprune.criteria import GlobalSparsity, LayerSparsity, StdThreshold, han2015
 from magprune.deploy.format import format_shared_table, save_compressed, shared_rows
 from magprune.deploy.quantize import WeightSharing, bits_for
+from magprune.experiment import distributed
 from magprune.experiment.config import ConfigError, ExperimentConfig, PruneStep, QuantizeConfig
 from magprune.experiment.rundir import RESUME_VERSION, RunError, RunWriter, load_resume_checkpoint, plain
 from magprune.experiment.train import Trainer, TrainState, evaluate
@@ -70,6 +71,25 @@ class RunContext:
     snapshots: dict[str, dict[str, Tensor]] = field(default_factory=dict)  # weight samples for the histograms
     rescaler: DropoutRescaler | None = None
     load_average_start: list[float] | None = None  # the machine's load as this process began (for the report)
+    build_model: Callable[[], nn.Module] | None = None  # a fresh model of the run's architecture (whole copies)
+
+    @property
+    def sharded(self) -> bool:
+        """Whether the model is sharded by FSDP2 (``train.distributed: fsdp`` under torchrun)."""
+        return distributed.is_sharded(self.model)
+
+    def whole_model(self) -> nn.Module:
+        """The model with whole weights, for reports, histograms and files: the model itself, or for a sharded one
+        a plain copy gathered on every rank (collective: every rank calls it)."""
+        return distributed.whole_copy(self.model, self.build_model)
+
+    def whole_weights(self) -> dict[str, Tensor]:
+        """The pruned parameters, whole (collective under FSDP2)."""
+        return {name: p for name, p in self.whole_model().named_parameters() if name in self.pruner.params}
+
+    def whole_masks(self) -> dict[str, Tensor]:
+        """The masks, whole (collective under FSDP2)."""
+        return distributed.whole_masks(self.pruner.masks)
 
     def evaluate(self) -> float:
         """The model's test error."""
@@ -103,6 +123,8 @@ class RunContext:
         self.save(Position(self.stage, state))
 
     def save(self, position: Position) -> None:
+        if self.sharded:  # sharded optimizer state: no resume.pt (see resume)
+            return
         self.writer.resume_checkpoint({
             "version": RESUME_VERSION, "stages": [s.name for s in self.stages],
             "position": {"stage": position.stage, "state": position.state}, "model": plain(self.model.state_dict()),
@@ -111,6 +133,10 @@ class RunContext:
 
     def resume(self) -> Position:
         """Load the last complete checkpoint of the run directory into this context; where to go on from."""
+        if self.sharded:
+            raise ConfigError("--resume: a train.distributed: fsdp run writes no resume checkpoints (its optimizer "
+                              "state is sharded); rerun it, or resume your own loop from magprune.sharding."
+                              "save_sharded")
         saved = load_resume_checkpoint(self.run_dir)
         if saved is None:  # killed before the first checkpoint: start over
             return Position()
@@ -161,8 +187,9 @@ class DenseTraining(Stage):
         trainer.fit(on_epoch=ctx.log_epoch(0), on_checkpoint=lambda t: ctx.checkpoint({"train": t.as_dict()}))
         error = ctx.results["dense_error"] = ctx.evaluate()
         ctx.echo(f"dense: test error {100 * error:.2f}%")
-        ctx.writer.checkpoint("dense", ctx.model, {}, {"stage": "dense", "test_error": error})
-        ctx.snapshots["dense"] = sample_weights(ctx.pruner.params)
+        whole = ctx.whole_model()
+        ctx.writer.checkpoint("dense", whole, {}, {"stage": "dense", "test_error": error})
+        ctx.snapshots["dense"] = sample_weights({n: p for n, p in whole.named_parameters() if n in ctx.pruner.params})
 
 
 class PruneRetrain(Stage):
@@ -207,7 +234,8 @@ class PruneRetrain(Stage):
         ctx.results["steps"].append({"step": i, "criterion": self.step.criterion,
                                      "densities": state["pruned"]["densities"], "sparsity": ctx.pruner.sparsity(),
                                      "error_pruned": state["pruned"]["pruned_error"], "error_retrained": error})
-        ctx.writer.checkpoint(self.name, ctx.model, ctx.pruner.masks, {"stage": self.name, **ctx.results["steps"][-1]})
+        ctx.writer.checkpoint(self.name, ctx.whole_model(), ctx.whole_masks(),
+                              {"stage": self.name, **ctx.results["steps"][-1]})
         ctx.echo(f"retrain {i}: test error {100 * error:.2f}%")
 
     def sparse_compute(self, ctx: RunContext) -> SparseCompute:
@@ -218,7 +246,7 @@ class PruneRetrain(Stage):
 
     def prune(self, ctx: RunContext) -> dict[str, Any]:
         densities = ctx.pruner.prune(build_criterion(self.step))
-        ctx.snapshots["pruned"] = sample_weights(ctx.pruner.params)
+        ctx.snapshots["pruned"] = sample_weights(ctx.whole_weights())
         error = ctx.evaluate()
         ctx.log({"stage": f"prune-{self.index}", "test_error": error}, self.index)
         ctx.echo(f"prune {self.index} ({self.step.criterion}): sparsity {100 * ctx.pruner.sparsity():.2f}%, "

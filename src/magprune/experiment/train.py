@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from magprune import sharding
 from magprune.experiment import distributed
 from magprune.experiment.config import LRSchedule, TrainConfig
 from magprune.retrain import weight_penalty
@@ -40,13 +41,14 @@ def lr_factor(schedule: LRSchedule, iteration: int, steps_per_epoch: int, total_
 def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 2000) -> tuple[float, float]:
     """(mean cross-entropy loss, error rate) of ``model`` on ``x``, ``y``.
 
-    Under DDP each rank evaluates its share of the examples and the sums are added over ranks.
+    Under DDP each rank evaluates its share of the examples and the sums are added over ranks. Every rank runs
+    as many batches (the last may be empty on some): an FSDP2 forward is collective.
     """
     was_training = model.training
     model.eval()
     index = distributed.shard(torch.arange(len(y)))
     loss, wrong = 0.0, 0
-    for start in range(0, len(index), batch_size):
+    for start in range(0, -(-len(y) // distributed.world_size()), batch_size):
         idx = index[start:start + batch_size]
         out = model(x[idx])
         target = y[idx]
@@ -103,7 +105,10 @@ class Trainer:
         self.epochs = cfg.epochs if epochs is None else epochs
         self.penalized = list(penalized) if cfg.regularization != "none" and cfg.strength > 0 else []
         self.checkpoint_every, self.progress = checkpoint_every, progress
-        self.net = nn.parallel.DistributedDataParallel(model) if distributed.is_distributed() else model
+        # A fresh DDP wrapper per trainer: which parameters train (freezing) may change between stages. A model
+        # sharded by FSDP2 (train.distributed: fsdp) was wrapped once, before the pruner took its parameters.
+        ddp = distributed.is_distributed() and not distributed.is_sharded(model)
+        self.net = nn.parallel.DistributedDataParallel(model) if ddp else model
         self.optimizer = make_optimizer(model.parameters(), cfg, self.lr)
         self.steps_per_epoch = math.ceil(len(train[1]) / cfg.batch_size)
         total = self.steps_per_epoch * self.epochs
@@ -191,7 +196,7 @@ class Trainer:
         xb, yb = x[idx], y[idx]
         out = self.net(xb)
         loss = F.cross_entropy(out, yb)
-        total = loss + weight_penalty(self.penalized, self.cfg.regularization, self.cfg.strength) \
+        total = loss + _whole(weight_penalty(self.penalized, self.cfg.regularization, self.cfg.strength)) \
             if self.penalized else loss
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
@@ -201,6 +206,12 @@ class Trainer:
         self.sums[1] += int((out.argmax(1) != yb).sum())
         self.sums[2] += len(yb)
         self.batch += 1
+
+
+def _whole(value: Tensor) -> Tensor:
+    # A penalty over FSDP2 shards is a DTensor of per-shard partial sums: summed over ranks (differentiably) it is
+    # the single-process penalty, and each shard's gradient its own part of the whole one.
+    return value.full_tensor() if sharding.is_sharded(value) else value
 
 
 class TrainingDiverged(RuntimeError):
