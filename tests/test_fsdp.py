@@ -116,7 +116,9 @@ def _scenario_adamw(tmp: str) -> dict:
     pruner.prune(magprune.GlobalSparsity(0.8))
     _steps(model, optimizer, 5, 20, seed=2)
     pruner.check()
-    return _local_state(pruner, optimizer)
+    state, masks = sharding.full_state_dict(model, pruner)  # rank 0 only
+    return {**_local_state(pruner, optimizer), **{f"whole/{k}": v for k, v in state.items()},
+            **{f"whole_mask/{k}": v for k, v in masks.items()}}
 
 
 def _scenario_pruned_then_sharded(tmp: str) -> dict:
@@ -254,6 +256,27 @@ def test_pruned_entries_exactly_zero_on_every_shard_after_adamw(results):
             assert torch.count_nonzero(state[f"weight/{name}"][mask]) == int(mask.sum())  # kept ones trained
     assert results("adamw", 0)["mask/fc1.weight"].shape == (17, 20)  # 33 rows over 2 ranks: 17 and 16
     assert results("adamw", 1)["mask/fc1.weight"].shape == (16, 20)
+
+
+def test_whole_state_dict_feeds_the_deploy_tools(results, tmp_path):
+    """full_state_dict gives rank 0 plain tensors: the shards put together, loadable with strict=True into a plain
+    model, which save_compressed and shrink take as from one process; the other rank gets nothing."""
+    from magprune.deploy import load_compressed, save_compressed, shrink
+
+    state = results("adamw", 0)
+    assert not any(k.startswith("whole") for k in results("adamw", 1))
+    whole = {k.removeprefix("whole/"): v for k, v in state.items() if k.startswith("whole/")}
+    masks = {k.removeprefix("whole_mask/"): v for k, v in state.items() if k.startswith("whole_mask/")}
+    assert all(type(v) is torch.Tensor for v in (*whole.values(), *masks.values()))
+    for name, mask in masks.items():
+        assert torch.equal(mask, torch.cat([results("adamw", r)[f"mask/{name}"] for r in range(WORLD)]))
+        assert torch.equal(whole[name], torch.cat([results("adamw", r)[f"weight/{name}"] for r in range(WORLD)]))
+    model = Tied()
+    model.load_state_dict(whole, strict=True)
+    save_compressed(model, tmp_path / "model.mpz")
+    assert all(torch.equal(v, whole[k]) for k, v in load_compressed(tmp_path / "model.mpz").items())
+    x = torch.randn(4, 20)
+    torch.testing.assert_close(shrink(model)(x), model(x))
 
 
 def test_model_pruned_first_then_sharded_keeps_its_masks(results):
