@@ -164,7 +164,8 @@ def _scenario_dcp(tmp: str) -> dict:
 
 
 def _scenario_regression(tmp: str) -> dict:
-    model = _shard(_model("tied"), "per-layer")
+    torch.manual_seed(0)
+    model = _shard(nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 8)), "per-layer")
     pruner = magprune.Pruner(model)
     pruner.prune(magprune.GlobalSparsity(0.9))
     return {"sharded": torch.tensor([sharding.is_sharded(m) for m in pruner.masks.values()])}
@@ -313,9 +314,10 @@ def test_check_fails_on_every_rank_when_one_shard_revived(results):
 
 
 def test_regression_prune_on_fully_sharded_model_no_mixed_tensor_error(results):
-    """Before magprune.sharding, GlobalSparsity on a fully_shard model raised 'aten.copy_.default got mixed
-    torch.Tensor and DTensor' in criteria.prune_smallest (small models; large ones failed the sharding propagation
-    of aten.bincount, covered by the criteria scenario)."""
+    """Before magprune.sharding, GlobalSparsity on this fully_shard model raised 'aten.copy_.default got mixed
+    torch.Tensor and DTensor' in criteria.prune_smallest (checked with the old code); unevenly sharded models failed
+    with 'Cannot flatten unevenly sharded tensor', large ones in the sharding propagation of aten.bincount (both
+    covered by the criteria scenario)."""
     for rank in range(WORLD):
         assert results("regression", rank)["sharded"].tolist() == [True, True]
 
