@@ -145,13 +145,16 @@ def match(mask: Tensor, param: Tensor) -> Tensor:
 def problems_over_ranks(problems: list[str], tensors: Sequence[Tensor]) -> list[str]:
     """Every rank's ``problems`` (each prefixed with its rank) on every rank, if ``tensors`` are sharded; a check
     over shards must fail on all ranks together, or the ranks that pass would wait for the others forever."""
-    if not any(is_sharded(t) for t in tensors):
+    sharded = [t for t in tensors if is_sharded(t)]
+    if not sharded:
         return problems
     import torch.distributed as dist
 
-    gathered: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, problems)
-    return [f"rank {rank}: {problem}" for rank, found in enumerate(gathered) for problem in found]
+    group = sharded[0].device_mesh.get_group()
+    gathered: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, problems, group=group)
+    return [f"rank {dist.get_global_rank(group, index)}: {problem}"
+            for index, found in enumerate(gathered) for problem in found]
 
 
 # ---------------------------------------------------------------- whole state and checkpoints
