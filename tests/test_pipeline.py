@@ -155,3 +155,54 @@ def test_retrain_compute_sparse_refuses_freezing_the_fc_layers():
         from_dict({"prune": [{"criterion": "std", "q": 1.0, "retrain": {"compute": "sparse", "freeze": "fc"}}]})
     with pytest.raises(ConfigError, match=r"prune\[0\]\.retrain\.compute: must be one of \['dense', 'sparse'\]"):
         from_dict({"prune": [{"criterion": "std", "q": 1.0, "retrain": {"compute": "fast"}}]})
+
+
+def test_repeat_expands_into_one_stage_per_prune_step():
+    from magprune.experiment.stages import build_stages
+
+    config = from_dict({"prune": [{"criterion": "std", "q": 0.5, "repeat": 3}, {"criterion": "han2015"}]})
+    assert [s.name for s in build_stages(config)] == ["dense", "step-1", "step-2", "step-3", "step-4"]
+
+
+def test_a_new_stage_plugs_into_the_driver_and_gets_its_state_back_on_resume(tmp_path, monkeypatch):
+    """What the stages module docstring promises a new stage (a quantize stage, later): its checkpointed state
+    comes back on resume, finished stages are not repeated, and its results reach the context."""
+    from magprune.experiment import pipeline
+    from magprune.experiment.stages import Stage, build_stages
+
+    calls = []
+
+    class Count(Stage):
+        name = "count"
+
+        def run(self, ctx, state):
+            calls.append(state)
+            for done in range((state or {"done": 0})["done"], 3):
+                ctx.checkpoint({"done": done + 1})
+                if done == 1 and state is None:
+                    raise KeyboardInterrupt  # "crash" after the second checkpoint
+            ctx.results["count"] = 3
+
+    monkeypatch.setattr(pipeline, "build_stages", lambda config: [*build_stages(config), Count()])
+    config = load_config(TINY, ["train.epochs=1", "prune=[]"])
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(config, tmp_path, progress=False, echo=lambda _: None)
+    messages = []
+    run_experiment(config, tmp_path, progress=False, echo=messages.append, resume=True)  # the lock was released
+    assert calls == [None, {"done": 2}]
+    assert f"resuming {tmp_path} at count" in messages
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["stage"] for r in rows] == ["dense"]  # dense training was done before the crash: not repeated
+    saved = torch.load(tmp_path / "checkpoints" / "resume.pt", weights_only=True)
+    assert saved["position"] == {"stage": 2, "state": None} and saved["results"]["count"] == 3
+
+
+def test_resume_refuses_a_checkpoint_written_for_other_stages(tmp_path):
+    from magprune.experiment.pipeline import RunError
+
+    config = load_config(TINY, ["train.epochs=1", "prune.0.retrain.epochs=0", "prune.1.retrain.epochs=0"])
+    run_experiment(config, tmp_path, progress=False, echo=lambda _: None)
+    fewer = from_dict({**config.to_dict(), "prune": config.to_dict()["prune"][:1]})
+    with pytest.raises(RunError, match=r"stages \['dense', 'step-1', 'step-2'\], the config now gives "
+                                       r"\['dense', 'step-1'\]"):
+        run_experiment(fewer, tmp_path, progress=False, echo=lambda _: None, resume=True)
