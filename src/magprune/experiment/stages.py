@@ -125,6 +125,8 @@ class RunContext:
     def save(self, position: Position) -> None:
         if self.sharded:  # sharded optimizer state: no resume.pt (see resume)
             return
+        if not self.writer.checkpoints:  # output.checkpoints: false, or a DDP rank other than 0: nothing to build
+            return
         self.writer.resume_checkpoint({
             "version": RESUME_VERSION, "stages": [s.name for s in self.stages],
             "position": {"stage": position.stage, "state": position.state}, "model": plain(self.model.state_dict()),
