@@ -1,7 +1,8 @@
-"""Stages room: a run is a list of stages (dense training, then one prune + retrain per config step) working on one
-:class:`RunContext`; each checkpoints its own progress as plain data, so :mod:`.pipeline`'s driver can resume it.
+"""Stages room: a run is a list of stages (dense training, one prune + retrain per config step, then quantize if
+configured) working on one :class:`RunContext`; each checkpoints its own progress as plain data, so
+:mod:`.pipeline`'s driver can resume it.
 
-Adding a stage (a ``quantize`` stage, say):
+Adding a stage (:class:`Quantize` is a worked example):
 
 1. Subclass :class:`Stage`: a ``name`` unique in the run (checkpoints and resume messages name the stage by it)
    and ``run(ctx, state)``. ``run`` works on ``ctx.model`` / ``ctx.pruner``, logs metric rows with ``ctx.log``,
