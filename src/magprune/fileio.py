@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import secrets
-from collections.abc import Callable
 from pathlib import Path
 
 
@@ -19,12 +18,8 @@ def _create_temp(directory: Path, name: str) -> tuple[int, Path]:
             continue
 
 
-def write_atomic(path: str | os.PathLike[str], data: bytes, *,
-                 before_replace: Callable[[], None] | None = None) -> None:
-    """Write ``data`` to ``path`` via a temp file in the same directory, fsync and rename: never a half file.
-
-    ``before_replace`` runs between the fsync and the rename (the crash tests kill the process there).
-    """
+def write_atomic(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temp file in the same directory, fsync and rename: never a half file."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -36,8 +31,6 @@ def write_atomic(path: str | os.PathLike[str], data: bytes, *,
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        if before_replace is not None:
-            before_replace()
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
