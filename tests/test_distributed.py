@@ -138,7 +138,7 @@ def test_torchrun_fsdp_run_ends_like_the_ddp_run(tmp_path):
 
 def _fit(rank: int, world: int, port: int, out: str, examples: int) -> None:
     from magprune.experiment.config import LRSchedule, TrainConfig
-    from magprune.experiment.train import fit
+    from magprune.experiment.train import Trainer
 
     if world > 1:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -149,8 +149,7 @@ def _fit(rank: int, world: int, port: int, out: str, examples: int) -> None:
         x, y = torch.randn(examples, 5), torch.randint(0, 3, (examples,))
         cfg = TrainConfig(optimizer="sgd", lr=0.5, momentum=0.0, epochs=2, batch_size=4, regularization="l2",
                           strength=1e-2, lr_schedule=LRSchedule(policy="constant"))
-        fit(model, (x, y), (x, y), cfg, lr=0.5, epochs=2, seed=0, stage="t", penalized=[model[0].weight],
-            progress=False)
+        Trainer(model, (x, y), (x, y), cfg, lr=0.5, epochs=2, seed=0, stage="t", penalized=[model[0].weight]).fit()
         if rank == 0:
             torch.save(model.state_dict(), f"{out}/world{world}.pt")
     finally:
