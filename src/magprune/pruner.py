@@ -214,7 +214,8 @@ class Pruner:
             return self._optimizers[key]
         self._sync()
         held = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        if not any(id(p) in held for p in self.params.values()):
+        compact = [layer.values for handle in self.compute_handles for layer in handle.layers.values()]
+        if not any(id(p) in held for p in [*self.params.values(), *compact]):
             raise ValueError(f"optimizer holds none of the pruner's {len(self.params)} target parameters (was it made "
                              "for another model, or before the model's parameters were replaced?): make it from "
                              "model.parameters() and attach that")
@@ -260,7 +261,10 @@ class Pruner:
         """Follow targets replaced in the model since last looked at (by name): mask the new parameter, clean its
         state in attached optimizers; a replacement of another shape is refused."""
         replaced = {}
+        computed = self._computed_sparse()
         for name, param in self.params.items():
+            if name in computed:  # the layer holds compact values under sparse compute, its dense weight here
+                continue
             try:
                 current = self.model.get_parameter(name)
             except AttributeError as error:
@@ -289,6 +293,9 @@ class Pruner:
         for attached in list(self._optimizers.values()):
             attached.invalidate()
         self._install_grad_hooks()
+
+    def _computed_sparse(self) -> set[str]:
+        return {name for handle in self.compute_handles for name in handle.names}
 
     def _before_step(self) -> None:
         self._sync()
@@ -389,9 +396,10 @@ class Pruner:
         problems = []
         optimizers = [optimizer] if optimizer is not None else [a.optimizer for a in list(self._optimizers.values())]
         with torch.no_grad():
+            computed = self._computed_sparse()
             for name, mask in self.masks.items():
                 try:  # what the model holds now, which may not be the parameter pruned
-                    param = self.model.get_parameter(name)
+                    param = self.params[name] if name in computed else self.model.get_parameter(name)
                 except AttributeError:
                     problems.append(f"{name}: no longer a parameter of the model")
                     continue
