@@ -298,8 +298,8 @@ def _to_tensor(array: np.ndarray, dtype: torch.dtype) -> Tensor:
 def _shared_encoding(tensor: Tensor, parts: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict] | None:
     """The ``shared`` parts and metadata of a weight (2-D or more) whose nonzeros take at most 256 values, if they
     are smaller than the best other encoding's ``parts``; else None."""
-    if tensor.ndim < 2 or not tensor.numel() or not tensor.is_floating_point():
-        return None
+    if tensor.ndim < 2 or not tensor.numel() or not tensor.is_floating_point() or tensor.dtype == torch.bfloat16:
+        return None  # bfloat16 (no numpy dtype) is stored by its bit patterns in the other encodings
     found = encode_shared(as_numpy(tensor))
     if found is None or _encoded_size(found[0]) >= _encoded_size(parts):
         return None
