@@ -127,3 +127,12 @@ def test_bad_arguments_name_the_argument():
         LayerSparsity({})
     with pytest.raises(ValueError, match="NaN or infinity"):
         GlobalSparsity(0.5)({"w": torch.tensor([1.0, float("nan")])}, {})
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("criterion", [StdThreshold(1.0), LayerSparsity(0.5), GlobalSparsity(0.5)])
+def test_nan_or_inf_weights_raise_naming_the_layer(criterion, bad):
+    weights = {"a.weight": torch.randn(4, 4), "b.weight": torch.randn(4, 4)}
+    weights["b.weight"][1, 2] = bad
+    with pytest.raises(ValueError, match="b.weight: weights contain NaN or infinity"):
+        criterion(weights, {})

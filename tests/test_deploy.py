@@ -115,9 +115,12 @@ def test_sparsify_converts_only_measured_wins_and_matches_outputs():
     assert isinstance(forced.conv1, nn.Conv2d)  # 66% dense: not a candidate
     assert not any(isinstance(m, SparseLinear) for m in kept.modules())
     never = sparsify(model, batch_size=4, min_speedup=1e9, repeats=1)
-    assert [d.name for d in never.sparsify_decisions] == ["fc1", "fc2"]
+    timed = [d for d in never.sparsify_decisions if d.dense_ms == d.dense_ms]
+    assert [d.name for d in timed] == ["fc1", "fc2"]
+    needs = "a Conv2d needs example_input (its input size)"
+    assert {d.name: d.reason for d in never.sparsify_decisions if d not in timed} == {"conv1": needs, "conv2": needs}
     assert not any(d.converted for d in never.sparsify_decisions)
-    assert all(d.dense_ms > 0 and d.sparse_ms > 0 for d in never.sparsify_decisions)
+    assert all(d.dense_ms > 0 and d.sparse_ms > 0 and "min_speedup" in d.reason for d in timed)
     with torch.inference_mode():
         torch.testing.assert_close(forced(x), model(x), rtol=1e-4, atol=1e-5)
 
@@ -361,3 +364,133 @@ def test_one_example_in_every_layout_matches_dense(monkeypatch, min_work):
             y = sparse(x)
             assert y.shape == linear(x).shape
             torch.testing.assert_close(y, linear(x), rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------- models nobody here wrote
+class _HFConv1D(nn.Module):
+    """Shaped like transformers.pytorch_utils.Conv1D (weight stored (in, out)), under the same qualified name."""
+
+    def __init__(self, nf: int, nx: int) -> None:
+        super().__init__()
+        self.nf = nf
+        self.weight = nn.Parameter(torch.randn(nx, nf))
+        self.bias = nn.Parameter(torch.randn(nf))
+
+    def forward(self, x):
+        return torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight).reshape(*x.shape[:-1], self.nf)
+
+
+_HFConv1D.__module__ = "transformers.pytorch_utils"
+
+
+class _ReadsWeight(nn.Module):
+    """A parent that reads its children's weights, as ViT's embeddings, MultiheadAttention and Conv1D users do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(3, 16, 4, stride=4)
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.mlp = _HFConv1D(64, 16)
+        self.head = nn.Linear(64, 10)
+
+    def forward(self, x):
+        x = self.proj(x.to(self.proj.weight.dtype)).flatten(2).transpose(1, 2)  # (B, tokens, 16)
+        x = self.attn(x, x, x, need_weights=False)[0]
+        return self.head(torch.relu(self.mlp(x)))
+
+
+def _pruned(model: nn.Module, sparsity: float = 0.9) -> nn.Module:
+    torch.manual_seed(0)
+    magprune.Pruner(model).prune(magprune.LayerSparsity(sparsity))
+    return model.eval()
+
+
+def test_sparsify_keeps_the_module_contract_and_leaves_weight_readers_alone():
+    torch.manual_seed(0)
+    model = _pruned(_ReadsWeight())
+    x = torch.randn(3, 3, 16, 16)
+    fast = sparsify(model, example_input=x, min_speedup=0.0, repeats=1)
+    decisions = {d.name: d for d in fast.sparsify_decisions}
+    assert isinstance(fast.proj, SparseConv2d) and isinstance(fast.mlp, SparseLinear)
+    assert isinstance(fast.head, SparseLinear)
+    assert not decisions["attn.out_proj"].converted and "never called" in decisions["attn.out_proj"].reason
+    torch.testing.assert_close(fast.proj.weight, model.proj.weight)  # reads as the dense tensor
+    torch.testing.assert_close(fast.mlp.weight, model.mlp.weight)  # in Conv1D's (in, out) layout
+    with torch.inference_mode():
+        torch.testing.assert_close(fast(x), model(x), rtol=1e-4, atol=1e-5)
+    assert "converted" in magprune.deploy.format_decisions(fast.sparsify_decisions)
+
+
+def test_sparsify_refuses_a_conversion_that_breaks_the_model():
+    class Fused(nn.Module):  # reads a child's weight in a way a sparse module cannot serve
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(32, 32)
+
+        def forward(self, x):
+            return self.fc(x) * (2.0 if self.fc.weight.requires_grad else 1.0)
+
+    model = _pruned(Fused())
+    fast = sparsify(model, example_input=torch.randn(2, 32), min_speedup=0.0, repeats=1)
+    assert isinstance(fast.fc, nn.Linear) and not fast.sparsify_decisions[0].converted
+    assert fast.sparsify_decisions[0].reason == "the model's output differs with it sparse"
+
+
+def test_sparsify_times_a_linear_at_the_real_input_shape_with_tokens():
+    model = _pruned(nn.Sequential(nn.Linear(64, 64)))
+    x = torch.randn(2, 50, 64)
+    fast = sparsify(model, example_input=x, min_speedup=0.0, repeats=1)
+    assert "at input [2, 50, 64]" in fast.sparsify_decisions[0].reason
+    with torch.inference_mode():
+        torch.testing.assert_close(fast(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_sparse_conv_checks_channels_and_takes_unbatched_input():
+    conv = _pruned(nn.Conv2d(3, 4, 3))
+    sparse = SparseConv2d(conv)
+    with torch.inference_mode():
+        with pytest.raises(RuntimeError, match="expects input with 3 channels"):
+            sparse(torch.randn(2, 1, 8, 8))
+        with pytest.raises(ValueError, match="3-D .* or 4-D"):
+            sparse(torch.randn(8, 8))
+        x = torch.randn(3, 8, 8)
+        torch.testing.assert_close(sparse(x), conv(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("make", [lambda: nn.Linear(40, 30), lambda: nn.Conv2d(3, 5, 3, stride=2),
+                                  lambda: nn.Conv2d(3, 5, 3)])
+def test_sparse_modules_hold_buffers_that_move_and_load(make):
+    dense = _pruned(make())
+    sparse = SparseLinear(dense) if isinstance(dense, nn.Linear) else SparseConv2d(dense)
+    state = sparse.state_dict()
+    assert {"indptr", "cols", "vals", "bias"} <= set(state)
+    assert state["vals"].numel() == int(dense.weight.count_nonzero())
+    x = torch.randn(2, 40) if isinstance(dense, nn.Linear) else torch.randn(2, 3, 9, 9)
+    with torch.inference_mode():
+        expected = dense(x)
+        as64 = copy.deepcopy(sparse).to(torch.float64)
+        assert as64.vals.dtype == torch.float64
+        torch.testing.assert_close(as64(x.double()), expected.double(), rtol=1e-4, atol=1e-5)
+        again = copy.deepcopy(sparse)
+        again.vals.zero_()
+        again.load_state_dict(state)
+        torch.testing.assert_close(again(x), expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_compressed_round_trip_and_size_report_in_half_precision(tmp_path, dtype):
+    model = _pruned(nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 8))).to(dtype)
+    save_compressed(model, tmp_path / "m.safetensors")
+    loaded = load_compressed(tmp_path / "m.safetensors")
+    for name, tensor in model.state_dict().items():
+        assert loaded[name].dtype == dtype and torch.equal(loaded[name], tensor), name
+    rows = {r.name: r for r in size_report(model)}
+    assert rows["0.weight"].dense_bytes == 64 * 64 * 2
+
+
+def test_a_model_with_batchnorm_loads_back_from_its_compressed_file(tmp_path):
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    model(torch.randn(2, 3, 8, 8))  # num_batches_tracked = 1, a 0-d tensor
+    save_compressed(model, tmp_path / "bn.safetensors")
+    fresh = load_compressed_into(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)), tmp_path / "bn.safetensors")
+    assert fresh[1].num_batches_tracked.shape == () and int(fresh[1].num_batches_tracked) == 1

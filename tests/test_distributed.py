@@ -134,3 +134,47 @@ def test_torchrun_fsdp_run_ends_like_the_ddp_run(tmp_path):
         assert b["test_error"] == a["test_error"]
         if a["train_loss"] is not None:
             assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-6)
+
+
+def _fit(rank: int, world: int, port: int, out: str, examples: int) -> None:
+    from magprune.experiment.config import LRSchedule, TrainConfig
+    from magprune.experiment.train import Trainer
+
+    if world > 1:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+        x, y = torch.randn(examples, 5), torch.randint(0, 3, (examples,))
+        cfg = TrainConfig(optimizer="sgd", lr=0.5, momentum=0.0, epochs=2, batch_size=4, regularization="l2",
+                          strength=1e-2, lr_schedule=LRSchedule(policy="constant"))
+        Trainer(model, (x, y), (x, y), cfg, lr=0.5, epochs=2, seed=0, stage="t", penalized=[model[0].weight]).fit()
+        if rank == 0:
+            torch.save(model.state_dict(), f"{out}/world{world}.pt")
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+
+
+def test_uneven_last_batch_gives_the_single_process_gradient(tmp_path):
+    """11 examples in batches of 4: the last batch of 3 splits 2 + 1 over two ranks; the weights after DDP training
+    are those of one process, not those of the mean of two unequal shards' mean losses."""
+    _fit(0, 1, 0, str(tmp_path), 11)
+    mp.spawn(_fit, args=(2, _free_port(), str(tmp_path), 11), nprocs=2)
+    single = torch.load(tmp_path / "world1.pt", weights_only=True)
+    ddp = torch.load(tmp_path / "world2.pt", weights_only=True)
+    for name in single:
+        torch.testing.assert_close(ddp[name], single[name], rtol=1e-5, atol=1e-6)
+
+
+def test_a_last_batch_smaller_than_the_world_is_refused_before_training(monkeypatch):
+    from magprune.experiment import distributed
+    from magprune.experiment.config import ConfigError
+
+    monkeypatch.setattr(distributed, "world_size", lambda: 4)
+    distributed.check_batch_size(8, 16)
+    distributed.check_batch_size(8, 20)  # a last batch of 4: one example per rank
+    with pytest.raises(ConfigError, match="last batch of 2 of the 18 training examples, fewer than the 4 processes"):
+        distributed.check_batch_size(8, 18)
+    assert distributed.loss_scale(1, 3) == pytest.approx(4 / 3)

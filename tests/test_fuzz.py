@@ -7,6 +7,7 @@ from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -74,29 +75,67 @@ def test_mutated_shipped_config_validates_or_fails_cleanly(path, value):
     assert config is None or isinstance(config, ExperimentConfig)
 
 
-argv_words = st.one_of(st.sampled_from(["run", "report", "demo", "--set", "--resume", "--out", "--force", "--q",
-                                        "--epochs", "--data-dir", "train.lr=-1", "prune.0.q=x", "nowhere",
-                                        "--version", "-h", "=", "train.epochs=1.5"]),
+VERBS = ["run", "report", "demo", "sensitivity", "tradeoff", "export", "bench"]
+argv_words = st.one_of(st.sampled_from([*VERBS, "--set", "--resume", "--out", "--force", "--q", "--rounds", "--epochs",
+                                        "--retrain-epochs", "--seed", "--data-dir", "--grid", "--max-drop",
+                                        "--workers", "--format", "compressed", "shrunk", "--batch-sizes",
+                                        "--input-shape", "--repeats", "train.lr=-1", "prune.0.q=x", "nowhere",
+                                        "rundir", "bad.safetensors", "meta.safetensors", "kwargs.safetensors",
+                                        "-1", "0", "nan", "1,x", "--version", "-h", "=", "train.epochs=1.5"]),
                        st.text(max_size=10))
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow,
-                                                                  HealthCheck.function_scoped_fixture])
-@given(st.lists(argv_words, max_size=5))
-def test_random_command_lines_never_trace_back(tmp_path, monkeypatch, argv):
-    monkeypatch.chdir(tmp_path)
-    if argv[:1] == ["demo"] and "-h" not in argv and "--help" not in argv:
-        argv = [*argv, "--epochs", "-1"]  # keep any demo invalid: fuzzing must not train for real
-    (tmp_path / "bad.yaml").write_text("train: {lr: -1}\n")
-    argv = [("bad.yaml" if word == "nowhere" and i == 1 else word) for i, word in enumerate(argv)]
+def _bad_files(where):
+    """A config that fails validation, a run directory holding only that config, model files with bad metadata."""
+    from safetensors.torch import save_file
+
+    (where / "bad.yaml").write_text("train: {lr: -1}\n")
+    (where / "rundir").mkdir(exist_ok=True)
+    (where / "rundir" / "config.yaml").write_text("train: {lr: -1}\n")
+    tensors = {"w": torch.zeros(2)}
+    save_file(tensors, where / "bad.safetensors", metadata={"model": "{not json"})
+    save_file(tensors, where / "meta.safetensors", metadata={"model": '{"name": "no-such-net", "kwargs": {}}'})
+    save_file(tensors, where / "kwargs.safetensors", metadata={"model": '{"name": "lenet-5", "kwargs": {"x": 1}}'})
+
+
+def _cli(argv):
     err, out = io.StringIO(), io.StringIO()
     try:
         with redirect_stderr(err), redirect_stdout(out):
             code = main(argv)
     except SystemExit as exit_:  # argparse: usage errors exit 2, --help/--version exit 0
         code = exit_.code
-    assert code in (0, 2), (argv, code, err.getvalue()[-300:])
-    assert "Traceback" not in err.getvalue()
+    return code, err.getvalue()
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                  HealthCheck.function_scoped_fixture])
+@given(st.sampled_from(VERBS), st.lists(argv_words, max_size=5))
+def test_random_command_lines_of_every_verb_never_trace_back(tmp_path, monkeypatch, verb, words):
+    monkeypatch.chdir(tmp_path)
+    _bad_files(tmp_path)
+    argv = [verb, *[("bad.yaml" if word == "nowhere" and i == 0 else word) for i, word in enumerate(words)]]
+    if verb == "demo" and "-h" not in argv and "--help" not in argv:
+        argv = [*argv, "--epochs", "-1"]  # keep any demo invalid: fuzzing must not train for real
+    code, err = _cli(argv)
+    assert code in (0, 2), (argv, code, err[-300:])
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["bench", "bad.safetensors"], "does not name a registered model"),
+    (["bench", "meta.safetensors"], "does not name a registered model"),
+    (["bench", "kwargs.safetensors"], "does not name a registered model"),
+    (["demo", "--epochs", "-1"], "epochs must be an integer >= 1"),
+    (["demo", "--q", "nan"], "q must be a finite quality parameter"),
+    (["demo", "--rounds", "0"], "rounds must be an integer >= 1"),
+    (["demo", "--seed", "-3"], "seed must be an integer >= 0"),
+])
+def test_known_bad_inputs_end_in_one_line(tmp_path, monkeypatch, argv, message):
+    monkeypatch.chdir(tmp_path)
+    _bad_files(tmp_path)
+    code, err = _cli(argv)
+    assert code == 2 and message in err and "Traceback" not in err, err[-500:]
 
 
 @st.composite

@@ -9,7 +9,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.nn.utils import parametrize
 
-from magprune import GlobalSparsity, LayerSparsity, Pruner, PruningInvariantError, chunked
+from magprune import GlobalSparsity, LayerSparsity, Pruner, PruningInvariantError, StdThreshold, chunked
 from magprune import pruner as pruner_module
 from magprune.pruner import FIRST_MOMENT_KEYS, SECOND_MOMENT_FILL, SECOND_MOMENT_KEYS
 
@@ -490,3 +490,148 @@ def test_check_counts_chunk_by_chunk(convnet, batch, monkeypatch):
     optimizer.state[param]["momentum_buffer"].view(-1)[last_pruned] = float("inf")
     with pytest.raises(PruningInvariantError, match="'momentum_buffer' is not finite"):
         pruner.check()
+
+
+# ---------------------------------------------------------------- robustness to the workflows people use
+def test_frozen_targets_prune_and_get_their_hook_once_unfrozen(convnet, batch):
+    convnet.requires_grad_(False)  # inference-only pruning
+    pruner = Pruner(convnet)
+    pruner.prune(LayerSparsity(0.5))
+    assert all(d == 0.5 for d in pruner.densities().values())
+    convnet.requires_grad_(True)
+    optimizer = torch.optim.AdamW(convnet.parameters(), lr=1e-2)
+    pruner.attach(optimizer)
+    train(convnet, optimizer, batch, 5)
+    assert_clean(pruner, optimizer)
+    pruner.check()
+
+
+def test_prune_after_freeze_then_unfreeze_with_an_optimizer_attached_while_frozen(convnet, batch):
+    from magprune import freeze
+
+    frozen = freeze(convnet, "conv")
+    optimizer = torch.optim.Adam(convnet.parameters(), lr=1e-2)
+    pruner = Pruner(convnet)
+    pruner.attach(optimizer)
+    pruner.prune(LayerSparsity(0.6))
+    train(convnet, optimizer, batch, 3)
+    frozen.remove()  # conv layers train from here on; their hooks come at the next step
+    train(convnet, optimizer, batch, 5)
+    assert_clean(pruner, optimizer)
+    pruner.check()
+
+
+def test_a_prune_that_fails_changes_nothing(convnet):
+    pruner = Pruner(convnet)
+    before = {n: p.detach().clone() for n, p in pruner.params.items()}
+
+    def half_bad(weights, masks):
+        out = {n: torch.ones_like(w, dtype=torch.bool) for n, w in weights.items()}
+        out["fc2.weight"] = torch.ones(3, dtype=torch.bool)
+        return out
+
+    with pytest.raises(ValueError, match="fc2.weight"):
+        pruner.prune(half_bad)
+    assert not pruner.masks
+    for name, param in pruner.params.items():
+        assert torch.equal(param.detach(), before[name])
+
+
+@pytest.mark.parametrize("how", ["assign", "to_empty", "reassign"])
+def test_replaced_parameters_are_followed_by_name(convnet, batch, how):
+    pruner = Pruner(convnet)
+    pruner.prune(LayerSparsity(0.7))
+    state = {k: v.clone() for k, v in convnet.state_dict().items()}
+    if how == "assign":
+        convnet.load_state_dict({k: v.clone() + 1.0 for k, v in state.items()}, assign=True)  # pruned entries not 0
+    elif how == "to_empty":  # via the meta device: new Parameter objects
+        convnet.to("meta").to_empty(device="cpu")
+        convnet.load_state_dict({k: v + 1.0 for k, v in state.items()})
+    else:
+        convnet.fc1.weight = nn.Parameter(torch.randn_like(convnet.fc1.weight))
+    assert pruner.params["fc1.weight"] is not convnet.fc1.weight
+    with pytest.raises(PruningInvariantError, match="fc1.weight: .* pruned weights are nonzero"):
+        pruner.check()  # it looks at what the model holds now
+    optimizer = torch.optim.AdamW(convnet.parameters(), lr=1e-2)
+    pruner.attach(optimizer)
+    assert pruner.params["fc1.weight"] is convnet.fc1.weight
+    train(convnet, optimizer, batch, 5)
+    assert_clean(pruner, optimizer)
+    pruner.check()
+    for name, mask in pruner.masks.items():
+        assert not convnet.get_parameter(name).detach()[~mask].any(), name
+
+
+def test_replacement_followed_at_the_next_step_of_an_attached_optimizer(convnet, batch):
+    optimizer = torch.optim.SGD(convnet.parameters(), lr=0.1, momentum=0.9)
+    pruner = Pruner(convnet)
+    pruner.attach(optimizer)
+    pruner.prune(LayerSparsity(0.5))
+    new = nn.Parameter(convnet.fc2.weight.detach() + 1.0)
+    convnet.fc2.weight = new
+    optimizer.param_groups[0]["params"] = list(convnet.parameters())
+    train(convnet, optimizer, batch, 3)
+    assert pruner.params["fc2.weight"] is new
+    assert_clean(pruner, optimizer)
+
+
+def test_replacement_of_another_shape_is_refused(convnet):
+    pruner = Pruner(convnet)
+    pruner.prune(LayerSparsity(0.5))
+    convnet.fc2 = nn.Linear(32, 7)
+    with pytest.raises(RuntimeError, match=r"'fc2.weight' was replaced by a parameter of shape \(7, 32\)"):
+        pruner.prune(LayerSparsity(0.5))
+    with pytest.raises(PruningInvariantError, match="fc2.weight: the model's parameter has shape"):
+        pruner.check()
+
+
+def test_attach_of_an_optimizer_without_any_target_is_refused(convnet):
+    pruner = Pruner(convnet)
+    other = torch.optim.SGD(SmallConvNet().parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="holds none of the pruner's 4 target parameters"):
+        pruner.attach(other)
+
+
+def test_a_mask_returned_for_two_layers_is_copied():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    pruner = Pruner(model)
+    shared = torch.rand(4, 4) < 0.5
+
+    def same_tensor(weights, masks):
+        return dict.fromkeys(weights, shared)
+
+    original = shared.clone()
+    pruner.prune(same_tensor)
+    pruner.prune(LayerSparsity({"0": 0.9}))
+    assert torch.equal(shared, original)
+    assert torch.equal(pruner.masks["1.weight"], original)
+    assert pruner.masks["0.weight"].data_ptr() != pruner.masks["1.weight"].data_ptr()
+
+
+def test_a_prune_that_empties_a_layer_warns():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    pruner = Pruner(model)
+    with pytest.warns(RuntimeWarning, match=r"removed every connection of \['0.weight'\]"):
+        pruner.prune(lambda w, m: {"0.weight": torch.zeros(4, 4, dtype=torch.bool)})
+    with pytest.warns(RuntimeWarning, match="removed every connection"):
+        Pruner(model).prune(StdThreshold(1e6))
+    with pytest.warns(RuntimeWarning, match="removed every connection"):
+        Pruner(nn.Sequential(nn.Linear(100, 1), nn.Linear(1000, 1))).prune(GlobalSparsity(0.999))
+
+
+def test_optimizers_are_held_weakly(convnet, batch):
+    import gc
+    import weakref
+
+    pruner = Pruner(convnet)
+    optimizer = torch.optim.Adam(convnet.parameters(), lr=1e-2)
+    pruner.attach(optimizer)
+    pruner.prune(LayerSparsity(0.5))
+    train(convnet, optimizer, batch, 2)
+    ref = weakref.ref(optimizer)
+    del optimizer
+    gc.collect()
+    assert ref() is None
+    assert not pruner._optimizers
+    pruner.prune(LayerSparsity(0.6))
+    pruner.check()

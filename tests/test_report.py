@@ -66,3 +66,32 @@ def test_registry_lenets_match_the_paper_counts():
     assert mlp.weights == 266_200 and mlp.flops == 532_400
     with pytest.raises(ValueError, match="model must be one of"):
         create_model("resnet-9000")
+
+
+def test_report_counts_attention_rnn_and_hf_conv1d_weights_and_flops_from_a_dict_input():
+    from test_targets import Conv1D
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.lstm = nn.LSTM(8, 4, batch_first=True)
+            self.proj = Conv1D(6, 4)  # transformers' layout: weight (in=4, out=6)
+
+        def forward(self, tokens, scale=1.0):
+            h = self.attn(tokens, tokens, tokens, need_weights=False)[0]
+            return self.proj(self.lstm(h * scale)[0])
+
+    torch.manual_seed(0)
+    model = Net()
+    with torch.no_grad():
+        model.attn.in_proj_weight[:5] = 0.0
+    report = sparsity_report(model, {"tokens": torch.randn(3, 5, 8), "scale": 2.0})
+    rows = {r.layer: r for r in report.rows}
+    assert list(rows) == ["attn", "attn.out_proj", "lstm", "proj"]
+    assert (rows["attn"].weights, rows["attn"].nonzero) == (192, 192 - 5 * 8)
+    assert rows["lstm"].weights == 16 * 8 + 16 * 4 and rows["proj"].weights == 24
+    tokens = 5  # per sample: each weight one multiply-add per token, 2 FLOPs each
+    assert rows["attn"].flops == 2 * 192 * tokens and rows["attn.out_proj"].flops == 2 * 64 * tokens
+    assert rows["lstm"].flops == 2 * 192 * tokens and rows["proj"].flops == 2 * 24 * tokens
+    assert report.weights == 192 + 64 + 192 + 24

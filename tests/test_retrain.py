@@ -79,3 +79,11 @@ def test_freeze_conv_while_retraining_fc(convnet, batch):
         freeze(nn.Linear(2, 2), "conv")
     with pytest.raises(ValueError, match="kind must be"):
         freeze(convnet, "rnn")
+
+
+def test_dropout_rescaler_follows_the_weight_not_the_bias_with_include_bias(convnet):
+    pruner = Pruner(convnet, include_bias=True)
+    rescaler = DropoutRescaler(convnet, pruner)
+    assert rescaler.mapping == {"drop": "fc1.weight"}
+    pruner.prune(LayerSparsity({"fc1.weight": 0.91}))  # bias left dense: density 1.0
+    assert rescaler.apply() == {"drop": pytest.approx(0.5 * 0.09**0.5, abs=1e-3)}

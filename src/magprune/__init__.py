@@ -13,10 +13,12 @@ from magprune.report import SparsityReport, sparsity_report
 from magprune.retrain import DropoutRescaler, freeze, rescaled_dropout, weight_penalty
 from magprune.schedules import GradualCubic, Iterative, OneShot, PruningSchedule
 from magprune.sparse_training import SparseCompute, sparse_compute
+from magprune.targets import DEFAULT_LAYER_TYPES, register_layer_type
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DEFAULT_LAYER_TYPES",
     "DropoutRescaler",
     "GlobalSparsity",
     "GradualCubic",
@@ -37,6 +39,7 @@ __all__ = [
     "list_models",
     "load_compressed",
     "load_compressed_into",
+    "register_layer_type",
     "register_model",
     "rescaled_dropout",
     "save_compressed",

@@ -11,8 +11,13 @@ import magprune
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from magprune.experiment.demo import run_demo
+    from magprune.experiment.demo import check_demo_arguments, run_demo
 
+    try:  # all checked before any training
+        check_demo_arguments(q=args.q, rounds=args.rounds, epochs=args.epochs, retrain_epochs=args.retrain_epochs,
+                             seed=args.seed)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
     run_demo(q=args.q, rounds=args.rounds, epochs=args.epochs, retrain_epochs=args.retrain_epochs, seed=args.seed)
     return 0
 
@@ -227,7 +232,7 @@ def _bench(args: argparse.Namespace) -> int:
     from safetensors import safe_open
 
     from magprune.deploy.bench import bench_model, format_bench
-    from magprune.deploy.format import load_compressed
+    from magprune.deploy.format import CompressedFormatError, load_compressed
     from magprune.deploy.shrink import resize_to
 
     path = Path(args.model_file)
@@ -238,14 +243,24 @@ def _bench(args: argparse.Namespace) -> int:
         raise UsageError(f"cannot read {path}: {error}") from error
     if "model" not in metadata:
         raise UsageError(f"{path} does not say which model it holds (write it with 'magprune export')")
-    spec = json.loads(metadata["model"])
-    model = magprune.create_model(spec["name"], **spec["kwargs"])
-    if metadata.get("format") == "magprune-shrunk":
-        from safetensors.torch import load_file
+    try:
+        spec = json.loads(metadata["model"])
+        model = magprune.create_model(spec["name"], **spec["kwargs"])
+    except (ValueError, TypeError, KeyError) as error:  # JSONDecodeError is a ValueError
+        raise UsageError(f"{path}: its 'model' metadata {metadata['model'][:200]!r} does not name a registered "
+                         f"model with its arguments ({type(error).__name__}: {error})") from error
+    try:
+        if metadata.get("format") == "magprune-shrunk":
+            from safetensors.torch import load_file
 
-        resize_to(model, load_file(path))
-    else:
-        model.load_state_dict(load_compressed(path), strict=True)
+            resize_to(model, load_file(path))
+        else:
+            model.load_state_dict(load_compressed(path), strict=True)
+    except (RuntimeError, ValueError, KeyError) as error:
+        if isinstance(error, CompressedFormatError):
+            raise
+        raise UsageError(f"{path}: its tensors do not fit {spec['name']} "
+                         f"({' '.join(str(error).split())[:300]})") from error
     if args.input_shape:
         shape = _positive_ints(args.input_shape, "--input-shape")
     else:

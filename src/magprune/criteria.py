@@ -65,6 +65,13 @@ def _require_weights(weights: Mapping[str, Tensor]) -> None:
         raise ValueError("weights is empty: nothing to prune")
 
 
+def require_finite(weights: Mapping[str, Tensor], names: Iterable[str]) -> None:
+    """Raise ValueError naming the first of ``names`` whose weights hold a NaN or an infinity."""
+    for name in names:
+        if not chunked.all_finite(weights[name].detach()):
+            raise ValueError(f"{name}: weights contain NaN or infinity; cannot rank them by magnitude to prune")
+
+
 def _flat_chunks(tensor: Tensor) -> Iterable[tuple[int, Tensor]]:
     """(start, part) over ``tensor`` read flat (a non-contiguous tensor is read from a flat copy; a sharded one by
     its local shard)."""
@@ -204,6 +211,7 @@ class StdThreshold:
             qs = {name: self.q[key] for key, name in resolve_layer_names(self.q, weights, "q").items()}
         else:
             qs = dict.fromkeys(weights, self.q)
+        require_finite(weights, qs)  # a NaN std would prune the whole layer without a word
         return {name: q * masked_std(weights[name], masks.get(name)) for name, q in qs.items()}
 
     def __call__(self, weights: Mapping[str, Tensor], masks: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -249,7 +257,9 @@ class LayerSparsity:
 
     def __call__(self, weights: Mapping[str, Tensor], masks: Mapping[str, Tensor]) -> dict[str, Tensor]:
         result = {}
-        for name, target in self.targets(weights).items():
+        targets = self.targets(weights)
+        require_finite(weights, targets)
+        for name, target in targets.items():
             weight = weights[name]
             (result[name],) = prune_smallest([weight], round(target * weight.numel()))
         return result
@@ -276,6 +286,7 @@ class GlobalSparsity:
         _require_weights(weights)
         names = list(weights) if self.layers is None else list(
             resolve_layer_names(self.layers, weights, "layers").values())
+        require_finite(weights, names)
         tensors = [weights[name] for name in names]
         k = round(self.sparsity * sum(t.numel() for t in tensors))
         return dict(zip(names, prune_smallest(tensors, k), strict=True))

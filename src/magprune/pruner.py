@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import struct
 import warnings
+import weakref
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -13,7 +14,7 @@ from torch.utils.hooks import RemovableHandle
 
 from magprune import sharding
 from magprune.chunked import all_finite, count_dropped_nonzero, fill_dropped
-from magprune.targets import DEFAULT_LAYER_TYPES, select_parameters
+from magprune.targets import LayerType, select_parameters
 
 # Optimizer state that must read zero at a pruned position: momenta, first moments, previous gradients, averages.
 FIRST_MOMENT_KEYS = frozenset({"momentum_buffer", "exp_avg", "grad_avg", "acc_delta", "prev", "ax"})
@@ -60,7 +61,9 @@ class Pruner:
         model: any ``nn.Module``.
         targets: names or glob patterns of modules (``"fc1"``, ``"features.*"``) or parameters
             (``"fc1.weight"``) to prune. Default: the weights of every module of ``layer_types``.
-        layer_types: module types whose weights are targeted when a module (not a parameter) is named.
+        layer_types: module types whose weights are targeted (default: every type of
+            :func:`magprune.register_layer_type`'s registry: Linear, Conv1d/2d/3d, ConvTranspose, MultiheadAttention,
+            RNN/LSTM/GRU and ``transformers``' Conv1D).
         include_bias: also prune the biases of the targeted modules (Han et al. prune weights only).
         fast_masks: how masks are applied to gradients (and weights) in training. True (default): by multiplying
             with a copy of the mask in the weight's dtype (one weight's worth of memory per layer; ~8x faster than
@@ -74,6 +77,13 @@ class Pruner:
             step provably leaves a zero weight with a zero gradient and clean state at exactly zero; for those it
             checks every ``refresh_every`` steps instead, and if something did revive a weight (say a gradient
             written by hand, bypassing the gradient hook) it re-zeroes, warns, and re-zeroes every step from then on.
+
+    Parameters are followed by name: one replaced in the model after the pruner was built (``load_state_dict(...,
+    assign=True)``, ``to_empty``, a re-assigned ``module.weight``) gets its mask applied, its gradient hook and
+    clean optimizer state at the next :meth:`prune`, :meth:`attach`, :meth:`apply_masks` or step of an attached
+    optimizer; one replaced by a parameter of another shape is refused. A frozen target (``requires_grad=False``)
+    prunes like any other; its gradient hook is installed once it is unfrozen, at the same points. Optimizers are
+    held weakly: attaching one does not keep it alive.
     """
 
     def __init__(
@@ -81,7 +91,7 @@ class Pruner:
         model: nn.Module,
         targets: Iterable[str] | None = None,
         *,
-        layer_types: tuple[type[nn.Module], ...] = DEFAULT_LAYER_TYPES,
+        layer_types: Iterable[LayerType] | None = None,
         include_bias: bool = False,
         fast_masks: bool = True,
         refresh_every: int = 100,
@@ -104,7 +114,7 @@ class Pruner:
         self._multipliers: dict[str, Tensor] = {}
         self._packed: dict[str, tuple[tuple[int, int], Any]] = {}
         self._kept_counts: dict[str, tuple[tuple[int, int], int]] = {}
-        self._grad_handles: list[RemovableHandle] = []
+        self._grad_handles: dict[str, tuple[nn.Parameter, RemovableHandle]] = {}
         self._optimizers: dict[int, OptimizerHandle] = {}
         # handles of magprune.sparse_compute on this pruner's weights: synced before a prune or check reads the
         # dense weights, rebuilt after a prune
@@ -127,6 +137,7 @@ class Pruner:
 
         Returns the density (fraction kept) of every targeted parameter.
         """
+        self._sync()
         if regrow and self.compute_handles:
             raise RuntimeError("sparse compute does not support regrowth: call its handle's remove() before "
                                "prune(..., regrow=True)")
@@ -144,7 +155,8 @@ class Pruner:
             if not isinstance(keep, Tensor) or keep.dtype != torch.bool or keep.shape != shape:
                 raise ValueError(f"mask for {name!r} must be a bool tensor of shape {tuple(shape)}, got "
                                  f"{getattr(keep, 'dtype', type(keep))} {tuple(getattr(keep, 'shape', ()))}")
-        proposed = _broadcast_from_rank0({name: sharding.match(keep, self.params[name])
+        # copies: a criterion may return one tensor for several layers, or keep its own reference to it
+        proposed = _broadcast_from_rank0({name: sharding.match(keep.clone(), self.params[name])
                                           for name, keep in proposed.items()})
         with torch.no_grad():
             for name, keep in proposed.items():
@@ -152,18 +164,21 @@ class Pruner:
         for handle in self.compute_handles:
             handle.rebuild()
         self._install_grad_hooks()
+        emptied = [name for name in proposed if self.params[name].numel() and not self._kept(name)]
+        if emptied:
+            warnings.warn(f"this prune removed every connection of {emptied}: those layers now output only their "
+                          "bias (or zero)", RuntimeWarning, stacklevel=2)
         return self.densities()
 
     def _update_mask(self, name: str, keep: Tensor, regrow: bool) -> None:
         # Everything here works chunk by chunk on the boolean masks: no temporary as large as the weight (a
         # float copy of the mask, or even ~mask) is made, so pruning a VGG-16 needs about the masks' memory.
         param = self.params[name]
-        keep = keep.to(param.device)
         old = self.masks.get(name)
-        for attached in self._optimizers.values():
+        for attached in list(self._optimizers.values()):
             attached.reset_state(param, keep, old, regrow)
         if old is None or regrow:
-            self.masks[name] = keep  # criteria return fresh masks: the pruner takes ownership
+            self.masks[name] = keep  # prune() made a copy: the pruner owns it
         else:
             old &= keep
         self._multipliers.pop(name, None)
@@ -174,6 +189,7 @@ class Pruner:
 
     def apply_masks(self) -> None:
         """Zero every pruned weight (and its gradient), e.g. after loading weights from elsewhere."""
+        self._sync()
         with torch.no_grad():
             for name, mask in self.masks.items():
                 param = self.params[name]
@@ -196,6 +212,13 @@ class Pruner:
         key = id(optimizer)
         if key in self._optimizers:
             return self._optimizers[key]
+        self._sync()
+        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        compact = [layer.values for handle in self.compute_handles for layer in handle.layers.values()]
+        if not any(id(p) in held for p in [*self.params.values(), *compact]):
+            raise ValueError(f"optimizer holds none of the pruner's {len(self.params)} target parameters (was it made "
+                             "for another model, or before the model's parameters were replaced?): make it from "
+                             "model.parameters() and attach that")
         attached = OptimizerHandle(self, optimizer)
         self._optimizers[key] = attached
         for name, mask in self.masks.items():
@@ -210,17 +233,74 @@ class Pruner:
 
     def remove(self) -> None:
         """Detach every hook; masks are kept, the weights stay as they are (pruned entries zero)."""
-        for handle in self._grad_handles:
+        for _, handle in self._grad_handles.values():
             handle.remove()
         self._grad_handles.clear()
         for attached in list(self._optimizers.values()):
             attached.remove()
 
     def _install_grad_hooks(self) -> None:
-        if self._grad_handles or not self.masks:
+        """A gradient hook on every target that will get a gradient (a frozen one gets its hook once unfrozen)."""
+        if not self.masks:
             return
         for name, param in self.params.items():
-            self._grad_handles.append(param.register_post_accumulate_grad_hook(self._grad_hook(name)))
+            hooked = self._grad_handles.get(name)
+            if hooked is not None and hooked[0] is param:
+                continue
+            if hooked is not None:  # the parameter was replaced
+                hooked[1].remove()
+                del self._grad_handles[name]
+            if not param.requires_grad:
+                continue
+            self._grad_handles[name] = (param, param.register_post_accumulate_grad_hook(self._grad_hook(name)))
+            if param.grad is not None and name in self.masks:  # accumulated before the hook was there
+                with torch.no_grad():
+                    fill_dropped(param.grad, self.masks[name].to(param.device), 0.0)
+
+    def _sync(self) -> None:
+        """Follow targets replaced in the model since last looked at (by name): mask the new parameter, clean its
+        state in attached optimizers; a replacement of another shape is refused."""
+        replaced = {}
+        computed = self._computed_sparse()
+        for name, param in self.params.items():
+            if name in computed:  # the layer holds compact values under sparse compute, its dense weight here
+                continue
+            try:
+                current = self.model.get_parameter(name)
+            except AttributeError as error:
+                raise RuntimeError(f"{name!r}, a target of this pruner, is no longer a parameter of the model "
+                                   f"({error}); build a new Pruner for the changed model") from error
+            if current is param:
+                continue
+            if current.shape != param.shape:
+                raise RuntimeError(f"{name!r} was replaced by a parameter of shape {tuple(current.shape)}, but it was "
+                                   f"pruned at shape {tuple(param.shape)} (resized?); build a new Pruner for the "
+                                   "resized model")
+            replaced[name] = current
+        if not replaced:
+            return
+        self.params.update(replaced)
+        with torch.no_grad():
+            for name, param in replaced.items():
+                self._multipliers.pop(name, None)
+                if name in self.masks:
+                    mask = self.masks[name] = self.masks[name].to(param.device)
+                    fill_dropped(param, mask, 0.0)
+                    if param.grad is not None:
+                        fill_dropped(param.grad, mask, 0.0)
+                    for attached in list(self._optimizers.values()):
+                        attached.reset_state(param, mask, None)
+        for attached in list(self._optimizers.values()):
+            attached.invalidate()
+        self._install_grad_hooks()
+
+    def _computed_sparse(self) -> set[str]:
+        return {name for handle in self.compute_handles for name in handle.names}
+
+    def _before_step(self) -> None:
+        self._sync()
+        if len(self._grad_handles) < len(self.params):  # a target unfrozen since the last prune
+            self._install_grad_hooks()
 
     def _grad_hook(self, name: str) -> Callable[[Tensor], None]:
         def hook(param: Tensor) -> None:
@@ -314,10 +394,19 @@ class Pruner:
         for handle in self.compute_handles:
             handle.sync_dense()
         problems = []
-        optimizers = [optimizer] if optimizer is not None else [a.optimizer for a in self._optimizers.values()]
+        optimizers = [optimizer] if optimizer is not None else [a.optimizer for a in list(self._optimizers.values())]
         with torch.no_grad():
+            computed = self._computed_sparse()
             for name, mask in self.masks.items():
-                param = self.params[name]
+                try:  # what the model holds now, which may not be the parameter pruned
+                    param = self.params[name] if name in computed else self.model.get_parameter(name)
+                except AttributeError:
+                    problems.append(f"{name}: no longer a parameter of the model")
+                    continue
+                if param.shape != mask.shape:
+                    problems.append(f"{name}: the model's parameter has shape {tuple(param.shape)}, its mask "
+                                    f"{tuple(mask.shape)}")
+                    continue
                 mask = mask.to(param.device)
                 revived = count_dropped_nonzero(param.detach(), mask)
                 if revived:
@@ -348,6 +437,7 @@ class Pruner:
             raise RuntimeError("load_state_dict while sparse compute is on: call its handle's remove() first")
         if not isinstance(state_dict, Mapping) or "masks" not in state_dict:
             raise ValueError("pruner state_dict must be a mapping with a 'masks' entry (from Pruner.state_dict())")
+        self._sync()
         masks = state_dict["masks"]
         unknown = sorted(set(masks) - set(self.params))
         if unknown:
@@ -365,7 +455,7 @@ class Pruner:
         self._multipliers.clear()
         self._packed.clear()
         self.apply_masks()
-        for attached in self._optimizers.values():
+        for attached in list(self._optimizers.values()):
             for name, mask in self.masks.items():
                 attached.reset_state(self.params[name], mask, None)
             attached.invalidate()
@@ -381,16 +471,28 @@ class OptimizerHandle:
 
     def __init__(self, pruner: Pruner, optimizer: torch.optim.Optimizer) -> None:
         self.pruner = pruner
-        self.optimizer = optimizer
+        key, registry = id(optimizer), pruner._optimizers
+        # weak: the pruner must not keep an optimizer (and all its state) alive; its entry goes when it does
+        self._optimizer = weakref.ref(optimizer, lambda _: registry.pop(key) if registry.get(key) is self else None)
+        self._key = key
         self.steps = 0
         self._unsafe = False
         self._names: list[str] | None = None
-        self._hook = optimizer.register_step_post_hook(self._after_step)
+        self._hooks = [optimizer.register_step_pre_hook(self._before_step),
+                       optimizer.register_step_post_hook(self._after_step)]
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        optimizer = self._optimizer()
+        if optimizer is None:
+            raise RuntimeError("the attached optimizer no longer exists")
+        return optimizer
 
     def remove(self) -> None:
         """Detach this optimizer from the pruner."""
-        self._hook.remove()
-        self.pruner._optimizers.pop(id(self.optimizer), None)
+        for hook in self._hooks:
+            hook.remove()
+        self.pruner._optimizers.pop(self._key, None)
 
     def invalidate(self) -> None:
         self._names = None
@@ -403,6 +505,9 @@ class OptimizerHandle:
     def rezero_every_step(self) -> bool:
         """Whether pruned weights are multiplied back to zero after every step of this optimizer."""
         return self.pruner.rezero == "always" or self._unsafe or type(self.optimizer) not in AUDITED_OPTIMIZERS
+
+    def _before_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        self.pruner._before_step()
 
     def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         self.steps += 1

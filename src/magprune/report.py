@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from magprune.targets import DEFAULT_LAYER_TYPES
+from magprune.targets import LayerType, is_hf_conv1d, module_name, select_parameters
 
 
 @dataclass
@@ -114,58 +114,123 @@ def _percent(part: int | None, whole: int | None) -> str:
     return "-" if part is None or not whole else f"{100 * part / whole:.1f}%"
 
 
+def forward_example(model: nn.Module, example_input: Any) -> Any:
+    """Call ``model`` on an example input: a tensor, a tuple of positional arguments, or a mapping of keyword
+    arguments (what a Hugging Face tokenizer returns)."""
+    if isinstance(example_input, Mapping):
+        return model(**example_input)
+    if isinstance(example_input, tuple | list):
+        return model(*example_input)
+    return model(example_input)
+
+
+def example_batch_size(example_input: Any) -> int:
+    """The batch size of an example input: the first dimension of its first tensor."""
+    values = example_input.values() if isinstance(example_input, Mapping) else (
+        example_input if isinstance(example_input, tuple | list) else (example_input,))
+    for value in values:
+        if isinstance(value, Tensor) and value.dim():
+            return value.shape[0]
+    raise ValueError(f"example_input holds no tensor with a batch dimension: {type(example_input).__name__}")
+
+
 def sparsity_report(
     model: nn.Module,
-    example_input: Tensor | tuple[Tensor, ...] | None = None,
+    example_input: Tensor | tuple[Tensor, ...] | Mapping[str, Tensor] | None = None,
     *,
-    layer_types: tuple[type[nn.Module], ...] = DEFAULT_LAYER_TYPES,
+    layer_types: Iterable[LayerType] | None = None,
     layers: Iterable[str] | None = None,
 ) -> SparsityReport:
-    """Count weights, nonzeros and FLOPs of each Linear/Conv layer from the model itself.
+    """Count weights, nonzeros and FLOPs of each layer whose weights :class:`~magprune.Pruner` targets by default
+    (every type of the layer-type registry, see :func:`magprune.register_layer_type`), from the model itself.
 
-    FLOPs (2 x multiply-adds per sample, as Han et al. count) need ``example_input``, a batch (first dimension
-    the batch) the model accepts, to know conv output sizes; without it the FLOP columns read ``-``. Nonzeros
-    are counted in the weights, so the report is the truth whatever pruned them.
+    FLOPs (2 x multiply-adds per sample by the layer's weights, as Han et al. count) need ``example_input``, a
+    batch the model accepts (a tensor, a tuple of arguments or a dict of keyword arguments, first dimension the
+    batch), to know output sizes and sequence lengths; without it the FLOP columns read ``-``. Nonzeros are
+    counted in the weights, so the report is the truth whatever pruned them.
     """
-    wanted = None if layers is None else set(layers)
-    modules = {name: m for name, m in model.named_modules()
-               if isinstance(m, layer_types) and (wanted is None or name in wanted)
-               and isinstance(getattr(m, "weight", None), Tensor)}
-    if wanted is not None and wanted - set(modules):
-        raise ValueError(f"layers: unknown {sorted(wanted - set(modules))}; allowed: {sorted(modules)}")
+    try:
+        selected = select_parameters(model, None, layer_types)
+    except ValueError:  # no layer of the registered types: nothing to report per layer
+        selected = {}
+    grouped: dict[str, list[Tensor]] = {}
+    for name, param in selected.items():
+        grouped.setdefault(module_name(name) if "." in name else "", []).append(param)
+    if layers is not None:
+        wanted = set(layers)
+        if wanted - set(grouped):
+            raise ValueError(f"layers: unknown {sorted(wanted - set(grouped))}; allowed: {sorted(grouped)}")
+        grouped = {name: ps for name, ps in grouped.items() if name in wanted}
+    modules = {name: model.get_submodule(name) for name in grouped}
     flops = _layer_flops(model, modules, example_input) if example_input is not None else {}
-    rows = [LayerRow(layer=name, kind=type(m).__name__, weights=m.weight.numel(),
-                     nonzero=int(m.weight.count_nonzero()), flops=flops.get(name)) for name, m in modules.items()]
+    rows = [LayerRow(layer=name, kind=type(modules[name]).__name__, weights=sum(p.numel() for p in params),
+                     nonzero=sum(int(p.count_nonzero()) for p in params), flops=flops.get(name))
+            for name, params in grouped.items()]
     params = list(model.parameters())
     return SparsityReport(rows=rows, params_total=sum(p.numel() for p in params),
                           params_nonzero=sum(int(p.count_nonzero()) for p in params))
 
 
+def _weight_macs(module: nn.Module, args: tuple, output: Any) -> dict[str, int]:
+    """Multiply-adds by ``module``'s weights in one call (for its own row, and for MultiheadAttention's out_proj,
+    whose weight it uses without calling it)."""
+    if isinstance(module, nn.Linear):  # each weight is one multiply-add per input row (token)
+        return {"": module.weight.numel() * (output.numel() // module.out_features)}
+    if is_hf_conv1d(module):  # transformers' Conv1D: weight (in, out)
+        return {"": module.weight.numel() * (output.numel() // module.weight.shape[1])}
+    if isinstance(module, nn.modules.conv._ConvTransposeNd):  # each input element meets in_channels' slice once
+        return {"": module.weight[0].numel() * args[0].numel()}
+    if isinstance(module, nn.modules.conv._ConvNd):  # each output element: in_channels/groups x prod(kernel)
+        return {"": module.weight[0].numel() * output.numel()}
+    if isinstance(module, nn.MultiheadAttention):
+        query, key, value = args[:3]
+        tokens = [t.numel() // t.shape[-1] for t in (query, key, value)]
+        if module.in_proj_weight is not None:
+            e = module.embed_dim
+            macs = sum(module.in_proj_weight[i * e:(i + 1) * e].numel() * n for i, n in enumerate(tokens))
+        else:
+            macs = sum(w.numel() * n for w, n in zip(
+                (module.q_proj_weight, module.k_proj_weight, module.v_proj_weight), tokens, strict=True))
+        return {"": macs, "out_proj": module.out_proj.weight.numel() * tokens[0]}
+    if isinstance(module, nn.RNNBase):  # every weight matrix once per time step of every sequence
+        x = args[0]
+        steps = x.data.shape[0] if isinstance(x, nn.utils.rnn.PackedSequence) else x.numel() // module.input_size
+        weights = sum(getattr(module, n).numel() for n, _ in module.named_parameters(recurse=False)
+                      if n.startswith("weight"))
+        return {"": weights * steps}
+    weight = getattr(module, "weight", None)  # a registered type of unknown arithmetic: one use per output row
+    if isinstance(weight, Tensor) and isinstance(output, Tensor) and weight.dim() >= 2:
+        return {"": weight.numel() * (output.numel() // weight.shape[0])}
+    return {}
+
+
 def _layer_flops(model: nn.Module, modules: dict[str, nn.Module], example_input: Any) -> dict[str, int]:
-    inputs = example_input if isinstance(example_input, tuple) else (example_input,)
-    batch = inputs[0].shape[0]
+    batch = example_batch_size(example_input)
     flops: dict[str, int] = {}
 
     def hook_for(name: str):
-        def hook(module: nn.Module, args: Any, output: Tensor) -> None:
-            if isinstance(module, nn.Linear):
-                # each weight is one multiply-add per input row
-                macs = module.weight.numel() * (output.numel() // module.out_features)
-            else:
-                # each conv output element takes in_channels/groups x prod(kernel) multiply-adds
-                macs = module.weight[0].numel() * output.numel()
-            flops[name] = flops.get(name, 0) + 2 * macs // batch
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            for suffix, macs in _weight_macs(module, args, output).items():
+                row = f"{name}.{suffix}" if suffix and name else (suffix or name)
+                if row in modules:
+                    flops[row] = flops.get(row, 0) + 2 * macs // batch
         return hook
 
     handles = [m.register_forward_hook(hook_for(name)) for name, m in modules.items()]
+    # MultiheadAttention's module path, not the fused fast path that skips the submodules' hooks
+    mha = getattr(torch.backends, "mha", None)
+    fastpath = mha.get_fastpath_enabled() if mha is not None else None
     was_training = model.training
     try:
         model.eval()
+        if mha is not None:
+            mha.set_fastpath_enabled(False)
         with torch.no_grad():
-            model(*inputs)
+            forward_example(model, example_input)
     finally:
+        if mha is not None:
+            mha.set_fastpath_enabled(fastpath)
         model.train(was_training)
         for h in handles:
             h.remove()
     return flops
-

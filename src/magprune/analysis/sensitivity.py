@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from magprune.criteria import check_sparsity, prune_smallest
-from magprune.targets import DEFAULT_LAYER_TYPES, module_name, select_parameters
+from magprune.targets import module_name, select_parameters
 
 DEFAULT_GRID: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98)
 
@@ -135,7 +135,7 @@ def sensitivity_scan(
         raise ValueError("sparsities is empty: give at least one sparsity to scan")
     if workers < 0:
         raise ValueError(f"workers must be an integer >= 0, got {workers}")
-    params = select_parameters(model, list(layers) if layers is not None else None, DEFAULT_LAYER_TYPES)
+    params = select_parameters(model, list(layers) if layers is not None else None)
     modules = dict(model.named_modules())
     kinds = {module_name(n): type(modules.get(module_name(n), model)).__name__ for n in params}
     tasks = [(name, s) for name in params for s in grid]

@@ -17,7 +17,7 @@ from magprune.deploy.format import (
 )
 from magprune.deploy.modules import SparseConv2d, SparseLinear
 from magprune.deploy.shrink import ShrinkError, resize_to, shrink
-from magprune.deploy.sparsify import SparsifyDecision, sparsify
+from magprune.deploy.sparsify import SparsifyDecision, format_decisions, sparsify
 
 __all__ = [
     "CompressedFormatError",
@@ -27,6 +27,7 @@ __all__ = [
     "SparsifyDecision",
     "bench_model",
     "format_bench",
+    "format_decisions",
     "format_size_report",
     "load_compressed",
     "load_compressed_into",

@@ -70,6 +70,13 @@ def as_numpy(tensor: Tensor) -> np.ndarray:
     return tensor.detach().cpu().contiguous().numpy()
 
 
+def _storable(tensor: Tensor) -> np.ndarray:
+    """The tensor as a numpy array; bfloat16, which numpy lacks, as its 16-bit patterns (an exact round trip)."""
+    if tensor.dtype == torch.bfloat16:
+        return as_numpy(tensor.view(torch.int16))
+    return as_numpy(tensor)
+
+
 def _as_2d(array: np.ndarray) -> np.ndarray:
     rows = array.shape[0] if array.ndim else 1
     return array.reshape(rows, -1) if array.size else array.reshape(rows, 0)
@@ -119,7 +126,7 @@ def _deflated(parts: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], d
     original dtype and shape of those."""
     stored, deflated = {}, {}
     for part, array in parts.items():
-        array = np.ascontiguousarray(array)
+        array = np.require(array, requirements="C")  # not ascontiguousarray: that turns a 0-d array 1-d
         packed = zlib.compress(array.tobytes(), 6)
         if len(packed) <= (1 - DEFLATE_MIN_SAVING) * array.nbytes:
             stored[part] = np.frombuffer(packed, dtype=np.uint8)
@@ -131,7 +138,7 @@ def _deflated(parts: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], d
 
 def encode(tensor: Tensor) -> tuple[str, dict[str, np.ndarray]]:
     """The smallest encoding of ``tensor``: ``(encoding, {part: array})``."""
-    array = as_numpy(tensor)
+    array = _storable(tensor)
     best: tuple[str, dict[str, np.ndarray]] = ("dense", {"dense": array})
     if array.ndim >= 2 and array.size:
         for name, encoder in (("csr", encode_csr), ("rel4", encode_rel4)):
@@ -254,9 +261,10 @@ def _decode_param(path: Path, name: str, meta: Mapping, arrays: Mapping[str, np.
         if part in meta.get("deflated", {}):
             parts[part] = _inflate(path, key, parts[part], meta["deflated"][part])
     if encoding == "dense":
-        if parts["dense"].shape != shape:
-            raise _fail(path, f"{name}: stored shape {list(parts['dense'].shape)} != recorded {list(shape)}")
-        return torch.from_numpy(parts["dense"].copy()).to(dtype)
+        dense = parts["dense"]
+        if dense.shape != shape and not (shape == () and dense.shape == (1,)):  # 0-d, as earlier versions wrote it 1-d
+            raise _fail(path, f"{name}: stored shape {list(dense.shape)} != recorded {list(shape)}")
+        return _to_tensor(dense.reshape(shape).copy(), dtype)
     if encoding == "shared":
         return _decode_shared_param(path, name, meta, parts, shape, dtype, expand_shared)
     values = parts["values"]
@@ -278,14 +286,20 @@ def _decode_param(path: Path, name: str, meta: Mapping, arrays: Mapping[str, np.
             raise _fail(path, f"{name}: relative indices give {positions.size} positions for {values.size} values "
                               f"in {numel} elements")
         out[positions] = values
-    return torch.from_numpy(out.reshape(shape)).to(dtype)
+    return _to_tensor(out.reshape(shape), dtype)
+
+
+def _to_tensor(array: np.ndarray, dtype: torch.dtype) -> Tensor:
+    if dtype == torch.bfloat16 and array.dtype == np.int16:  # stored as its bit patterns
+        return torch.from_numpy(array).view(torch.bfloat16)
+    return torch.from_numpy(array).to(dtype)
 
 
 def _shared_encoding(tensor: Tensor, parts: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict] | None:
     """The ``shared`` parts and metadata of a weight (2-D or more) whose nonzeros take at most 256 values, if they
     are smaller than the best other encoding's ``parts``; else None."""
-    if tensor.ndim < 2 or not tensor.numel() or not tensor.is_floating_point():
-        return None
+    if tensor.ndim < 2 or not tensor.numel() or not tensor.is_floating_point() or tensor.dtype == torch.bfloat16:
+        return None  # bfloat16 (no numpy dtype) is stored by its bit patterns in the other encodings
     found = encode_shared(as_numpy(tensor))
     if found is None or _encoded_size(found[0]) >= _encoded_size(parts):
         return None
@@ -380,8 +394,8 @@ class SizeRow:
 
 
 def size_report(source: nn.Module | Mapping[str, Tensor]) -> list[SizeRow]:
-    """Per tensor: dense fp32 bytes vs the compressed format's payload bytes (the file adds a small JSON header);
-    an encoding marked ``+z`` has parts stored deflated."""
+    """Per tensor: dense bytes (in the tensor's own dtype) vs the compressed format's payload bytes (the file adds a
+    small JSON header); an encoding marked ``+z`` has parts stored deflated."""
     return size_report_from_params(_compress(source)[1])
 
 
@@ -392,13 +406,18 @@ def size_report_from_params(params: Mapping[str, Mapping]) -> list[SizeRow]:
         shape = tuple(int(s) for s in meta["shape"])
         numel = math.prod(shape)
         rows.append(SizeRow(name, shape, meta["nonzero"] / numel if numel else 1.0,
-                            meta["encoding"] + ("+z" if meta.get("deflated") else ""), 4 * numel,
+                            meta["encoding"] + ("+z" if meta.get("deflated") else ""), _itemsize(meta["dtype"]) * numel,
                             int(meta["stored_bytes"])))
     return rows
 
 
+def _itemsize(dtype: str) -> int:
+    known = _DTYPES.get(dtype)
+    return known.itemsize if known is not None else 4
+
+
 def format_size_report(rows: list[SizeRow], file_bytes: int | None = None) -> str:
-    lines = [f"{'tensor':<24} {'shape':<18} {'density':>8} {'encoding':>8} {'dense fp32':>11} {'compressed':>11} "
+    lines = [f"{'tensor':<24} {'shape':<18} {'density':>8} {'encoding':>8} {'dense':>11} {'compressed':>11} "
              f"{'ratio':>7}"]
     for r in rows:
         lines.append(f"{r.name:<24} {'x'.join(map(str, r.shape)):<18} {r.density:>8.3f} {r.encoding:>8} "

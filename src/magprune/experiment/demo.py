@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -43,9 +44,22 @@ class DemoResult:
     seconds: float
 
 
+def check_demo_arguments(q: float, rounds: int, epochs: int, retrain_epochs: int, seed: int) -> None:
+    """Raise ValueError naming the first bad argument of :func:`run_demo`."""
+    if not math.isfinite(q) or q < 0:
+        raise ValueError(f"q must be a finite quality parameter >= 0 (threshold = q x std), got {q}")
+    for name, value, least in (("rounds", rounds, 1), ("epochs", epochs, 1), ("retrain_epochs", retrain_epochs, 0),
+                               ("seed", seed, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
+    if seed >= 2**63:
+        raise ValueError(f"seed must be below 2**63, got {seed}")
+
+
 def run_demo(q: float = 1.0, rounds: int = 2, epochs: int = 40, retrain_epochs: int = 20, seed: int = 0,
              echo: Callable[[str], None] = print) -> DemoResult:
     """Train a small MLP on digits, prune it Han's way (q x std per layer) in ``rounds`` rounds with retraining."""
+    check_demo_arguments(q, rounds, epochs, retrain_epochs, seed)
     start = time.perf_counter()
     torch.manual_seed(seed)
     train, (x_test, y_test) = load_digits_split(seed)

@@ -58,18 +58,34 @@ def shard(indices: Tensor) -> Tensor:
     """This rank's part of a global batch: every world_size-th index, starting at the rank.
 
     Every rank draws the same permutation (same seeded generator), so a global batch is split the way
-    ``DistributedSampler`` splits the dataset (rank r takes positions r, r + W, ...), without its padding: with
-    equal shards, the mean of the ranks' mean losses is the global batch's mean loss, and DDP's gradient
-    average is the single-process gradient.
+    ``DistributedSampler`` splits the dataset (rank r takes positions r, r + W, ...), without its padding. Shards
+    of a batch that does not split evenly differ by one example; :func:`loss_scale` makes their gradients add up to
+    the single-process gradient all the same.
     """
     return indices[rank()::world_size()] if is_distributed() else indices
 
 
-def check_batch_size(batch_size: int) -> None:
+def loss_scale(shard_size: int, batch_size: int) -> float:
+    """Factor for this rank's mean loss over its ``shard_size`` examples of a global batch of ``batch_size``, so
+    that DDP's gradient average over ranks is exactly the gradient of the global batch's mean loss, also when the
+    shards are unequal (the last batch of an epoch): ``shard_size * world_size / batch_size`` (1.0 alone)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    return shard_size * world_size() / batch_size
+
+
+def check_batch_size(batch_size: int, examples: int | None = None) -> None:
+    """Refuse a batch size that does not split evenly over the ranks, or (given the number of training examples)
+    that leaves a last batch smaller than the number of ranks: some rank would get no example at all."""
     world = world_size()
     if batch_size % world:
         raise ConfigError(f"train.batch_size must be divisible by the number of processes ({world}) so every rank "
                          f"gets an equal share of each global batch, got {batch_size}")
+    last = examples % batch_size if examples else 0
+    if 0 < last < world:
+        raise ConfigError(f"train.batch_size={batch_size} leaves a last batch of {last} of the {examples} training "
+                          f"examples, fewer than the {world} processes: a rank would get an empty batch. Choose a "
+                          f"batch size for which {examples} % batch_size is 0 or at least {world}")
 
 
 def sum_over_ranks(values: Sequence[float]) -> list[float]:

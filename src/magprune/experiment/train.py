@@ -99,7 +99,7 @@ class Trainer:
     def __init__(self, model: nn.Module, train: tuple[Tensor, Tensor], test: tuple[Tensor, Tensor], cfg: TrainConfig,
                  *, lr: float | None = None, epochs: int | None = None, seed: int = 0, stage: str = "train",
                  penalized: Sequence[Tensor] = (), checkpoint_every: int = 0, progress: bool = False) -> None:
-        distributed.check_batch_size(cfg.batch_size)
+        distributed.check_batch_size(cfg.batch_size, len(train[1]))
         self.model, self.train, self.test, self.cfg, self.stage = model, train, test, cfg, stage
         self.lr = cfg.lr if lr is None else lr
         self.epochs = cfg.epochs if epochs is None else epochs
@@ -199,7 +199,7 @@ class Trainer:
         total = loss + _whole(weight_penalty(self.penalized, self.cfg.regularization, self.cfg.strength)) \
             if self.penalized else loss
         self.optimizer.zero_grad(set_to_none=True)
-        total.backward()
+        (total * distributed.loss_scale(len(yb), len(indices))).backward()  # exact with uneven shards
         self.optimizer.step()
         self.schedule.step()
         self.sums[0] += loss.item() * len(yb)
