@@ -19,6 +19,7 @@ import argparse
 import json
 import random
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -133,7 +134,7 @@ def main() -> None:
                      "evaluate_s": median["evaluate"], "projected_run_s": run})
     info = machine_info()
     lines = ["# LeNet-5: where a run's time goes", "",
-             f"`python benchmarks/lenet5_time.py{' --quick' if args.quick else ''}` on {describe(info)}; "
+             f"`python benchmarks/lenet5_time.py {' '.join(sys.argv[1:])}` on {describe(info)}; "
              f"{steps} steps x {rounds} interleaved rounds per variant, medians. Projected run: {EPOCHS} epochs x "
              f"({STEPS_PER_EPOCH} steps + one 10,000-image evaluation), i.e. configs/lenet-5-mnist.yaml.", "",
              "| variant | forward ms | loss+L2 ms | backward ms | optimizer step ms | whole step ms | eval 10k s "
