@@ -88,3 +88,22 @@ def test_overrides_read_exponent_numbers():
     out = apply_overrides({}, ["train.lr=1e-3", "train.strength=5E-4", "name=1e3x"])
     assert out["train"] == {"lr": 0.001, "strength": 0.0005}
     assert out["name"] == "1e3x"
+
+
+def test_data_validation_is_validated_and_held_out_from_the_end():
+    import torch
+
+    from magprune.experiment.config import ConfigError, from_dict
+    from magprune.experiment.data import hold_out
+
+    assert from_dict({}).data.validation == 0
+    assert from_dict({"data": {"validation": 5000}}).data.validation == 5000
+    for bad in (-1, 1.5, "many", True):
+        with pytest.raises(ConfigError, match="data.validation"):
+            from_dict({"data": {"validation": bad}})
+    x, y = torch.arange(10.0).unsqueeze(1), torch.arange(10)
+    (_, yt), (xv, yv) = hold_out((x, y), 3)
+    assert yt.tolist() == list(range(7)) and yv.tolist() == [7, 8, 9] and xv[:, 0].tolist() == [7.0, 8.0, 9.0]
+    assert len(hold_out((x, y), 0)[1][1]) == 0
+    with pytest.raises(ValueError, match="data.validation: must hold out fewer than the 10"):
+        hold_out((x, y), 10)

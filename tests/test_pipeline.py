@@ -206,3 +206,32 @@ def test_resume_refuses_a_checkpoint_written_for_other_stages(tmp_path):
     with pytest.raises(RunError, match=r"stages \['dense', 'step-1', 'step-2'\], the config now gives "
                                        r"\['dense', 'step-1'\]"):
         run_experiment(fewer, tmp_path, progress=False, echo=lambda _: None, resume=True)
+
+
+def test_validation_split_is_held_out_and_reported(tmp_path):
+    raw = yaml_of(TINY)
+    raw["train"]["epochs"] = 1
+    raw["prune"] = raw["prune"][:1]
+    raw["prune"][0]["retrain"]["epochs"] = 1
+    raw["data"]["validation"] = 150
+    lines: list[str] = []
+    summary = run_experiment(from_dict(raw), tmp_path / "run", progress=False, echo=lines.append)
+    # digits: 1797 images, 449 test, 1348 train of which the last 150 are held out
+    assert "(1198 train / 150 validation / 449 test)" in lines[0]
+    assert summary["validation"] == 150
+    for key in ("validation_error_before", "validation_error_after"):
+        assert 0 <= summary[key] <= 1 and round(summary[key] * 150) == pytest.approx(summary[key] * 150)
+    assert "Validation error (the last 150 training images, held out)" in (tmp_path / "run" / "report.md").read_text()
+    without = run_experiment(from_dict({**raw, "data": {"dataset": "digits"}}), tmp_path / "run0", progress=False,
+                             echo=lines.append)
+    assert without["validation_error_after"] is None
+    assert "Validation error" not in (tmp_path / "run0" / "report.md").read_text()
+    raw["data"]["validation"] = 1348
+    with pytest.raises(ConfigError, match="data.validation: must hold out fewer than the 1348"):
+        run_experiment(from_dict(raw), tmp_path / "run1", progress=False, echo=lines.append)
+
+
+def yaml_of(path: Path) -> dict:
+    import yaml
+
+    return yaml.safe_load(path.read_text())

@@ -95,3 +95,47 @@ def test_report_counts_attention_rnn_and_hf_conv1d_weights_and_flops_from_a_dict
     assert rows["attn"].flops == 2 * 192 * tokens and rows["attn.out_proj"].flops == 2 * 64 * tokens
     assert rows["lstm"].flops == 2 * 192 * tokens and rows["proj"].flops == 2 * 24 * tokens
     assert report.weights == 192 + 64 + 192 + 24
+
+
+def _hand_net() -> nn.Sequential:
+    """fc1 keeps 2 of 6 weights (its third neuron pruned away), fc2 keeps 6 of 9: small enough to count by hand."""
+    model = nn.Sequential()
+    model.add_module("fc1", nn.Linear(2, 3, bias=False))
+    model.add_module("relu", nn.ReLU())
+    model.add_module("fc2", nn.Linear(3, 3, bias=False))
+    with torch.no_grad():
+        model.fc1.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]]))
+        model.fc2.weight.copy_(torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0], [1.0, 1.0, 0.0]]))
+    return model
+
+
+def test_activation_density_and_han_flops_by_hand():
+    from magprune.report import activation_density
+
+    model = _hand_net()
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    # hidden after ReLU: [1, 0, 0] and [0, 1, 0] -> 2 of 6 nonzero; fc1's input is the data: dense by Han's count
+    densities = activation_density(model, x, batch_size=1)
+    assert densities == {"fc1": 1.0, "fc2": pytest.approx(1 / 3)}
+    assert activation_density(model, x, count_data_zeros=True) == {"fc1": 0.5, "fc2": pytest.approx(1 / 3)}
+    report = sparsity_report(model, x[:1]).with_input_density(densities)
+    rows = {r.layer: r for r in report.rows}
+    # FLOPs: fc1 2 x 6 = 12, fc2 2 x 9 = 18. Weight-only: 12 x 2/6 = 4, 18 x 6/9 = 12. Han: 4 x 1, 12 x 1/3 = 4.
+    assert (rows["fc1"].flops, rows["fc1"].remaining_flops, rows["fc1"].han_flops) == (12, 4, 4)
+    assert (rows["fc2"].flops, rows["fc2"].remaining_flops, rows["fc2"].han_flops) == (18, 12, 4)
+    assert (report.flops, report.remaining_flops, report.han_flops) == (30, 16, 8)
+    total = report.as_dict()["total"]
+    assert total["han_flops"] == 8 and report.as_dict()["layers"][1]["input_density"] == pytest.approx(1 / 3)
+    header = report.to_text().splitlines()[0]
+    assert "% FLOP kept (Han)" in header and "input density" in header
+    assert "% FLOP kept (Han)" not in sparsity_report(model, x[:1]).to_text()  # only when measured
+    assert model.training  # mode restored
+
+
+def test_activation_density_refuses_unknown_layers_and_bad_batch():
+    from magprune.report import activation_density
+
+    with pytest.raises(ValueError, match="layers: unknown"):
+        activation_density(_hand_net(), torch.ones(2, 2), layers=["fc9"])
+    with pytest.raises(ValueError, match="batch_size"):
+        activation_density(_hand_net(), torch.ones(2, 2), batch_size=0)

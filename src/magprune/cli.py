@@ -41,6 +41,8 @@ def _run(args: argparse.Namespace) -> int:
             raise UsageError("give a CONFIG to run, or --resume RUN_DIR")
         config = load_config(args.config, args.set)
         run_dir = Path(args.out or config.output.dir or Path("runs") / Path(args.config).stem)
+    if args.seeds is not None:
+        return _run_seeds(args, config, run_dir)
     # Under torchrun every rank runs this; all must have checked the directory before rank 0 starts writing.
     distributed.init_from_env()
     try:
@@ -56,11 +58,39 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_seeds(args: argparse.Namespace, config, out: Path) -> int:
+    import shlex
+
+    from magprune.experiment import distributed
+    from magprune.experiment.seeds import parse_seeds, run_seeds
+
+    if args.resume:
+        raise UsageError("--seeds continues by itself: rerun the same command (finished seeds are read back, "
+                         "interrupted ones resume); --resume takes one run directory")
+    if distributed.is_distributed():
+        raise UsageError("--seeds runs the seeds one after another in one process; under torchrun run each seed "
+                         "with --set seed=N")
+    try:
+        seeds = parse_seeds(args.seeds)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    command = "magprune " + " ".join(shlex.quote(a) for a in args.argv)
+    run_seeds(config, out, seeds, data_dir=args.data_dir, progress=not args.no_progress, force=args.force,
+              command=command)
+    return 0
+
+
 def _report(args: argparse.Namespace) -> int:
     import json
 
     from magprune.experiment.pipeline import render_report
 
+    seeds = Path(args.run_dir) / "seeds.json"
+    if seeds.is_file():
+        from magprune.experiment.seeds import render_seeds
+
+        print(render_seeds(json.loads(seeds.read_text())))
+        return 0
     summary = Path(args.run_dir) / "summary.json"
     if not summary.is_file():
         raise UsageError(f"{args.run_dir} is not a finished run directory: summary.json is missing")
@@ -308,6 +338,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", metavar="RUN_DIR", help="run directory (default: output.dir or runs/<config name>)")
     run.add_argument("--data-dir", metavar="DIR",
                      help="directory with the IDX files (default: data.dir, else $MAGPRUNE_DATA)")
+    run.add_argument("--seeds", metavar="LIST",
+                     help="run the config once per seed (e.g. 0,1,2 or 0-4) into RUN_DIR/seed-N and write "
+                     "RUN_DIR/seeds.json and seeds.md (each seed, mean ± std, median); rerun to continue")
     run.add_argument("--force", action="store_true", help="overwrite an existing run directory")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
     run.set_defaults(func=_run)
@@ -373,6 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # seeds.md records the command that made it
     if args.command is None:
         parser.print_help()
         return 2

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -19,6 +19,7 @@ class LayerRow:
     weights: int
     nonzero: int
     flops: int | None = None  # dense FLOPs per sample, 2 x multiply-adds (Han et al.'s convention)
+    input_density: float | None = None  # nonzero fraction of the layer's input activations (activation_density)
 
     @property
     def density(self) -> float:
@@ -28,6 +29,13 @@ class LayerRow:
     def remaining_flops(self) -> int | None:
         # Every weight of a layer is used the same number of times per sample, so FLOPs scale with its density.
         return None if self.flops is None else round(self.flops * self.density)
+
+    @property
+    def han_flops(self) -> int | None:
+        """FLOPs left as Han et al.'s Tables 2-3 count them: weights kept x density of the layer's input."""
+        if self.flops is None or self.input_density is None:
+            return None
+        return round(self.flops * self.density * self.input_density)
 
 
 @dataclass
@@ -65,16 +73,26 @@ class SparsityReport:
         values = [r.remaining_flops for r in self.rows]
         return None if any(v is None for v in values) else sum(values)
 
+    @property
+    def han_flops(self) -> int | None:
+        values = [r.han_flops for r in self.rows]
+        return None if not values or any(v is None for v in values) else sum(values)
+
+    def with_input_density(self, densities: dict[str, float]) -> SparsityReport:
+        """A copy whose rows carry ``densities`` (from :func:`activation_density`), for the Han FLOP column."""
+        rows = [replace(r, input_density=densities.get(r.layer, r.input_density)) for r in self.rows]
+        return replace(self, rows=rows)
+
     def as_dict(self) -> dict[str, Any]:
         layers = []
         for row in self.rows:
             entry = asdict(row)
-            entry.update(density=row.density, remaining_flops=row.remaining_flops)
+            entry.update(density=row.density, remaining_flops=row.remaining_flops, han_flops=row.han_flops)
             layers.append(entry)
         return {
             "layers": layers,
             "total": {"weights": self.weights, "nonzero": self.nonzero, "density": self.nonzero / max(self.weights, 1),
-                      "flops": self.flops, "remaining_flops": self.remaining_flops},
+                      "flops": self.flops, "remaining_flops": self.remaining_flops, "han_flops": self.han_flops},
             "compression": self.compression,
             "params_total": self.params_total,
             "params_nonzero": self.params_nonzero,
@@ -82,14 +100,18 @@ class SparsityReport:
         }
 
     def to_text(self) -> str:
+        han = any(r.input_density is not None for r in self.rows)
         header = ["layer", "weights", "nonzero", "% kept", "FLOP", "FLOP left", "% FLOP kept"]
+        header += ["input density", "% FLOP kept (Han)"] if han else []
         lines = []
         for row in self.rows:
             lines.append([row.layer, _count(row.weights), _count(row.nonzero), f"{100 * row.density:.1f}%",
-                          _count(row.flops), _count(row.remaining_flops), _percent(row.remaining_flops, row.flops)])
+                          _count(row.flops), _count(row.remaining_flops), _percent(row.remaining_flops, row.flops)]
+                         + ([_fraction(row.input_density), _percent(row.han_flops, row.flops)] if han else []))
         lines.append(["total", _count(self.weights), _count(self.nonzero),
                       f"{100 * self.nonzero / max(self.weights, 1):.1f}%", _count(self.flops),
-                      _count(self.remaining_flops), _percent(self.remaining_flops, self.flops)])
+                      _count(self.remaining_flops), _percent(self.remaining_flops, self.flops)]
+                     + (["", _percent(self.han_flops, self.flops)] if han else []))
         widths = [max(len(str(x)) for x in column) for column in zip(header, *lines, strict=True)]
 
         def fmt(cells: list[str]) -> str:
@@ -132,6 +154,10 @@ def example_batch_size(example_input: Any) -> int:
         if isinstance(value, Tensor) and value.dim():
             return value.shape[0]
     raise ValueError(f"example_input holds no tensor with a batch dimension: {type(example_input).__name__}")
+
+
+def _fraction(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
 
 
 def sparsity_report(
@@ -234,3 +260,49 @@ def _layer_flops(model: nn.Module, modules: dict[str, nn.Module], example_input:
         for h in handles:
             h.remove()
     return flops
+
+
+
+def activation_density(model: nn.Module, inputs: Tensor, *, layers: Iterable[str] | None = None,
+                       layer_types: tuple[type[nn.Module], ...] = (nn.Linear, nn.modules.conv._ConvNd),
+                       batch_size: int = 1000, count_data_zeros: bool = False) -> dict[str, float]:
+    """Nonzero fraction of each layer's input activations over ``inputs`` (a batch, e.g. the test set), by layer.
+
+    The zeros come from ReLU and from neurons that pruning left without weights; Han et al. multiply a layer's
+    weight density by this to get their "% FLOP kept" (Tables 2-3, see :attr:`LayerRow.han_flops`). A layer fed
+    the data itself counts as dense unless ``count_data_zeros``: Han's tables do so (their first layer's FLOP
+    column equals its weight column although MNIST pixels are mostly zero). Runs in eval mode, without gradients.
+    """
+    wanted = None if layers is None else set(layers)
+    modules = {name: m for name, m in model.named_modules()
+               if isinstance(m, layer_types) and (wanted is None or name in wanted)}
+    if wanted is not None and wanted - set(modules):
+        raise ValueError(f"layers: unknown {sorted(wanted - set(modules))}; allowed: {sorted(modules)}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
+    counts = {name: [0, 0] for name in modules}  # nonzero, total
+    data_fed: set[str] = set()
+    current: list[Tensor] = []
+
+    def hook_for(name: str):
+        def hook(module: nn.Module, args: tuple) -> None:
+            x = args[0]
+            if not count_data_zeros and x.untyped_storage().data_ptr() == current[0].untyped_storage().data_ptr():
+                data_fed.add(name)  # a view of the batch itself (e.g. flattened pixels)
+            counts[name][0] += int(x.count_nonzero())
+            counts[name][1] += x.numel()
+        return hook
+
+    handles = [m.register_forward_pre_hook(hook_for(name)) for name, m in modules.items()]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            for start in range(0, len(inputs), batch_size):
+                current[:] = [inputs[start:start + batch_size].contiguous()]
+                model(current[0])
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return {name: 1.0 if name in data_fed else nonzero / max(total, 1) for name, (nonzero, total) in counts.items()}

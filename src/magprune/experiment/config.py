@@ -40,6 +40,7 @@ class DataConfig:
     dataset: str = "digits"
     dir: str | None = None
     download: bool = False
+    validation: int = 0  # the last N training images held out to choose a recipe on (never the test set)
 
 
 @dataclass
@@ -188,12 +189,13 @@ def _model(raw: Any) -> ModelConfig:
 
 
 def _data(raw: Any) -> DataConfig:
-    raw = _keys(raw, "data", ["dataset", "dir", "download"])
+    raw = _keys(raw, "data", ["dataset", "dir", "download", "validation"])
     dataset = _choice(raw.get("dataset", "digits"), "data.dataset", DATASET_NAMES)
     directory = raw.get("dir")
     if directory is not None and not isinstance(directory, str):
         raise ConfigError(f"data.dir: must be a directory path (string) or null, got {directory!r}")
-    return DataConfig(dataset=dataset, dir=directory, download=_bool(raw.get("download", False), "data.download"))
+    return DataConfig(dataset=dataset, dir=directory, download=_bool(raw.get("download", False), "data.download"),
+                      validation=_number(raw.get("validation", 0), "data.validation", 0, integer=True))
 
 
 def _schedule(raw: Any, where: str) -> LRSchedule:

@@ -237,3 +237,12 @@ def load_dataset(dataset: str, data_dir: str | os.PathLike[str] | None = None, *
     if dataset == "digits":
         return load_digits_split(seed)
     return load_idx_dataset(dataset, data_dir, download_missing=download_missing)
+
+
+def hold_out(train: Split, validation: int) -> tuple[Split, Split]:
+    """(train, validation): the last ``validation`` examples of ``train`` held out, the rest left to train on."""
+    n = len(train[1])
+    if not 0 <= validation < n:
+        raise ValueError(f"data.validation: must hold out fewer than the {n} training examples, got {validation}")
+    keep = n - validation
+    return (train[0][:keep], train[1][:keep]), (train[0][keep:], train[1][keep:])

@@ -20,12 +20,12 @@ from torch import Tensor, nn
 from magprune.analysis.plots import sample_weights
 from magprune.experiment import distributed
 from magprune.experiment.config import ConfigError, ExperimentConfig, from_dict
-from magprune.experiment.data import load_dataset
+from magprune.experiment.data import hold_out, load_dataset
 from magprune.experiment.rundir import RunError, RunWriter, check_writable, lock_run_dir, plain
 from magprune.experiment.stages import Position, RunContext, Stage, build_stages
 from magprune.models import create_model
 from magprune.pruner import Pruner
-from magprune.report import sparsity_report
+from magprune.report import activation_density, sparsity_report
 from magprune.retrain import DropoutRescaler
 
 __all__ = ["RunError", "build_model", "load_run", "lock_run_dir", "render_report", "run_experiment"]
@@ -94,7 +94,12 @@ def open_run(config: ExperimentConfig, run_dir: Path, stages: list[Stage], *, da
     # data first: a missing file should fail before anything is written
     train, test = load_dataset(config.data.dataset, data_dir or config.data.dir,
                                download_missing=config.data.download, seed=config.seed)
+    try:
+        train, validation = hold_out(train, config.data.validation)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
     train = (train[0].to(device), train[1].to(device))
+    validation = (validation[0].to(device), validation[1].to(device))
     test = (test[0].to(device), test[1].to(device))
     lock = None
     if distributed.is_main():
@@ -102,8 +107,8 @@ def open_run(config: ExperimentConfig, run_dir: Path, stages: list[Stage], *, da
         check_writable(run_dir)
     writer = RunWriter(run_dir, config.output.checkpoints, enabled=distributed.is_main(), lock=lock)
     writer.write("config.yaml", config.to_yaml().encode())
-    echo(f"{config.name}: {config.model.name} on {config.data.dataset} "
-         f"({len(train[1])} train / {len(test[1])} test)")
+    echo(f"{config.name}: {config.model.name} on {config.data.dataset} ({len(train[1])} train / "
+         + (f"{len(validation[1])} validation / " if config.data.validation else "") + f"{len(test[1])} test)")
     torch.manual_seed(config.seed)
     model = build_model(config).to(device)
     if config.train.distributed == "fsdp" and distributed.is_distributed():
@@ -113,7 +118,8 @@ def open_run(config: ExperimentConfig, run_dir: Path, stages: list[Stage], *, da
         isinstance(m, nn.modules.dropout._DropoutNd) for m in model.modules()) else None
     return RunContext(config=config, run_dir=run_dir, stages=stages, model=model, pruner=pruner, train=train,
                       test=test, writer=writer, echo=echo, progress=progress, rescaler=rescaler,
-                      load_average_start=load_average_start, build_model=lambda: build_model(config))
+                      load_average_start=load_average_start, build_model=lambda: build_model(config),
+                      validation=validation)
 
 
 def finish_run(ctx: RunContext, start: float) -> dict[str, Any]:
@@ -139,7 +145,9 @@ def finish_run(ctx: RunContext, start: float) -> dict[str, Any]:
                                title=f"{config.model.name}: weights per layer ({', '.join(snapshots)})",
                                sizes={n: p.numel() for n, p in pruner.params.items()})
         figures.append(("Weight distribution per layer (Han et al. Fig. 7)", "histograms.png"))
-    report = sparsity_report(whole, ctx.test[0][:1])
+    # Han's FLOP accounting: weights kept x density of each layer's input activations, measured on the test set
+    report = sparsity_report(whole, ctx.test[0][:1]).with_input_density(
+        activation_density(whole, ctx.test[0], batch_size=config.train.eval_batch_size))
     ctx.writer.write("model.safetensors", save_safetensors(plain(whole.state_dict())))
     masks = plain(ctx.whole_masks()) or {n: torch.ones(p.shape, dtype=torch.bool) for n, p in pruner.params.items()}
     ctx.writer.write("masks.safetensors", save_safetensors(masks))
@@ -150,6 +158,9 @@ def finish_run(ctx: RunContext, start: float) -> dict[str, Any]:
         "dataset": config.data.dataset,
         "error_before": dense_error,
         "error_after": final_error,
+        "validation": config.data.validation,
+        "validation_error_before": ctx.results.get("dense_validation_error"),
+        "validation_error_after": ctx.validation_error(),
         "params_before": report.params_total,
         "params_after": report.params_nonzero,
         "weights_before": report.weights,
@@ -201,15 +212,23 @@ def render_report(summary: dict[str, Any]) -> str:
         lines.append(f"| {summary['model']} (Han et al. 2015) | {100 * paper['error_before']:.2f}% | "
                      f"{100 * paper['error_after']:.2f}% | {paper['params_before']} | {paper['params_after']} | "
                      f"{paper['compression']:.0f}x |")
-    lines += ["", "Parameters count every weight and bias; compression is parameters before / nonzero after.", "",
-              "## Per layer (as Han et al.'s Tables 2-3)", "",
-              "| layer | weights | FLOP | % weights kept | % FLOP kept |", "| --- | ---: | ---: | ---: | ---: |"]
+    lines += ["", "Parameters count every weight and bias; compression is parameters before / nonzero after."]
+    if summary.get("validation_error_after") is not None:
+        lines += ["", f"Validation error (the last {summary['validation']} training images, held out): "
+                  f"{100 * summary['validation_error_before']:.2f}% dense -> "
+                  f"{100 * summary['validation_error_after']:.2f}% after; trained on the rest."]
+    lines += ["", "## Per layer (as Han et al.'s Tables 2-3)", "",
+              "| layer | weights | FLOP | % weights kept | % FLOP kept | % FLOP kept (Han) |",
+              "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for row in rep["layers"]:
         lines.append(f"| {row['layer']} | {_k(row['weights'])} | {_k(row['flops'])} | {100 * row['density']:.1f}% | "
-                     f"{_pct(row['remaining_flops'], row['flops'])} |")
+                     f"{_pct(row['remaining_flops'], row['flops'])} | {_pct(row.get('han_flops'), row['flops'])} |")
     total = rep["total"]
     lines.append(f"| total | {_k(total['weights'])} | {_k(total['flops'])} | {100 * total['density']:.1f}% | "
-                 f"{_pct(total['remaining_flops'], total['flops'])} |")
+                 f"{_pct(total['remaining_flops'], total['flops'])} | {_pct(total.get('han_flops'), total['flops'])} |")
+    lines += ["", "% FLOP kept scales each layer's FLOPs by its weights kept; (Han) also by the density of "
+              "the layer's input activations on the test set (zeros from ReLU and pruned neurons), as Han et al. "
+              "count; the network's input counts as dense."]
     if summary["steps"]:
         lines += ["", "## Pruning steps", "", "| step | criterion | sparsity | error pruned | error retrained |",
                   "| ---: | --- | ---: | ---: | ---: |"]

@@ -91,10 +91,17 @@ class RunContext:
     def whole_masks(self) -> dict[str, Tensor]:
         """The masks, whole (collective under FSDP2)."""
         return distributed.whole_masks(self.pruner.masks)
+    validation: tuple[Tensor, Tensor] | None = None  # data.validation: training images held out, never trained on
 
     def evaluate(self) -> float:
         """The model's test error."""
         return evaluate(self.model, *self.test, batch_size=self.config.train.eval_batch_size)[1]
+
+    def validation_error(self) -> float | None:
+        """The model's error on the held-out validation split (None without one)."""
+        if self.validation is None or not len(self.validation[1]):
+            return None
+        return evaluate(self.model, *self.validation, batch_size=self.config.train.eval_batch_size)[1]
 
     def log(self, row: dict[str, Any], step: int) -> None:
         """Append a metrics row (``step``: 0 for dense training, i for the i-th prune step) with the sparsity now."""
@@ -189,7 +196,9 @@ class DenseTraining(Stage):
                               state=state["train"] if state else None)
         trainer.fit(on_epoch=ctx.log_epoch(0), on_checkpoint=lambda t: ctx.checkpoint({"train": t.as_dict()}))
         error = ctx.results["dense_error"] = ctx.evaluate()
-        ctx.echo(f"dense: test error {100 * error:.2f}%")
+        validation = ctx.results["dense_validation_error"] = ctx.validation_error()
+        ctx.echo(f"dense: test error {100 * error:.2f}%"
+                 + (f", validation error {100 * validation:.2f}%" if validation is not None else ""))
         whole = ctx.whole_model()
         ctx.writer.checkpoint("dense", whole, {}, {"stage": "dense", "test_error": error})
         ctx.snapshots["dense"] = sample_weights({n: p for n, p in whole.named_parameters() if n in ctx.pruner.params})
