@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from magprune import sharding
 from magprune.experiment.config import ConfigError
-from magprune.targets import DEFAULT_LAYER_TYPES
+from magprune.targets import layer_weights
 
 
 def init_from_env() -> bool:
@@ -103,7 +103,7 @@ def shard_model(model: nn.Module) -> nn.Module:
     from torch.distributed.fsdp import fully_shard
 
     for module in model.modules():
-        if isinstance(module, DEFAULT_LAYER_TYPES) and module is not model:
+        if module is not model and layer_weights(module):
             fully_shard(module)
     fully_shard(model)
     return model
