@@ -53,6 +53,10 @@ def _run(args: argparse.Namespace) -> int:
             torch.distributed.barrier()
         run_experiment(config, run_dir, data_dir=args.data_dir, progress=not args.no_progress,
                        resume=bool(args.resume))
+        if distributed.is_distributed():
+            # every rank done before any tears the process group down: a rank still finishing a collective while
+            # another destroyed the group aborted in gloo's teardown ("terminate called without an active exception")
+            torch.distributed.barrier()
     finally:
         distributed.cleanup()
     return 0
