@@ -44,7 +44,15 @@ def machine_info() -> dict[str, Any]:
 
 
 def describe(info: dict[str, Any]) -> str:
-    """One line for a results file: ``Intel(R) Xeon(R) ... (LLVM sapphirerapids: avx2, avx512f, ...), 2 cores, ...``."""
-    return (f"{info['cpu']} (LLVM {info['llvm_host_cpu']}: {', '.join(info['llvm_features']) or 'no wide vectors'}), "
-            f"{info['cores']} cores, {info['memory_gib']} GiB, torch {info['torch']} ({info['torch_threads']} "
-            f"threads), Python {info['python']}, llvmlite {info['llvmlite']}")
+    """One line for a results file: ``Intel(R) Xeon(R) ... (LLVM sapphirerapids: avx2, avx512f, ...), 2 cores, ...``.
+
+    Reads older records too (a run's summary.json from before this module: ``cpu_count``, no LLVM facts)."""
+    cpu = info.get("cpu") or info.get("processor") or "unknown CPU"
+    if "llvm_host_cpu" in info:
+        cpu += f" (LLVM {info['llvm_host_cpu']}: {', '.join(info.get('llvm_features', [])) or 'no wide vectors'})"
+    parts = [cpu, f"{info.get('cores', info.get('cpu_count'))} cores"]
+    if "memory_gib" in info:
+        parts.append(f"{info['memory_gib']} GiB")
+    parts.append(f"torch {info.get('torch')} ({info.get('torch_threads')} threads)")
+    parts += [f"{k.capitalize() if k == 'python' else k} {info[k]}" for k in ("python", "llvmlite") if k in info]
+    return ", ".join(parts)

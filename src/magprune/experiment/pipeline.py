@@ -4,8 +4,6 @@
 from __future__ import annotations
 
 import json
-import os
-import platform
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +16,7 @@ from safetensors.torch import save as save_safetensors
 from torch import Tensor, nn
 
 from magprune.analysis.plots import sample_weights
+from magprune.environment import describe, machine_info
 from magprune.experiment import distributed
 from magprune.experiment.config import ConfigError, ExperimentConfig, from_dict
 from magprune.experiment.data import hold_out, load_dataset
@@ -47,13 +46,6 @@ def build_model(config: ExperimentConfig) -> nn.Module:
         return create_model(config.model.name, **kwargs)
     except (TypeError, ValueError, RuntimeError) as exc:
         raise ConfigError(f"model.kwargs: {config.model.name} cannot be built with {kwargs!r} ({exc})") from exc
-
-
-def machine_info() -> dict[str, Any]:
-    load = os.getloadavg() if hasattr(os, "getloadavg") else None
-    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
-            "torch": torch.__version__, "load_average": list(load) if load else None}
 
 
 def run_experiment(config: ExperimentConfig, run_dir: str | Path, *, data_dir: str | None = None,
@@ -240,8 +232,7 @@ def render_report(summary: dict[str, Any]) -> str:
         lines += ["", f"## {caption}", "", f"![{caption}]({file})"]
     machine = summary["machine"]
     load = machine.get("load_average")
-    lines += ["", f"Wall time {summary['wall_seconds']:.0f} s on {machine['cpu_count']} CPU cores "
-              f"(torch {machine['torch']}, {machine['torch_threads']} threads); load average at the end "
+    lines += ["", f"Wall time {summary['wall_seconds']:.0f} s on {describe(machine)}; load average at the end "
               f"{'/'.join(f'{v:.2f}' for v in load) if load else 'unknown'}.", ""]
     return "\n".join(lines)
 

@@ -12,8 +12,9 @@ from typing import Any
 
 import yaml
 
+from magprune.environment import describe, machine_info
 from magprune.experiment.config import ExperimentConfig, from_dict
-from magprune.experiment.pipeline import RunError, machine_info, run_experiment
+from magprune.experiment.pipeline import RunError, run_experiment
 from magprune.fileio import write_atomic
 
 # Summary fields aggregated over seeds (those a run does not report, e.g. without a validation split, are skipped).
@@ -162,6 +163,6 @@ def render_seeds(result: dict[str, Any]) -> str:
     machine = result["machine"]
     load = machine.get("load_average")
     lines += ["", f"std is the sample standard deviation over seeds (in the column's unit: percentage points for "
-              f"errors). Machine: {machine['cpu_count']} CPU cores, torch {machine['torch']}; load average when "
+              f"errors). Machine: {describe(machine)}; load average when "
               f"written {'/'.join(f'{v:.2f}' for v in load) if load else 'unknown'}.", ""]
     return "\n".join(lines)
