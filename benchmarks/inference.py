@@ -168,17 +168,11 @@ def main_quantized(args: argparse.Namespace) -> None:
     info["load_average_end"] = os.getloadavg()
     text = quantized_table(rows)
     print(f"\n{text}\n\nload average start {info['load_average_start']}, end {info['load_average_end']}")
-    out = args.out or RESULTS / info["llvm_host_cpu"]
-    out.mkdir(parents=True, exist_ok=True)
-    stem = "inference_quantized_quick" if args.quick else "inference_quantized"
-    write_atomic(out / f"{stem}.json",
-                 json.dumps({"machine": info, "rounds": rounds, "rows": rows}, indent=1).encode())
     cmd = "python benchmarks/inference.py --quantized" + (" --quick" if args.quick else "")
-    write_atomic(out / f"{stem}.md", (
-        f"# Batch-1 inference from shared weights\n\n`{cmd}` — best (and median) of {rounds} interleaved rounds, "
-        f"ms. Same weights (pruned at random to the density, then shared at 5 bits) for all three.\n\n"
-        f"Machine: {describe(info)}; load average at the start / end: {info['load_average_start']} / "
-        f"{info['load_average_end']} (a shared machine: other jobs ran)\n\n{text}\n").encode())
+    write_results(args, info, "inference_quantized", rounds, rows,
+                  f"# Batch-1 inference from shared weights\n\n`{cmd}` — best (and median) of {rounds} interleaved "
+                  "rounds, ms. Same weights (pruned at random to the density, then shared at 5 bits) for all three.",
+                  text)
 
 
 def speedups(row: dict) -> dict[str, float]:
@@ -203,6 +197,18 @@ def table(rows: list[dict]) -> str:
 def machine() -> dict:
     return {**machine_info(), "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),
             "scipy": scipy.__version__, "load_average_start": os.getloadavg()}
+
+
+def write_results(args, info: dict, stem: str, rounds: int, rows: list[dict], heading: str, text: str) -> None:
+    """``<stem>[_quick].json`` and ``.md`` into ``--out`` (default: results/<LLVM host CPU>/), with the machine."""
+    out = args.out or RESULTS / info["llvm_host_cpu"]
+    out.mkdir(parents=True, exist_ok=True)
+    stem += "_quick" if args.quick else ""
+    write_atomic(out / f"{stem}.json",
+                 json.dumps({"machine": info, "rounds": rounds, "rows": rows}, indent=1).encode())
+    write_atomic(out / f"{stem}.md", (
+        f"{heading}\n\nMachine: {describe(info)}; load average at the start / end: {info['load_average_start']} / "
+        f"{info['load_average_end']}\n\n{text}\n").encode())
 
 
 def main() -> None:
@@ -235,16 +241,10 @@ def main() -> None:
     print()
     print(text)
     print(f"\nload average start {info['load_average_start']}, end {info['load_average_end']}")
-    out = args.out or RESULTS / info["llvm_host_cpu"]
-    out.mkdir(parents=True, exist_ok=True)
-    stem = "inference_quick" if args.quick else "inference"
-    write_atomic(out / f"{stem}.json",
-                 json.dumps({"machine": info, "rounds": rounds, "rows": rows}, indent=1).encode())
     cmd = "python benchmarks/inference.py" + (" --quick" if args.quick else "")
-    write_atomic(out / f"{stem}.md", (
-        f"# Sparse inference benchmark\n\n`{cmd}` — best of {rounds} interleaved rounds, ms; `x` columns are "
-        f"dense time / that time (higher is better).\n\nMachine: {describe(info)}; load average at the start / end: "
-        f"{info['load_average_start']} / {info['load_average_end']}\n\n{text}\n").encode())
+    write_results(args, info, "inference", rounds, rows,
+                  f"# Sparse inference benchmark\n\n`{cmd}` — best of {rounds} interleaved rounds, ms; `x` columns "
+                  "are dense time / that time (higher is better).", text)
 
 
 if __name__ == "__main__":

@@ -334,22 +334,14 @@ class Pruner:
         mask = sharding.local(self.masks[name])
         if mask.device.type != "cpu" or mask.numel() != tensor.numel():
             return None
-        key = (id(mask), mask._version)
-        cached = self._packed.get(name)
-        if cached is None or cached[0] != key:
-            from magprune.kernels import BitMask  # compiled on first use
+        from magprune.kernels import BitMask  # compiled on first use
 
-            cached = self._packed[name] = (key, BitMask(mask.numpy()))
-        return cached[1]
+        return _cached_for_mask(self._packed, name, mask, lambda: BitMask(mask.numpy()))
 
     def _kept(self, name: str) -> int:
         """Number of kept connections of ``name`` (in this rank's shard), cached until its mask changes."""
         mask = sharding.local(self.masks[name])
-        key = (id(mask), mask._version)
-        cached = self._kept_counts.get(name)
-        if cached is None or cached[0] != key:
-            cached = self._kept_counts[name] = (key, int(mask.count_nonzero()))
-        return cached[1]
+        return _cached_for_mask(self._kept_counts, name, mask, lambda: int(mask.count_nonzero()))
 
     def _multiplier(self, name: str) -> Tensor:
         """The mask in the form multiplied into weights and gradients at each step, cached."""
@@ -560,6 +552,17 @@ class OptimizerHandle:
                 fill_dropped(value, keep, fill, old)
                 if regrow and old is not None:
                     fill_dropped(value, old, 0.0, keep)
+
+
+def _cached_for_mask(cache: dict[str, tuple[tuple[int, int], Any]], name: str, mask: Tensor,
+                     build: Callable[[], Any]) -> Any:
+    """``cache[name]``'s value if it was built from ``mask`` as it is now, else ``build()`` stored for it: the key is
+    the mask's identity and version, so a mask changed in place or replaced invalidates the entry."""
+    key = (id(mask), mask._version)
+    cached = cache.get(name)
+    if cached is None or cached[0] != key:
+        cached = cache[name] = (key, build())
+    return cached[1]
 
 
 def _broadcast_from_rank0(masks: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
