@@ -235,3 +235,24 @@ def yaml_of(path: Path) -> dict:
     import yaml
 
     return yaml.safe_load(path.read_text())
+
+
+def test_channels_last_trains_like_the_default_layout(tmp_path):
+    make_fake_mnist(tmp_path / "mnist", n=64)
+    runs = {}
+    for flag in (False, True):
+        config = from_dict({
+            "model": {"name": "lenet-5"}, "data": {"dataset": "mnist", "dir": str(tmp_path / "mnist")},
+            "train": {"epochs": 2, "batch_size": 16, "channels_last": flag},
+            "prune": [{"criterion": "han2015", "retrain": {"epochs": 1}}]})
+        summary = run_experiment(config, tmp_path / f"run-{flag}", progress=False, echo=lambda _: None)
+        runs[flag] = (summary, load_file(tmp_path / f"run-{flag}" / "model.safetensors"),
+                      load_file(tmp_path / f"run-{flag}" / "masks.safetensors"))
+    (plain, plain_w, plain_m), (cl, cl_w, cl_m) = runs[False], runs[True]
+    assert cl_w.keys() == plain_w.keys()
+    for name, weight in plain_w.items():  # the same training, up to the convolutions' float rounding
+        torch.testing.assert_close(cl_w[name], weight, atol=1e-4, rtol=1e-3)
+    for name, mask in cl_m.items():
+        assert torch.equal(mask, plain_m[name])
+        assert bool((cl_w[name][~mask] == 0).all())  # pruned entries exactly zero in the NHWC weights too
+    assert cl["error_after"] == pytest.approx(plain["error_after"], abs=1 / 64)

@@ -24,28 +24,35 @@ def _pattern(rows: int, n_in: int, density: float, seed: int) -> np.ndarray:
     return keep
 
 
-@pytest.mark.parametrize("width", sddmm.WIDTHS)
+@pytest.mark.parametrize("m", [8, 16, 24, 64, 256])
+@pytest.mark.parametrize("lanes", sddmm.LANES)
 @pytest.mark.parametrize("n_in", [7, 300, 70000])  # uint8, uint16 and uint32 column indices
-def test_sddmm_matches_dense_product_at_kept_positions(width, n_in, monkeypatch):
+def test_sddmm_matches_dense_product_at_kept_positions(m, lanes, n_in, monkeypatch):
     monkeypatch.setattr(sddmm, "PARALLEL_MIN_WORK", 0)
-    keep = _pattern(13, n_in, 0.3 if n_in < 1000 else 0.002, width)
+    if lanes == 16:  # the 16-lane kernel runs (emulated by LLVM where the host has no AVX-512) when m allows it
+        monkeypatch.setattr(sddmm, "vector_lanes", lambda: 16)
+    keep = _pattern(13, n_in, 0.3 if n_in < 1000 else 0.002, m)
+    keep[2, :] = False
+    keep[2, :9] = True  # a row of 9 nonzeros: one group of eight and one left over
     indptr = np.concatenate([[0], np.cumsum(keep.sum(1))]).astype(np.int32)
     cols = np.nonzero(keep)[1].astype(np.uint8 if n_in <= 256 else np.uint16 if n_in <= 65536 else np.uint32)
     product = SampledProduct(indptr, cols, n_in)
     rng = np.random.default_rng(1)
-    x = rng.standard_normal((3, n_in, width)).astype(np.float32)
-    dy = rng.standard_normal((3, 13, width)).astype(np.float32)
+    x = rng.standard_normal((n_in, m)).astype(np.float32)
+    dy = rng.standard_normal((13, m)).astype(np.float32)
     out = np.full(product.nnz, np.nan, np.float32)
     product.run(x, dy, out, 2)
     rows, columns = np.nonzero(keep)
-    exact = np.einsum("bow,biw->oi", dy.astype(np.float64), x.astype(np.float64))[rows, columns]
+    exact = (dy.astype(np.float64) @ x.astype(np.float64).T)[rows, columns]
     np.testing.assert_allclose(out, exact, rtol=1e-4, atol=1e-4)
 
 
 def test_sddmm_rejects_wrong_shapes():
     product = SampledProduct(np.array([0, 1], np.int32), np.array([0], np.uint8), 4)
     with pytest.raises(ValueError, match="SampledProduct.run wants"):
-        product.run(np.zeros((1, 4, 12), np.float32), np.zeros((1, 1, 12), np.float32), np.zeros(1, np.float32), 1)
+        product.run(np.zeros((4, 12), np.float32), np.zeros((1, 12), np.float32), np.zeros(1, np.float32), 1)
+    with pytest.raises(ValueError, match="SampledProduct.run wants"):
+        product.run(np.zeros((4, 16), np.float32), np.zeros((2, 16), np.float32), np.zeros(1, np.float32), 1)
 
 
 def _masked_linear(n_in: int, n_out: int, keep: np.ndarray, bias: bool = True) -> nn.Linear:
@@ -314,3 +321,24 @@ def test_ddp_all_reduces_the_compact_gradients(tmp_path):
     for key, value in model.state_dict().items():
         assert torch.equal(ranks[0][key], ranks[1][key]), key
         torch.testing.assert_close(ranks[0][key], value, rtol=1e-4, atol=1e-5)
+
+
+def test_layers_hand_each_other_the_batch_minor_layout_without_copies_and_guard_it():
+    from magprune.sparse_training import _transposed
+
+    model, pruner = _small()
+    magprune.sparse_compute(model, pruner)
+    x = torch.randn(16, 64, requires_grad=True)
+    hidden = model[1](model[0](x))
+    # the first layer's output, through tanh, is the transpose of a (48, 16) row-major array: the next layer
+    # reads it where it is
+    assert hidden.stride() == (1, 16)
+    assert _transposed(hidden, 16)[1]
+    assert not _transposed(torch.randn(16, 48), 16)[1]  # a plain batch is copied
+    assert not _transposed(hidden[:15], 16)[1]  # so is a batch that is not a multiple of 8 (padded)
+    shifted = model[0](x) + 1.0  # an op that saves nothing for its backward (tanh saves its output)
+    assert _transposed(shifted, 16)[1]
+    out = model[2](shifted)
+    shifted.mul_(2)  # the second layer reads the memory of its input: an in-place change is caught, as for nn.Linear
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()

@@ -31,42 +31,40 @@ def _index_dtype(n: int) -> np.dtype:
     return np.dtype(np.uint8 if n <= 1 << 8 else np.uint16 if n <= 1 << 16 else np.uint32)
 
 
-def _blocking(n: int) -> tuple[int, int]:
-    """(width, blocks): the batch cut into blocks of at most 32 columns, a multiple of 8."""
-    width = 32 if n > 32 else max(-(-n // 8) * 8, 8)
-    return width, -(-n // width)
+def _columns(n: int) -> int:
+    """The kernels' column count for a batch of ``n``: rounded up to a multiple of 8."""
+    return -(-n // 8) * 8
 
 
 # Below this many floats the layout copies run in numpy on the calling thread: torch would wake its OpenMP threads
 # for them (from 32K entries), which costs more than the copy on a busy machine (LeNet-300-100 at batch 64: 0.3 ms
-# per copy through torch, with OMP_WAIT_POLICY=PASSIVE, on the shared 2-core machine).
-SERIAL_COPY_MAX = 1 << 20
+# per copy through torch, with OMP_WAIT_POLICY=PASSIVE, on the shared 2-core machine); above it torch's blocked
+# transpose is 2-3x faster than numpy's (64 x 9216: 0.9 ms against 2.7 ms on AMD Zen 3).
+SERIAL_COPY_MAX = 1 << 16
 
 
-def _to_blocks(a: Tensor, width: int, blocks: int) -> Tensor:
-    """(n, f) -> (blocks, f, width) contiguous, rows past n zero."""
+def _transposed(a: Tensor, m: int) -> tuple[np.ndarray, bool]:
+    """(a^T as an (f, m) C-contiguous float32 array, whether it is a's own memory) for a (n, f), m = _columns(n).
+
+    The layers here return their outputs in that layout (the batch as the fast dimension: ``out[:, :n].t()``), and
+    elementwise ops (ReLU, dropout) and their gradients keep it, so between two sparse layers nothing is copied;
+    anything else (the data batch, a padded batch) is copied once, the columns past n zero."""
     n, f = a.shape
+    if m == n and a.t().is_contiguous():
+        return a.detach().t().numpy(), True
+    out = np.empty((f, m), np.float32)
+    if m != n:
+        out[:, n:] = 0.0
     if a.numel() <= SERIAL_COPY_MAX:
-        out = np.empty((blocks, f, width), np.float32)
-        src = a.numpy()
-        full = n // width
-        if full:
-            out[:full] = src[:full * width].reshape(full, width, f).transpose(0, 2, 1)
-        if full < blocks:
-            out[full] = 0.0
-            out[full, :, :n - full * width] = src[full * width:].T
-        return torch.from_numpy(out)
-    if blocks * width != n:
-        a = torch.cat([a, a.new_zeros(blocks * width - n, f)])
-    return a.view(blocks, width, f).transpose(1, 2).contiguous()
+        np.copyto(out[:, :n], a.detach().numpy().T)
+    else:
+        torch.from_numpy(out)[:, :n].copy_(a.detach().t())
+    return out, False
 
 
-def _from_blocks(b: Tensor, n: int) -> Tensor:
-    """(blocks, f, width) -> (n, f)."""
-    blocks, f, width = b.shape
-    if b.numel() <= SERIAL_COPY_MAX:
-        return torch.from_numpy(np.ascontiguousarray(b.numpy().transpose(0, 2, 1).reshape(blocks * width, f)[:n]))
-    return b.transpose(1, 2).reshape(blocks * width, f)[:n]
+def _rows_view(out: np.ndarray, n: int) -> Tensor:
+    """The (n, rows) tensor whose transpose is ``out[:, :n]`` (no copy)."""
+    return torch.from_numpy(out)[:, :n].t()
 
 
 class _Structure:
@@ -89,10 +87,25 @@ class _Structure:
         self.values_t = torch.from_numpy(self.product_t.vals)
         self.perm = torch.from_numpy(perm)
         self.positions_t = torch.from_numpy(self.positions)
+        self._plans: dict[tuple[int, int], tuple[Any, Any, Any]] = {}
+        self.values_address = self.product.vals.ctypes.data
 
     @property
     def nnz(self) -> int:
         return int(self.positions.size)
+
+    def plans(self, m: int, threads: int) -> tuple[Any, Any, Any]:
+        """(forward, input-gradient, weight-gradient) kernel plans for m batch columns, cached: a step's calls then
+        check nothing again (the arrays are the layer's own, made for these shapes)."""
+        key = (m, threads)
+        found = self._plans.get(key)
+        if found is None:
+            if len(self._plans) >= 8:
+                self._plans.clear()
+            found = self._plans[key] = (self.product.matmul_plan(1, m, threads),
+                                        self.product_t.matmul_plan(1, m, threads),
+                                        self.sampled.plan(m, threads) if self.nnz else None)
+        return found
 
 
 class _SparseLinearFunction(torch.autograd.Function):
@@ -100,49 +113,46 @@ class _SparseLinearFunction(torch.autograd.Function):
     def forward(ctx: Any, x: Tensor, values: Tensor, bias: Tensor | None, layer: SparseComputeLayer) -> Tensor:
         structure = layer.structure
         n = x.shape[0]
-        width, blocks = _blocking(n)
-        xb = _to_blocks(x.detach(), width, blocks)
-        out = torch.empty(blocks, structure.shape[0], width)
+        m = _columns(n)
+        xt, shared = _transposed(x, m)
+        out = np.empty((structure.shape[0], m), np.float32)
         if bias is None:
-            out.zero_()
+            out.fill(0.0)
         else:
-            out.copy_(bias.detach()[None, :, None].expand_as(out))
-        structure.product.matmul(xb.numpy(), out.numpy(), torch.get_num_threads())
-        ctx.save_for_backward(values)
-        ctx.layer, ctx.structure, ctx.xb, ctx.n, ctx.has_bias = layer, structure, xb, n, bias is not None
-        return _from_blocks(out, n)
+            out[:] = bias.detach().numpy()[:, None]
+        structure.plans(m, torch.get_num_threads())[0].run(xt.ctypes.data, out.ctypes.data)
+        # x's own memory is saved through autograd (which then notices an in-place change of it), a copy here
+        ctx.save_for_backward(values, x if shared else None)
+        ctx.layer, ctx.structure, ctx.xt, ctx.n, ctx.has_bias = layer, structure, None if shared else xt, n, \
+            bias is not None
+        return _rows_view(out, n)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         if torch.is_grad_enabled():
             raise RuntimeError("sparse compute does not support double backward (create_graph=True): call "
                                "handle.remove() to train those layers dense")
-        (values,) = ctx.saved_tensors
-        structure, xb, n = ctx.structure, ctx.xb, ctx.n
+        values, x = ctx.saved_tensors
+        structure, n = ctx.structure, ctx.n
         if structure is not ctx.layer.structure:
             raise RuntimeError("the layer was pruned again between its forward and backward; run the forward again")
-        blocks, n_in, width = xb.shape
-        n_out, nnz = structure.shape[0], structure.nnz
-        threads = torch.get_num_threads()
-        head = -(-nnz // 16) * 16  # the weight gradient, then the blocked output gradient, in one buffer
-        buffer = torch.empty(head + blocks * n_out * width)
-        dyb = buffer[head:].view(blocks, n_out, width)
-        grad = grad.contiguous()
-        if grad.numel() <= SERIAL_COPY_MAX:
-            dyb.numpy()[:] = _to_blocks(grad, width, blocks).numpy()
-        else:
-            dyb.copy_(_to_blocks(grad, width, blocks))
+        n_in = structure.shape[1]
+        m = _columns(n)
+        _, transposed_plan, sampled_plan = structure.plans(m, torch.get_num_threads())
+        dyt, _ = _transposed(grad, m)
         grad_x = grad_values = grad_bias = None
         if ctx.needs_input_grad[0]:
             torch.index_select(values.detach(), 0, structure.perm, out=structure.values_t)
-            gxb = torch.zeros(blocks, n_in, width)
-            structure.product_t.matmul(dyb.numpy(), gxb.numpy(), threads)
-            grad_x = _from_blocks(gxb, n)
+            gx = np.zeros((n_in, m), np.float32)
+            transposed_plan.run(dyt.ctypes.data, gx.ctypes.data)
+            grad_x = _rows_view(gx, n)
         if ctx.needs_input_grad[1]:
-            structure.sampled.run(xb.numpy(), dyb.numpy(), buffer[:nnz].numpy(), threads)
-            grad_values = buffer[:nnz]
+            xt = ctx.xt if x is None else x.detach().t().numpy()
+            grad_values = torch.empty(structure.nnz)
+            if sampled_plan is not None:
+                sampled_plan.run(xt.ctypes.data, grad_values.numpy().ctypes.data, dyt.ctypes.data)
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_bias = grad.sum(0)
+            grad_bias = torch.from_numpy(dyt[:, :n].sum(1, dtype=np.float32))
         return grad_x, grad_values, grad_bias, None
 
 
@@ -175,8 +185,15 @@ class SparseComputeLayer:
         if values.dtype != torch.float32 or not values.is_cpu:
             raise TypeError(f"sparse compute ({self.name}) needs float32 CPU weights, got {values.dtype} on "
                             f"{values.device}: call handle.remove() before changing dtype or device")
-        if values.data_ptr() != self.structure.product.vals.ctypes.data:  # the storage was replaced (e.g. .data =)
-            self.structure.product.rebind_values(values.detach().contiguous().numpy())
+        structure = self.structure
+        if values.data_ptr() != structure.values_address:  # the storage was replaced (e.g. .data =)
+            structure.product.rebind_values(values.detach().contiguous().numpy())
+            structure.values_address = structure.product.vals.ctypes.data
+            structure._plans.clear()  # they hold the old values' address
+        if x.dim() == 2:
+            if x.shape[0] == 0:
+                return x.new_zeros(0, n_out) + (bias if bias is not None else 0)
+            return _SparseLinearFunction.apply(x, values, bias, self)
         lead = x.shape[:-1]
         x2d = x.reshape(-1, n_in)
         if x2d.shape[0] == 0:

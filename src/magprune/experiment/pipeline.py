@@ -103,6 +103,8 @@ def open_run(config: ExperimentConfig, run_dir: Path, stages: list[Stage], *, da
          + (f"{len(validation[1])} validation / " if config.data.validation else "") + f"{len(test[1])} test)")
     torch.manual_seed(config.seed)
     model = build_model(config).to(device)
+    if config.train.channels_last:
+        model.to(memory_format=torch.channels_last)  # 4-d weights only: before the pruner and optimizers see them
     if config.train.distributed == "fsdp" and distributed.is_distributed():
         distributed.shard_model(model)  # before the pruner and the optimizers take its parameters
     pruner = Pruner(model)

@@ -194,6 +194,8 @@ class Trainer:
         x, y = self.train
         idx = distributed.shard(indices)
         xb, yb = x[idx], y[idx]
+        if self.cfg.channels_last and xb.dim() == 4:
+            xb = xb.contiguous(memory_format=torch.channels_last)
         out = self.net(xb)
         loss = F.cross_entropy(out, yb)
         total = loss + _whole(weight_penalty(self.penalized, self.cfg.regularization, self.cfg.strength)) \

@@ -27,8 +27,8 @@ from magprune.kernels.memory import aligned_zeros
 
 _VOID, _I64 = ctypes.c_void_p, ctypes.c_int64
 _ENTRY_POINTS = {  # name: ctypes signature of the functions called from Python
-    "run_records": ctypes.CFUNCTYPE(None, _VOID, _I64, _I64, _I64, _I64),
-    "post": ctypes.CFUNCTYPE(_I64, _VOID, _VOID, _I64, _VOID, _VOID, _I64, _I64, _I64),
+    "run_records": ctypes.CFUNCTYPE(None, _VOID, _I64, _I64, _I64, _I64, _I64),
+    "post": ctypes.CFUNCTYPE(_I64, _VOID, _VOID, _I64, _VOID, _VOID, _I64, _I64, _I64, _I64),
     "finish": ctypes.CFUNCTYPE(None, _VOID, _I64),
     "worker_loop": ctypes.CFUNCTYPE(_I64, _VOID, _VOID, _I64),
     "spin_probe": ctypes.CFUNCTYPE(None, _VOID, _I64),
@@ -59,7 +59,7 @@ def _pause_ir(triple: str) -> tuple[str, str]:
 # (its own cache line); job[16], job[17]: addresses of the task table ((first record, count) pairs) and the records;
 # job[18]: stop; job[19], job[20]: input and output base addresses. A worker's own line: state (0 awake, 1 gone to
 # sleep), last sequence number seen.
-_JOB_FINISHED, _JOB_TASKS, _JOB_RECORDS, _JOB_STOP, _JOB_X, _JOB_OUT = 8, 16, 17, 18, 19, 20
+_JOB_FINISHED, _JOB_TASKS, _JOB_RECORDS, _JOB_STOP, _JOB_X, _JOB_OUT, _JOB_Y = 8, 16, 17, 18, 19, 20, 21
 _STATE_STRIDE = 8  # int64 per worker: one cache line each
 
 
@@ -71,26 +71,26 @@ def _pool_ir(pause: str) -> str:
     for j in range(RECORD - 2):
         loads += [f"  %ap{j} = getelementptr i64, ptr %rec, i64 {2 + j}", f"  %a{j} = load i64, ptr %ap{j}"]
     # records hold input/output offsets; the bases of this call's arrays are added here (spmm: arguments 4 and 6,
-    # spmv: 4 and 5, mask: the tensor at 4, sddmm: 4 and both 3 and 6, its output values and the output gradient
-    # sharing one buffer), so a cached plan is never written to and serves concurrent calls
+    # spmv: 4 and 5, mask: the tensor at 4, sddmm: x at 4, its output values at 3 and the output gradient at 6 with
+    # the third base), so a cached plan is never written to and serves concurrent calls
     mm = [*args[:4], "%xa", args[5], "%oa.mm", *args[7:]]
     mv = [*args[:4], "%xa", "%oa.mv", *args[6:8]]
     mm_args = ", ".join(f"i64 {a}" for a in mm)
     mv_args = ", ".join(f"i64 {a}" for a in mv)
     mask_args = ", ".join(f"i64 {a}" for a in ["%xa", *args[:3]])
-    sd_args = ", ".join(f"i64 {a}" for a in [*args[:3], "%oa.sd", "%xa", args[5], "%oa.mm", *args[7:13]])
+    sd_args = ", ".join(f"i64 {a}" for a in [*args[:3], "%oa.sd", "%xa", args[5], "%ya.sd", *args[7:13]])
     mask = (1 << 20) - 1
     # Kernel arguments go through the records as int64 and are passed as such: pointers and int64 travel in the
     # same registers under the x86-64 and AArch64 C calling conventions.
     return "\n".join([
-        "define void @run_records(ptr %recs, i64 %first, i64 %count, i64 %xbase, i64 %obase) nounwind {",
+        "define void @run_records(ptr %recs, i64 %first, i64 %count, i64 %xbase, i64 %obase, i64 %ybase) nounwind {",
         "entry:", "  %end = add i64 %first, %count", "  %any = icmp ult i64 %first, %end",
         "  br i1 %any, label %loop, label %exit",
         "loop:", "  %i = phi i64 [%first, %entry], [%i.next, %next]", f"  %off = mul i64 %i, {RECORD}",
         "  %rec = getelementptr i64, ptr %recs, i64 %off", "  %kind = load i64, ptr %rec",
         "  %fnp = getelementptr i64, ptr %rec, i64 1", "  %fn = load ptr, ptr %fnp", *loads,
         "  %xa = add i64 %a4, %xbase", "  %oa.mm = add i64 %a6, %obase", "  %oa.mv = add i64 %a5, %obase",
-        "  %oa.sd = add i64 %a3, %obase",
+        "  %oa.sd = add i64 %a3, %obase", "  %ya.sd = add i64 %a6, %ybase",
         f"  %mv = icmp eq i64 %kind, {SPMV}", "  br i1 %mv, label %callmv, label %notmv",
         "notmv:", f"  %mk = icmp eq i64 %kind, {MASK}", "  br i1 %mk, label %callmask, label %notmask",
         "notmask:", f"  %sd = icmp eq i64 %kind, {SDDMM}", "  br i1 %sd, label %callsd, label %callmm",
@@ -112,9 +112,10 @@ def _pool_ir(pause: str) -> str:
         f"  %rp = getelementptr i64, ptr %job, i64 {_JOB_RECORDS}", "  %recs = load ptr, ptr %rp",
         f"  %xp = getelementptr i64, ptr %job, i64 {_JOB_X}", "  %xbase = load i64, ptr %xp",
         f"  %op = getelementptr i64, ptr %job, i64 {_JOB_OUT}", "  %obase = load i64, ptr %op",
+        f"  %yp = getelementptr i64, ptr %job, i64 {_JOB_Y}", "  %ybase = load i64, ptr %yp",
         "  %toff = mul i64 %next, 2", "  %tq = getelementptr i64, ptr %tasks, i64 %toff",
         "  %first = load i64, ptr %tq", "  %cq = getelementptr i64, ptr %tq, i64 1", "  %count = load i64, ptr %cq",
-        "  call void @run_records(ptr %recs, i64 %first, i64 %count, i64 %xbase, i64 %obase)",
+        "  call void @run_records(ptr %recs, i64 %first, i64 %count, i64 %xbase, i64 %obase, i64 %ybase)",
         f"  %fp = getelementptr i64, ptr %job, i64 {_JOB_FINISHED}",
         "  %old = atomicrmw add ptr %fp, i64 1 seq_cst", "  br label %take",
         "exit:", "  ret void", "}", "",
@@ -122,13 +123,14 @@ def _pool_ir(pause: str) -> str:
         # plan word and the workers' store of their state are both seq_cst, so a worker about to sleep either sees
         # the plan or is seen asleep and woken by the caller
         "define i64 @post(ptr %job, ptr %states, i64 %workers, ptr %tasks, ptr %recs, i64 %n, i64 %xbase, "
-        "i64 %obase) nounwind {",
+        "i64 %obase, i64 %ybase) nounwind {",
         "entry:", f"  %fp = getelementptr i64, ptr %job, i64 {_JOB_FINISHED}",
         "  store atomic i64 0, ptr %fp seq_cst, align 8",
         f"  %tp = getelementptr i64, ptr %job, i64 {_JOB_TASKS}", "  store ptr %tasks, ptr %tp",
         f"  %rp = getelementptr i64, ptr %job, i64 {_JOB_RECORDS}", "  store ptr %recs, ptr %rp",
         f"  %xp = getelementptr i64, ptr %job, i64 {_JOB_X}", "  store i64 %xbase, ptr %xp",
         f"  %op = getelementptr i64, ptr %job, i64 {_JOB_OUT}", "  store i64 %obase, ptr %op",
+        f"  %yp = getelementptr i64, ptr %job, i64 {_JOB_Y}", "  store i64 %ybase, ptr %yp",
         "  %w = load atomic i64, ptr %job seq_cst, align 8", "  %seq = lshr i64 %w, 40", "  %seq1 = add i64 %seq, 1",
         "  %seqm = and i64 %seq1, 16777215", "  %hi = shl i64 %seqm, 40", "  %nn = shl i64 %n, 20",
         "  %word = or i64 %hi, %nn", "  store atomic i64 %word, ptr %job seq_cst, align 8",
@@ -221,16 +223,17 @@ class Pool:
             event.wait()
             event.clear()
 
-    def run(self, plan: Plan, x_address: int, out_address: int) -> None:
+    def run(self, plan: Plan, x_address: int, out_address: int, y_address: int = 0) -> None:
         """Run every task of the plan on the calling thread and up to ``plan.threads - 1`` workers."""
         threads = plan.threads
         if not self.lock.acquire(blocking=False):  # another Python thread's plan is running: do this one alone
-            self._entry["run_records"](plan.records_address, 0, plan.n_records, x_address, out_address)
+            self._entry["run_records"](plan.records_address, 0, plan.n_records, x_address, out_address, y_address)
             return
         try:
             self._grow(threads - 1)
             asleep = self._entry["post"](self.job.ctypes.data, self.states.ctypes.data, len(self.threads),
-                                         plan.tasks_address, plan.records_address, plan.n_tasks, x_address, out_address)
+                                         plan.tasks_address, plan.records_address, plan.n_tasks, x_address, out_address,
+                                         y_address)
             for i, event in enumerate(self.events[:threads - 1]):
                 if asleep >> i & 1:
                     event.set()
@@ -284,10 +287,11 @@ class Plan:
         self.records_address, self.tasks_address = self.records.ctypes.data, self.tasks.ctypes.data
         self.threads = threads if self.n_tasks > 1 else 1
 
-    def run(self, x_address: int, out_address: int) -> None:
+    def run(self, x_address: int, out_address: int, y_address: int = 0) -> None:
+        """Run the plan with these bases added to the records' offsets (x, out and, for SDDMM records, dy)."""
         if self.threads <= 1:
-            runtime()["run_records"](self.records_address, 0, self.n_records, x_address, out_address)
+            runtime()["run_records"](self.records_address, 0, self.n_records, x_address, out_address, y_address)
         else:
-            get_pool().run(self, x_address, out_address)
+            get_pool().run(self, x_address, out_address, y_address)
 
 

@@ -1,13 +1,15 @@
 """Kernels room (sampled products): a dense x dense product evaluated only at the positions of a CSR pattern (SDDMM).
 
 The weight gradient of a pruned Linear is needed only at its kept connections: for nonzero k at (row o, column i),
-``out[k] = sum_b sum_c dy[b, o, c] * x[b, i, c]``, with x and dy in the blocked layout of :mod:`.csr`'s products
-(B blocks of ``width`` batch columns, row-major: x (B, n_in, width), dy (B, n_rows, width)). Per nonzero: one
-contiguous row of x and of dy per block, multiplied and added as ``<width x float>`` vectors (LLVM splits them into
-the host's registers: two 16-lane zmm for a 32-column block on AVX-512, four ymm on AVX2), then one horizontal sum.
+``out[k] = sum_c dy[o, c] * x[i, c]`` over the m batch columns, with x (n_in, m) and dy (n_rows, m) row-major: the
+layer's input and output gradient with the batch as the fast dimension (the layout sparse compute keeps its
+activations in). Per nonzero, one dot product of two contiguous rows of m floats.
 
-``sddmm_{W}_{index}`` runs the rows ``r0 <= r < r1`` for W in WIDTHS (the block widths of the products: the batch
-rounded up to 8, at most 32) and column-index width uint8/16/32, as :data:`.pool.SDDMM` records.
+``sddmm_{L}_{index}`` runs the rows ``r0 <= r < r1`` for vectors of L floats (8: AVX2, 16: AVX-512; m a multiple
+of L) and column-index width uint8/16/32, as :data:`.pool.SDDMM` records. It takes the nonzeros of a row
+:data:`GROUP` at a time: that many independent multiply-add chains, one ``<L x float>`` accumulator each, and one
+transposing reduction tree that sums them into ``GROUP`` results stored with one vector store (the first kernel, a
+horizontal sum per nonzero, two at a time, was 3-4x slower on LeNet-300-100's fc1 at batch 64 on AMD Zen 3).
 """
 
 from __future__ import annotations
@@ -15,94 +17,145 @@ from __future__ import annotations
 import numpy as np
 
 from magprune.kernels.csr import row_splits
-from magprune.kernels.jit import compiled
+from magprune.kernels.jit import compiled, vector_lanes
 from magprune.kernels.pool import CHUNKS_PER_THREAD, SDDMM, Plan
 
-WIDTHS = (8, 16, 24, 32)
+LANES = (8, 16)
+GROUP = 8  # nonzeros per pass: 8 accumulators + the dy vector fit AVX2's 16 registers
 _INDEX_TYPES = {np.dtype(np.uint8): "i8", np.dtype(np.uint16): "i16", np.dtype(np.uint32): "i32"}
 PARALLEL_MIN_WORK = 1 << 22  # multiply-adds (nonzeros x batch columns) from which the rows are split over threads, as
 # for the products (LeNet-300-100's fc1 at batch 64, 1.2M, is faster on the calling thread alone)
 
 
-def _sddmm_ir(width: int, index: str) -> str:
-    """IR of one kernel; two nonzeros per pass (two independent multiply-add chains and sums in flight)."""
-    vec = f"<{width} x float>"
-    lines = [f"define void @sddmm_{width}_{index}(ptr noalias %starts, ptr noalias %ends, ptr noalias %cols, "
+def _reduce_tree(accs: list[str], lanes: int, out: list[str]) -> str:
+    """IR (appended to ``out``) summing each of the GROUP ``<lanes x float>`` vectors ``accs`` into one lane of a
+    ``<GROUP x float>`` result, in order: pairs of vectors are folded (first halves of each segment + second
+    halves) until one vector holds a segment per accumulator, then that vector is folded within itself."""
+    counter = [0]
+
+    def name() -> str:
+        counter[0] += 1
+        return f"%rt{counter[0]}"
+
+    vec = f"<{lanes} x float>"
+    # each entry: (value, width, segments: list of accumulator indices, each segment width // len(segments) lanes)
+    items = [(a, lanes, [i]) for i, a in enumerate(accs)]
+    while len(items) > 1:
+        paired = []
+        for (p, width, ps), (q, _, qs) in zip(items[0::2], items[1::2], strict=True):
+            seg = width // len(ps)
+            half = seg // 2
+            first = [s * seg + j for s in range(len(ps)) for j in range(half)]
+            second = [s * seg + half + j for s in range(len(ps)) for j in range(half)]
+            lo = first + [width + i for i in first]
+            hi = second + [width + i for i in second]
+            a, b, c = name(), name(), name()
+            mask = lambda idx: "<" + ", ".join(f"i32 {i}" for i in idx) + ">"  # noqa: E731
+            out += [f"  {a} = shufflevector {vec} {p}, {vec} {q}, <{width} x i32> {mask(lo)}",
+                    f"  {b} = shufflevector {vec} {p}, {vec} {q}, <{width} x i32> {mask(hi)}",
+                    f"  {c} = fadd {vec} {a}, {b}"]
+            paired.append((c, width, ps + qs))
+        items = paired
+    value, width, segments = items[0]
+    while width > len(segments):  # fold within the one vector until a lane per accumulator
+        seg = width // len(segments)
+        half = seg // 2
+        first = [s * seg + j for s in range(len(segments)) for j in range(half)]
+        second = [s * seg + half + j for s in range(len(segments)) for j in range(half)]
+        a, b, c = name(), name(), name()
+        src = f"<{width} x float>"
+        new = f"<{width // 2} x float>"
+        out += [f"  {a} = shufflevector {src} {value}, {src} poison, <{width // 2} x i32> "
+                "<" + ", ".join(f"i32 {i}" for i in first) + ">",
+                f"  {b} = shufflevector {src} {value}, {src} poison, <{width // 2} x i32> "
+                "<" + ", ".join(f"i32 {i}" for i in second) + ">",
+                f"  {c} = fadd {new} {a}, {b}"]
+        value, width = c, width // 2
+    order = [segments.index(i) for i in range(len(segments))]
+    if order != list(range(len(segments))):
+        final = name()
+        src = f"<{width} x float>"
+        out.append(f"  {final} = shufflevector {src} {value}, {src} poison, <{width} x i32> "
+                   "<" + ", ".join(f"i32 {i}" for i in order) + ">")
+        value = final
+    return value
+
+
+def _sddmm_ir(lanes: int, index: str) -> str:
+    vec = f"<{lanes} x float>"
+    lines = [f"define void @sddmm_{lanes}_{index}(ptr noalias %starts, ptr noalias %ends, ptr noalias %cols, "
              "ptr noalias %gv, ptr noalias %x, i64 %ldx, ptr noalias %dy, i64 %ldd, i64 %r0, i64 %r1, "
-             "i64 %blocks, i64 %xstep, i64 %dstep) nounwind {",
-             "entry:", "  %any = icmp ult i64 %r0, %r1", "  br i1 %any, label %row, label %exit",
+             "i64 %m, i64 %unused1, i64 %unused2) nounwind {",
+             "entry:", "  %any = icmp ult i64 %r0, %r1", "  %cols.any = icmp ugt i64 %m, 0",
+             "  %go = and i1 %any, %cols.any", "  br i1 %go, label %row, label %exit",
              "row:", "  %o = phi i64 [%r0, %entry], [%o.next, %row.end]",
              "  %sp = getelementptr i32, ptr %starts, i64 %o", "  %s32 = load i32, ptr %sp",
              "  %ep = getelementptr i32, ptr %ends, i64 %o", "  %e32 = load i32, ptr %ep",
              "  %s = zext i32 %s32 to i64", "  %e = zext i32 %e32 to i64",
              "  %doff = mul nuw i64 %o, %ldd", "  %drow = getelementptr float, ptr %dy, i64 %doff",
-             "  br label %pair",
-             "pair:", "  %k = phi i64 [%s, %row], [%k.next, %pair.end]", "  %k1 = add nuw i64 %k, 1",
-             "  %k.next = add nuw i64 %k, 2", "  %two = icmp ule i64 %k.next, %e",
-             "  br i1 %two, label %pair.body, label %single"]
+             "  br label %group",
+             "group:", "  %k = phi i64 [%s, %row], [%k.next, %group.store]",
+             f"  %k.next = add nuw i64 %k, {GROUP}", "  %full = icmp ule i64 %k.next, %e",
+             "  br i1 %full, label %group.body, label %single"]
 
     def column(tag: str, k: str) -> list[str]:
         return [f"  %cp{tag} = getelementptr {index}, ptr %cols, i64 {k}", f"  %cn{tag} = load {index}, ptr %cp{tag}",
                 f"  %c{tag} = zext {index} %cn{tag} to i64", f"  %xo{tag} = mul nuw i64 %c{tag}, %ldx",
                 f"  %xrow{tag} = getelementptr float, ptr %x, i64 %xo{tag}"]
 
-    def block_step(tag: str, acc: str, new: str, block: str) -> list[str]:
-        return [f"  %xbo{tag} = mul nuw i64 {block}, %xstep", f"  %xp{tag} = getelementptr float, ptr %xrow{tag}, "
-                f"i64 %xbo{tag}", f"  %xv{tag} = load {vec}, ptr %xp{tag}, align 4",
-                f"  %m{tag} = fmul contract {vec} %dv{block[1:]}, %xv{tag}",
-                f"  {new} = fadd contract {vec} {acc}, %m{tag}"]
-
-    def dy_load(block: str) -> list[str]:
-        name = block[1:]
-        return [f"  %dbo{name} = mul nuw i64 {block}, %dstep",
-                f"  %dp{name} = getelementptr float, ptr %drow, i64 %dbo{name}",
-                f"  %dv{name} = load {vec}, ptr %dp{name}, align 4"]
-
-    def store(tag: str, k: str, acc: str) -> list[str]:
-        return [f"  %sum{tag} = call reassoc float @llvm.vector.reduce.fadd.v{width}f32(float 0.0, {vec} {acc})",
-                f"  %gp{tag} = getelementptr float, ptr %gv, i64 {k}", f"  store float %sum{tag}, ptr %gp{tag}"]
-
-    lines += ["pair.body:", *column("a", "%k"), *column("b", "%k1"), "  br label %pblock",
-              "pblock:", "  %pb = phi i64 [0, %pair.body], [%pb.next, %pblock]",
-              f"  %pacc.a = phi {vec} [zeroinitializer, %pair.body], [%pnew.a, %pblock]",
-              f"  %pacc.b = phi {vec} [zeroinitializer, %pair.body], [%pnew.b, %pblock]",
-              *dy_load("%pb"), *block_step("a", "%pacc.a", "%pnew.a", "%pb"),
-              *block_step("b", "%pacc.b", "%pnew.b", "%pb"),
-              "  %pb.next = add nuw i64 %pb, 1", "  %pmore = icmp ult i64 %pb.next, %blocks",
-              "  br i1 %pmore, label %pblock, label %pair.store",
-              "pair.store:", *store("a", "%k", "%pnew.a"), *store("b", "%k1", "%pnew.b"), "  br label %pair.end",
-              "pair.end:", "  br label %pair",
-              "single:", "  %one = icmp ult i64 %k, %e", "  br i1 %one, label %single.body, label %row.end",
-              "single.body:", *column("t", "%k"), "  br label %sblock",
-              "sblock:", "  %sb = phi i64 [0, %single.body], [%sb.next, %sblock]",
-              f"  %sacc = phi {vec} [zeroinitializer, %single.body], [%snew, %sblock]",
-              *dy_load("%sb"), *block_step("t", "%sacc", "%snew", "%sb"),
-              "  %sb.next = add nuw i64 %sb, 1", "  %smore = icmp ult i64 %sb.next, %blocks",
-              "  br i1 %smore, label %sblock, label %single.store",
-              "single.store:", *store("t", "%k", "%snew"), "  br label %row.end",
+    lines.append("group.body:")
+    for g in range(GROUP):
+        if g:
+            lines.append(f"  %kg{g} = add nuw i64 %k, {g}")
+        lines += column(f"g{g}", "%k" if g == 0 else f"%kg{g}")
+    lines += ["  br label %gcol", "gcol:", "  %j = phi i64 [0, %group.body], [%j.next, %gcol]"]
+    lines += [f"  %gacc{g} = phi {vec} [zeroinitializer, %group.body], [%gnew{g}, %gcol]" for g in range(GROUP)]
+    lines += ["  %dp = getelementptr float, ptr %drow, i64 %j", f"  %dv = load {vec}, ptr %dp, align 4"]
+    for g in range(GROUP):
+        lines += [f"  %xp{g} = getelementptr float, ptr %xrowg{g}, i64 %j",
+                  f"  %xv{g} = load {vec}, ptr %xp{g}, align 4", f"  %gm{g} = fmul contract {vec} %dv, %xv{g}", f"  %gnew{g} = fadd contract {vec} %gacc{g}, %gm{g}"]
+    lines += [f"  %j.next = add nuw i64 %j, {lanes}", "  %jmore = icmp ult i64 %j.next, %m",
+              "  br i1 %jmore, label %gcol, label %group.store", "group.store:"]
+    result = _reduce_tree([f"%gnew{g}" for g in range(GROUP)], lanes, lines)
+    lines += ["  %gp = getelementptr float, ptr %gv, i64 %k", f"  store <{GROUP} x float> {result}, ptr %gp, align 4",
+              "  br label %group",
+              "single:", "  %k1 = phi i64 [%k, %group], [%k1.next, %single.store]",
+              "  %one = icmp ult i64 %k1, %e", "  br i1 %one, label %single.body, label %row.end",
+              "single.body:", *column("t", "%k1"), "  br label %scol",
+              "scol:", "  %sj = phi i64 [0, %single.body], [%sj.next, %scol]",
+              f"  %sacc = phi {vec} [zeroinitializer, %single.body], [%snew, %scol]",
+              "  %sdp = getelementptr float, ptr %drow, i64 %sj", f"  %sdv = load {vec}, ptr %sdp, align 4",
+              "  %sxp = getelementptr float, ptr %xrowt, i64 %sj", f"  %sxv = load {vec}, ptr %sxp, align 4",
+              f"  %sm = fmul contract {vec} %sdv, %sxv", f"  %snew = fadd contract {vec} %sacc, %sm",
+              f"  %sj.next = add nuw i64 %sj, {lanes}", "  %sjmore = icmp ult i64 %sj.next, %m",
+              "  br i1 %sjmore, label %scol, label %single.store",
+              "single.store:",
+              f"  %ssum = call reassoc float @llvm.vector.reduce.fadd.v{lanes}f32(float 0.0, {vec} %snew)",
+              "  %sgp = getelementptr float, ptr %gv, i64 %k1", "  store float %ssum, ptr %sgp",
+              "  %k1.next = add nuw i64 %k1, 1", "  br label %single",
               "row.end:", "  %o.next = add nuw i64 %o, 1", "  %rows.left = icmp ult i64 %o.next, %r1",
               "  br i1 %rows.left, label %row, label %exit", "exit:", "  ret void", "}"]
     return "\n".join(lines)
 
 
 def _module_ir() -> str:
-    return "\n\n".join([f"declare float @llvm.vector.reduce.fadd.v{w}f32(float, <{w} x float>)" for w in WIDTHS]
-                       + [_sddmm_ir(w, t) for w in WIDTHS for t in _INDEX_TYPES.values()])
+    return "\n\n".join([f"declare float @llvm.vector.reduce.fadd.v{w}f32(float, <{w} x float>)" for w in LANES]
+                       + [_sddmm_ir(w, t) for w in LANES for t in _INDEX_TYPES.values()])
 
 
-def kernel(width: int, index_dtype: np.dtype) -> int:
-    """Address of the compiled kernel for a block ``width`` (one of WIDTHS) and a column-index dtype."""
+def kernel(lanes: int, index_dtype: np.dtype) -> int:
+    """Address of the compiled kernel for vectors of ``lanes`` floats (one of LANES) and a column-index dtype."""
     found = compiled("sddmm", _module_ir, lambda engine: {
-        (w, t): engine.get_function_address(f"sddmm_{w}_{t}") for w in WIDTHS for t in _INDEX_TYPES.values()})
-    return found[width, _INDEX_TYPES[np.dtype(index_dtype)]]
+        (w, t): engine.get_function_address(f"sddmm_{w}_{t}") for w in LANES for t in _INDEX_TYPES.values()})
+    return found[lanes, _INDEX_TYPES[np.dtype(index_dtype)]]
 
 
 class SampledProduct:
-    """``out[k] = sum over blocks b and columns c of dy[b, row_k, c] * x[b, cols[k], c]`` for every nonzero k of a
-    CSR pattern (int32 row pointers, uint8/16/32 column indices); rows split over the pool's threads by nonzeros.
+    """``out[k] = sum over columns c of dy[row_k, c] * x[cols[k], c]`` for every nonzero k of a CSR pattern (int32
+    row pointers, uint8/16/32 column indices); rows split over the pool's threads by nonzeros.
 
-    Plans are cached per call shape with the addresses of x and out left out (dy is found at a fixed offset from
-    out, part of the cache key). Pickling and copying keep only the pattern."""
+    Plans are cached per call shape with the addresses of x, dy and out left out. Pickling and copying keep only the
+    pattern."""
 
     def __init__(self, indptr: np.ndarray, cols: np.ndarray, n_in: int) -> None:
         if indptr.dtype != np.int32 or cols.dtype not in _INDEX_TYPES:
@@ -127,33 +180,38 @@ class SampledProduct:
         return int(self.indptr[-1])
 
     def run(self, x: np.ndarray, dy: np.ndarray, out: np.ndarray, threads: int) -> None:
-        """Write the sampled products into ``out`` (nnz,) for x (B, n_in, w) and dy (B, n_rows, w), C-contiguous
-        float32 with w in WIDTHS."""
-        batches, n_in, width = x.shape
-        if width not in WIDTHS or n_in != self.n_in or dy.shape != (batches, self.n_rows, width) \
+        """Write the sampled products into ``out`` (nnz,) for x (n_in, m) and dy (n_rows, m), C-contiguous float32
+        with m a multiple of 8."""
+        if x.ndim != 2 or x.shape[0] != self.n_in or x.shape[1] % 8 or dy.shape != (self.n_rows, x.shape[1]) \
                 or out.shape != (self.nnz,) or not all(a.dtype == np.float32 and a.flags.c_contiguous
                                                        for a in (x, dy, out)):
-            raise ValueError(f"SampledProduct.run wants C-contiguous float32 x (B, {self.n_in}, w), dy "
-                             f"(B, {self.n_rows}, w) with w in {WIDTHS} and out ({self.nnz},), got {x.dtype} "
+            raise ValueError(f"SampledProduct.run wants C-contiguous float32 x ({self.n_in}, m), dy "
+                             f"({self.n_rows}, m) with m a multiple of 8 and out ({self.nnz},), got {x.dtype} "
                              f"{x.shape}, {dy.dtype} {dy.shape}, {out.dtype} {out.shape}")
         if self.nnz == 0:
             return
-        if batches == 0:
+        m = x.shape[1]
+        if m == 0:
             out[:] = 0.0
             return
-        threads = threads if self.nnz * batches * width >= PARALLEL_MIN_WORK else 1
-        dy_offset = dy.ctypes.data - out.ctypes.data
-        key = (threads, batches, width, dy_offset)
+        self.plan(m, threads).run(x.ctypes.data, out.ctypes.data, dy.ctypes.data)
+
+    def plan(self, m: int, threads: int) -> Plan:
+        """The plan of :meth:`run` for m > 0 columns (a multiple of 8), nnz > 0: ``plan.run(x_address,
+        out_address, dy_address)`` runs it (the caller vouches for the arrays)."""
+        lanes = 16 if vector_lanes() == 16 and m % 16 == 0 else 8
+        threads = threads if self.nnz * m >= PARALLEL_MIN_WORK else 1
+        key = (threads, m, lanes)
         plan = self._plans.get(key)
         if plan is None:
             if len(self._plans) >= 16:
                 self._plans.clear()
-            fn = kernel(width, self.cols.dtype)
+            fn = kernel(lanes, self.cols.dtype)
             starts, ends = self.indptr.ctypes.data, self.indptr.ctypes.data + 4
             ranges = row_splits(self.indptr, threads * CHUNKS_PER_THREAD) if threads > 1 else [(0, self.n_rows)]
-            # arguments: starts, ends, cols, out (offset from out's base), x (offset), ldx, dy (offset from out's
-            # base), ldd, r0, r1, blocks, xstep, dstep
+            # arguments: starts, ends, cols, out (offset from out's base), x (offset from x's), ldx, dy (offset from
+            # dy's base), ldd, r0, r1, m, unused
             plan = self._plans[key] = Plan(
-                [[[SDDMM, fn, starts, ends, self.cols.ctypes.data, 0, 0, width, dy_offset, width, r0, r1, batches,
-                   self.n_in * width, self.n_rows * width, 0]] for r0, r1 in ranges], threads)
-        plan.run(x.ctypes.data, out.ctypes.data)
+                [[[SDDMM, fn, starts, ends, self.cols.ctypes.data, 0, 0, m, 0, m, r0, r1, m, 0, 0, 0]]
+                 for r0, r1 in ranges], threads)
+        return plan
