@@ -259,20 +259,61 @@ def test_unsupported_uses_are_refused_clearly():
         magprune.sparse_compute(model, pruner, layers=["nope.weight"])
 
 
-def test_conv_layers_stay_dense_under_the_masks():
+@pytest.mark.parametrize("batch", [1, 3, 8])
+@pytest.mark.parametrize("geometry", [{}, {"stride": 2, "padding": 1}, {"dilation": 2, "padding": 2}],
+                         ids=["plain", "stride-pad", "dilated"])
+def test_sparse_conv_forward_and_gradients_match_masked_dense_autograd(batch, geometry):
+    torch.manual_seed(batch)
+    conv = nn.Conv2d(6, 10, 3, **geometry)
+    keep = torch.rand(conv.weight.shape) < 0.15
+    keep[3] = False  # an output channel with no kept weight
+    with torch.no_grad():
+        conv.weight.mul_(keep)
+    reference = copy.deepcopy(conv)
+    pruner = magprune.Pruner(conv)
+    pruner.prune(magprune.LayerSparsity({"weight": 1 - float(keep.float().mean())}))
+    pruner.masks["weight"].copy_(keep)
+    handle = magprune.sparse_compute(conv, pruner, conv_max_density=0.2)
+    assert handle.names == ["weight"]
+    x = torch.randn(batch, 6, 11, 9, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    out, expected = conv(x), reference(x_ref)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+    dy = torch.randn_like(out)
+    out.backward(dy)
+    expected.backward(dy)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(handle.layers["weight"].dense_from(conv.weight_values.grad),
+                               reference.weight.grad * keep, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(conv.bias.grad, reference.bias.grad, rtol=1e-4, atol=1e-4)
+    assert conv.weight.shape == reference.weight.shape and set(conv.state_dict()) == {"weight", "bias"}
+
+
+def test_lenet5_trains_its_sparse_conv_and_keeps_the_dense_one_under_the_masks():
     torch.manual_seed(0)
     model = magprune.create_model("lenet-5")
-    pruner = magprune.Pruner(model)
+    reference = copy.deepcopy(model)
+    pruner, ref_pruner = magprune.Pruner(model), magprune.Pruner(reference)
     pruner.prune(magprune.han2015("lenet-5"))
-    handle = magprune.sparse_compute(model, pruner)
-    assert all(not name.startswith("conv") for name in handle.names) and handle.names
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    ref_pruner.prune(magprune.han2015("lenet-5"))
+    assert sorted(magprune.sparse_compute(model, pruner).names) == ["fc1.weight", "fc2.weight"]  # convs: opt-in
+    pruner.compute_handles[0].remove()
+    handle = magprune.sparse_compute(model, pruner, conv_max_density=0.2)
+    assert sorted(handle.names) == ["conv2.weight", "fc1.weight", "fc2.weight"]  # conv1 (66%) stays dense
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    ref_optimizer = torch.optim.SGD(reference.parameters(), lr=0.05, momentum=0.9)
     pruner.attach(optimizer)
-    for _ in range(3):
-        optimizer.zero_grad()
-        nn.functional.cross_entropy(model(torch.randn(8, 1, 28, 28)), torch.randint(0, 10, (8,))).backward()
-        optimizer.step()
+    ref_pruner.attach(ref_optimizer)
+    generator = torch.Generator().manual_seed(3)
+    for _ in range(5):
+        x, y = torch.randn(8, 1, 28, 28, generator=generator), torch.randint(0, 10, (8,), generator=generator)
+        for net, opt in ((model, optimizer), (reference, ref_optimizer)):
+            opt.zero_grad()
+            nn.functional.cross_entropy(net(x), y).backward()
+            opt.step()
     pruner.check(optimizer)
+    for name, value in reference.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[name], value, rtol=1e-4, atol=1e-5)
 
 
 def _ddp_rank(rank: int, world: int, port: int, out: str) -> None:

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from magprune.kernels.csr import CSRProduct
 from magprune.kernels.sddmm import SampledProduct
@@ -24,6 +25,7 @@ from magprune.pruner import SECOND_MOMENT_FILL, SECOND_MOMENT_KEYS, Pruner
 from magprune.targets import module_name
 
 MAX_DENSITY = 0.5  # above this a layer stays dense: the kernels' per-nonzero cost passes the dense product's
+CONV_MAX_DENSITY = 0.0  # convolutions opt in (conv_max_density=): measured slower than dense so far (docs/training.md)
 
 
 def _index_dtype(n: int) -> np.dtype:
@@ -36,6 +38,19 @@ def _columns(n: int) -> int:
     return -(-n // 8) * 8
 
 
+def _lead(m: int) -> int:
+    """Floats per row of the kernels' (rows, m) arrays. Up to 64 a row is one chunk of the products, read whole;
+    wider rows are read in 32- or 64-column chunks, and a power-of-two row stride (m = 256: 1 KiB, a conv's
+    B * L = 4096: 16 KiB) puts a chunk's rows into a few cache sets: the conv2 product of LeNet-5 at batch 64 ran
+    8x slower on Zen 3 with the stride 4096 than with 4096 + 16."""
+    return m if m <= 64 else m + 16
+
+
+def _widest(m: int) -> int | None:
+    """Chunk width of the products: a whole row up to 64 columns, else the kernels' default."""
+    return 64 if m <= 64 else None
+
+
 # Below this many floats the layout copies run in numpy on the calling thread: torch would wake its OpenMP threads
 # for them (from 32K entries), which costs more than the copy on a busy machine (LeNet-300-100 at batch 64: 0.3 ms
 # per copy through torch, with OMP_WAIT_POLICY=PASSIVE, on the shared 2-core machine); above it torch's blocked
@@ -44,17 +59,20 @@ SERIAL_COPY_MAX = 1 << 16
 
 
 def _transposed(a: Tensor, m: int) -> tuple[np.ndarray, bool]:
-    """(a^T as an (f, m) C-contiguous float32 array, whether it is a's own memory) for a (n, f), m = _columns(n).
+    """(a^T as an (f, _lead(m)) float32 array of which the first m columns count, whether it is a's own memory)
+    for a (n, f), m = _columns(n).
 
     The layers here return their outputs in that layout (the batch as the fast dimension: ``out[:, :n].t()``), and
-    elementwise ops (ReLU, dropout) and their gradients keep it, so between two sparse layers nothing is copied;
-    anything else (the data batch, a padded batch) is copied once, the columns past n zero."""
+    elementwise ops (ReLU, dropout) and their gradients keep it where the rows are not padded (m <= 64), so between
+    two sparse layers nothing is copied; anything else (the data batch, a padded batch) is copied once, the
+    columns past n zero."""
     n, f = a.shape
-    if m == n and a.t().is_contiguous():
-        return a.detach().t().numpy(), True
-    out = np.empty((f, m), np.float32)
+    ld = _lead(m)
+    if m == n and a.stride() == (1, ld) and f > 1:
+        return a.detach().t().numpy(), True  # (f, n) with rows ld apart: the kernels need only its address
+    out = np.empty((f, ld), np.float32)
     if m != n:
-        out[:, n:] = 0.0
+        out[:, n:m] = 0.0
     if a.numel() <= SERIAL_COPY_MAX:
         np.copyto(out[:, :n], a.detach().numpy().T)
     else:
@@ -95,16 +113,17 @@ class _Structure:
         return int(self.positions.size)
 
     def plans(self, m: int, threads: int) -> tuple[Any, Any, Any]:
-        """(forward, input-gradient, weight-gradient) kernel plans for m batch columns, cached: a step's calls then
-        check nothing again (the arrays are the layer's own, made for these shapes)."""
+        """(forward, input-gradient, weight-gradient) kernel plans for m batch columns in rows of _lead(m) floats,
+        cached: a step's calls then check nothing again (the arrays are the layer's own, made for these shapes)."""
         key = (m, threads)
         found = self._plans.get(key)
         if found is None:
             if len(self._plans) >= 8:
                 self._plans.clear()
-            found = self._plans[key] = (self.product.matmul_plan(1, m, threads),
-                                        self.product_t.matmul_plan(1, m, threads),
-                                        self.sampled.plan(m, threads) if self.nnz else None)
+            ld, widest = _lead(m), _widest(m)
+            found = self._plans[key] = (self.product.matmul_plan(1, m, threads, widest, ld),
+                                        self.product_t.matmul_plan(1, m, threads, widest, ld),
+                                        self.sampled.plan(m, threads, ld) if self.nnz else None)
         return found
 
 
@@ -115,11 +134,11 @@ class _SparseLinearFunction(torch.autograd.Function):
         n = x.shape[0]
         m = _columns(n)
         xt, shared = _transposed(x, m)
-        out = np.empty((structure.shape[0], m), np.float32)
+        out = np.empty((structure.shape[0], _lead(m)), np.float32)
         if bias is None:
-            out.fill(0.0)
+            out[:, :m] = 0.0
         else:
-            out[:] = bias.detach().numpy()[:, None]
+            out[:, :m] = bias.detach().numpy()[:, None]
         structure.plans(m, torch.get_num_threads())[0].run(xt.ctypes.data, out.ctypes.data)
         # x's own memory is saved through autograd (which then notices an in-place change of it), a copy here
         ctx.save_for_backward(values, x if shared else None)
@@ -143,11 +162,11 @@ class _SparseLinearFunction(torch.autograd.Function):
         grad_x = grad_values = grad_bias = None
         if ctx.needs_input_grad[0]:
             torch.index_select(values.detach(), 0, structure.perm, out=structure.values_t)
-            gx = np.zeros((n_in, m), np.float32)
+            gx = np.zeros((n_in, _lead(m)), np.float32)
             transposed_plan.run(dyt.ctypes.data, gx.ctypes.data)
             grad_x = _rows_view(gx, n)
         if ctx.needs_input_grad[1]:
-            xt = ctx.xt if x is None else x.detach().t().numpy()
+            xt = ctx.xt if x is None else _transposed(x, m)[0]
             grad_values = torch.empty(structure.nnz)
             if sampled_plan is not None:
                 sampled_plan.run(xt.ctypes.data, grad_values.numpy().ctypes.data, dyt.ctypes.data)
@@ -156,32 +175,126 @@ class _SparseLinearFunction(torch.autograd.Function):
         return grad_x, grad_values, grad_bias, None
 
 
-class SparseComputeLayer:
-    """The sparse-compute state of one ``nn.Linear``: its dense parameter (held by the pruner, refreshed on demand),
-    its compact ``weight_values`` parameter and the kernels' structure."""
+def _im2col_view(x: np.ndarray, kernel: tuple[int, int], dilation: tuple[int, int], stride: tuple[int, int],
+                 out_hw: tuple[int, int]) -> np.ndarray:
+    """The (C, kh, kw, B, Ho, Wo) strided view of a padded (B, C, H, W) array x (any strides) whose entries are the
+    im2col columns: [c, i, j, b, oh, ow] = x[b, c, oh * sh + i * dh, ow * sw + j * dw]."""
+    sb, sc, sh, sw = x.strides
+    return np.lib.stride_tricks.as_strided(
+        x, (x.shape[1], *kernel, x.shape[0], *out_hw),
+        (sc, sh * dilation[0], sw * dilation[1], sb, sh * stride[0], sw * stride[1]), writeable=False)
 
-    def __init__(self, name: str, module: nn.Linear, dense: nn.Parameter, keep: Tensor) -> None:
+
+class _SparseConvFunction(torch.autograd.Function):
+    """A Conv2d as a sparse product over its im2col columns: out (O, B*L) = W (O, C*kh*kw) @ cols (C*kh*kw, B*L),
+    the batch and output positions as the fast dimension; weight gradient an SDDMM of the output gradient with the
+    saved columns, input gradient W^T dy added back into the input's positions (col2im). The columns are one strided
+    numpy copy (``F.unfold`` took 2x longer, ``F.fold`` 3x)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, values: Tensor, bias: Tensor | None, layer: SparseComputeLayer) -> Tensor:
+        structure, module = layer.structure, layer.module
+        n_out, k = structure.shape
+        kernel, dilation, stride, padding = module.kernel_size, module.dilation, module.stride, module.padding
+        batch, channels = x.shape[:2]
+        padded = F.pad(x.detach(), (padding[1], padding[1], padding[0], padding[0])) if any(padding) else x.detach()
+        out_hw = tuple((size - dilation[d] * (kernel[d] - 1) - 1) // stride[d] + 1
+                       for d, size in enumerate(padded.shape[2:]))
+        if min(out_hw) <= 0:
+            raise ValueError(f"{layer.name}: input {list(x.shape)} is smaller than the kernel {list(kernel)}")
+        n = batch * out_hw[0] * out_hw[1]
+        m = _columns(n)
+        ld = _lead(m)
+        colst = np.empty((k, ld), np.float32)
+        if m != n:
+            colst[:, n:m] = 0.0
+        np.copyto(colst[:, :n].reshape(channels, *kernel, batch, *out_hw),
+                  _im2col_view(padded.numpy(), kernel, dilation, stride, out_hw))
+        out = np.empty((n_out, ld), np.float32)
+        out[:, :m] = 0.0 if bias is None else bias.detach().numpy()[:, None]
+        structure.plans(m, torch.get_num_threads())[0].run(colst.ctypes.data, out.ctypes.data)
+        ctx.save_for_backward(values)
+        ctx.layer, ctx.structure, ctx.colst, ctx.has_bias = layer, structure, colst, bias is not None
+        ctx.geometry, ctx.padded_shape, ctx.n, ctx.out_hw = (kernel, dilation, stride, padding), padded.shape, n, out_hw
+        return torch.from_numpy(out)[:, :n].view(n_out, batch, *out_hw).transpose(0, 1)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        if torch.is_grad_enabled():
+            raise RuntimeError("sparse compute does not support double backward (create_graph=True): call "
+                               "handle.remove() to train those layers dense")
+        (values,) = ctx.saved_tensors
+        structure, colst, n, out_hw = ctx.structure, ctx.colst, ctx.n, ctx.out_hw
+        if structure is not ctx.layer.structure:
+            raise RuntimeError("the layer was pruned again between its forward and backward; run the forward again")
+        n_out, k = structure.shape
+        batch = grad.shape[0]
+        m = _columns(n)
+        ld = colst.shape[1]
+        _, transposed_plan, sampled_plan = structure.plans(m, torch.get_num_threads())
+        dyt = np.empty((n_out, ld), np.float32)
+        if m != n:
+            dyt[:, n:m] = 0.0
+        np.copyto(dyt[:, :n].reshape(n_out, batch, *out_hw), grad.detach().numpy().transpose(1, 0, 2, 3))
+        grad_x = grad_values = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            kernel, dilation, stride, padding = ctx.geometry
+            torch.index_select(values.detach(), 0, structure.perm, out=structure.values_t)
+            dcols = np.zeros((k, ld), np.float32)
+            transposed_plan.run(dyt.ctypes.data, dcols.ctypes.data)
+            pb, pc, ph, pw = ctx.padded_shape
+            dx = np.zeros((pb, pc, ph, pw), np.float32)
+            into = np.lib.stride_tricks.as_strided(dx, _im2col_view(dx, kernel, dilation, stride, out_hw).shape,
+                                                   _im2col_view(dx, kernel, dilation, stride, out_hw).strides)
+            parts = dcols[:, :n].reshape(pc, *kernel, batch, *out_hw)
+            for i in range(kernel[0]):  # positions overlap across (i, j), never within one: one add per offset
+                for j in range(kernel[1]):
+                    target = into[:, i, j].transpose(1, 0, 2, 3)
+                    np.add(target, parts[:, i, j].transpose(1, 0, 2, 3), out=target)
+            grad_x = torch.from_numpy(dx)[:, :, padding[0]:ph - padding[0], padding[1]:pw - padding[1]]
+        if ctx.needs_input_grad[1]:
+            grad_values = torch.empty(structure.nnz)
+            if sampled_plan is not None:
+                sampled_plan.run(colst.ctypes.data, grad_values.numpy().ctypes.data, dyt.ctypes.data)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = torch.from_numpy(dyt[:, :n].sum(1, dtype=np.float32))
+        return grad_x, grad_values, grad_bias, None
+
+
+class SparseComputeLayer:
+    """The sparse-compute state of one ``nn.Linear`` or ``nn.Conv2d``: its dense parameter (held by the pruner,
+    refreshed on demand), its compact ``weight_values`` parameter and the kernels' structure (a convolution's
+    weight as the (out_channels, in_channels * kh * kw) matrix of its im2col product)."""
+
+    def __init__(self, name: str, module: nn.Linear | nn.Conv2d, dense: nn.Parameter, keep: Tensor) -> None:
         self.name, self.module, self.dense, self.original_class = name, module, dense, type(module)
-        self.structure = _Structure(keep.cpu().numpy(), np.zeros(int(keep.count_nonzero()), np.float32))
+        self.weight_shape = tuple(dense.shape)
+        self.conv = isinstance(module, nn.Conv2d)
+        self.structure = _Structure(keep.cpu().numpy().reshape(self.weight_shape[0], -1),
+                                    np.zeros(int(keep.count_nonzero()), np.float32))
         with torch.no_grad():
             self.structure.product.vals[:] = dense.detach().reshape(-1)[self.structure.positions_t].numpy()
         self.values = nn.Parameter(torch.from_numpy(self.structure.product.vals), requires_grad=dense.requires_grad)
 
     def dense_from(self, values: Tensor) -> Tensor:
-        out = torch.zeros(self.structure.shape, dtype=values.dtype)
+        out = torch.zeros(self.weight_shape, dtype=values.dtype)
         out.view(-1)[self.structure.positions_t] = values.detach()
         return out
 
-    def compact_from(self, dense: Tensor) -> Tensor:
-        return dense.detach().reshape(-1)[self.structure.positions_t].contiguous()
-
-    def __call__(self, x: Tensor) -> Tensor:
-        n_out, n_in = self.structure.shape
-        if x.dtype != torch.float32 or not x.is_cpu:
-            raise TypeError(f"sparse compute ({self.name}) runs on float32 CPU tensors, got {x.dtype} on {x.device}")
-        if x.shape[-1] != n_in:
-            raise ValueError(f"{self.name} expects last dim {n_in}, got shape {list(x.shape)}")
+    def _conv(self, x: Tensor) -> Tensor:
+        channels = self.weight_shape[1]
+        if x.dim() not in (3, 4) or x.shape[-3] != channels:
+            raise ValueError(f"{self.name} expects (N, {channels}, H, W) inputs, got shape {list(x.shape)}")
         values, bias = self.module.weight_values, self.module.bias
+        self._check_values(values)
+        if x.dim() == 3:
+            return _SparseConvFunction.apply(x[None], values, bias, self)[0]
+        if x.shape[0] == 0:
+            return nn.functional.conv2d(x, self.dense_from(values), bias, self.module.stride, self.module.padding,
+                                        self.module.dilation)
+        return _SparseConvFunction.apply(x, values, bias, self)
+
+    def _check_values(self, values: Tensor) -> None:
         if values.dtype != torch.float32 or not values.is_cpu:
             raise TypeError(f"sparse compute ({self.name}) needs float32 CPU weights, got {values.dtype} on "
                             f"{values.device}: call handle.remove() before changing dtype or device")
@@ -190,6 +303,20 @@ class SparseComputeLayer:
             structure.product.rebind_values(values.detach().contiguous().numpy())
             structure.values_address = structure.product.vals.ctypes.data
             structure._plans.clear()  # they hold the old values' address
+
+    def compact_from(self, dense: Tensor) -> Tensor:
+        return dense.detach().reshape(-1)[self.structure.positions_t].contiguous()
+
+    def __call__(self, x: Tensor) -> Tensor:
+        n_out, n_in = self.structure.shape
+        if x.dtype != torch.float32 or not x.is_cpu:
+            raise TypeError(f"sparse compute ({self.name}) runs on float32 CPU tensors, got {x.dtype} on {x.device}")
+        if self.conv:
+            return self._conv(x)
+        if x.shape[-1] != n_in:
+            raise ValueError(f"{self.name} expects last dim {n_in}, got shape {list(x.shape)}")
+        values, bias = self.module.weight_values, self.module.bias
+        self._check_values(values)
         if x.dim() == 2:
             if x.shape[0] == 0:
                 return x.new_zeros(0, n_out) + (bias if bias is not None else 0)
@@ -235,9 +362,9 @@ def _load_hook(module: nn.Module, state_dict: dict, prefix: str, local_metadata:
     if key in state_dict:
         layer = module._magprune_sparse
         weight = state_dict.pop(key)
-        if tuple(weight.shape) != layer.structure.shape:
+        if tuple(weight.shape) != layer.weight_shape:
             error_msgs.append(f"size mismatch for {key}: copying a param with shape {tuple(weight.shape)}, the "
-                              f"shape in current model is {layer.structure.shape}")
+                              f"shape in current model is {layer.weight_shape}")
             return
         state_dict[prefix + "weight_values"] = layer.compact_from(weight)
 
@@ -311,7 +438,7 @@ class SparseCompute:
         """Follow a deeper prune: keep the entries the pruner's masks still keep (weights, gradients, the attached
         optimizers' state), in the same parameter objects, with the kernels' structure built anew."""
         for name, layer in self.layers.items():
-            keep = self.pruner.masks[name].cpu().numpy()
+            keep = self.pruner.masks[name].cpu().numpy().reshape(layer.weight_shape[0], -1)
             new_positions = np.flatnonzero(keep)
             old_positions = layer.structure.positions
             if np.array_equal(new_positions, old_positions):
@@ -358,7 +485,7 @@ class SparseCompute:
                 layer.dense.grad = layer.dense_from(layer.values.grad)
 
             def expand(v: Tensor, key: str, layer: SparseComputeLayer = layer) -> Tensor:
-                out = torch.full(layer.structure.shape, SECOND_MOMENT_FILL if key in SECOND_MOMENT_KEYS else 0.0,
+                out = torch.full(layer.weight_shape, SECOND_MOMENT_FILL if key in SECOND_MOMENT_KEYS else 0.0,
                                  dtype=v.dtype)
                 out.view(-1)[layer.structure.positions_t] = v
                 return out
@@ -374,11 +501,18 @@ class SparseCompute:
         return f"{type(self).__name__}({self.names}, active={self._active})"
 
 
-def sparse_compute(model: nn.Module, pruner: Pruner, layers: Iterable[str] | None = None, *,
-                   max_density: float = MAX_DENSITY) -> SparseCompute:
-    """Compute only the kept connections of the pruner's pruned ``nn.Linear`` weights while retraining.
+def _sparse_conv_ok(module: nn.Module) -> bool:
+    return isinstance(module, nn.Conv2d) and type(module).forward is nn.Conv2d.forward and module.groups == 1 \
+        and module.padding_mode == "zeros" and not isinstance(module.padding, str)
 
-    Each such layer (of ``layers``, pruner parameter names, if given; density at most ``max_density``) gets a compact
+
+def sparse_compute(model: nn.Module, pruner: Pruner, layers: Iterable[str] | None = None, *,
+                   max_density: float = MAX_DENSITY, conv_max_density: float = CONV_MAX_DENSITY) -> SparseCompute:
+    """Compute only the kept connections of the pruner's pruned ``nn.Linear`` (and sparse enough ``nn.Conv2d``)
+    weights while retraining.
+
+    Each such layer (of ``layers``, pruner parameter names, if given; density at most ``max_density``, for a
+    convolution at most ``conv_max_density``: its im2col copies cost more than a denser product saves) gets a compact
     parameter ``weight_values`` in place of ``weight`` and runs forward, input gradient and weight gradient
     through the sparse kernels. Optimizers attached to the pruner (:meth:`Pruner.attach`) are switched to the
     compact parameters with their state; create other optimizers (and wrap the model in DDP) after this call.
@@ -386,7 +520,8 @@ def sparse_compute(model: nn.Module, pruner: Pruner, layers: Iterable[str] | Non
     ``pruner.prune`` (deeper only) rebuilds the layers. Returns a handle whose ``remove()`` switches back.
 
     Not supported (clear errors): regrowing prunes, double backward, non-float32 or CUDA weights or inputs.
-    Conv layers and layers above ``max_density`` stay dense under the pruner's masks.
+    Layers above those densities, grouped or padding-mode convolutions and other layer types stay dense under the
+    pruner's masks.
     """
     if not isinstance(pruner, Pruner):
         raise TypeError(f"pruner must be a magprune.Pruner, got {type(pruner).__name__}")
@@ -396,6 +531,8 @@ def sparse_compute(model: nn.Module, pruner: Pruner, layers: Iterable[str] | Non
         raise RuntimeError("sparse compute is already on for this pruner; call its handle's remove() first")
     if not 0.0 < max_density <= 1.0:
         raise ValueError(f"max_density must be in (0, 1], got {max_density}")
+    if not 0.0 <= conv_max_density <= 1.0:
+        raise ValueError(f"conv_max_density must be in [0, 1], got {conv_max_density}")
     modules = dict(model.named_modules())
     wanted = set(layers) if layers is not None else None
     if wanted is not None and (unknown := sorted(wanted - set(pruner.masks))):
@@ -405,21 +542,23 @@ def sparse_compute(model: nn.Module, pruner: Pruner, layers: Iterable[str] | Non
         if name not in pruner.masks or (wanted is not None and name not in wanted) or not name.endswith("weight"):
             continue
         module = modules.get(module_name(name) if "." in name else "")
-        if not isinstance(module, nn.Linear) or type(module).forward is not nn.Linear.forward \
-                or module.weight is not param:
+        linear = isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
+        if not (linear or _sparse_conv_ok(module)) or module.weight is not param:
             if wanted is not None:
-                raise ValueError(f"{name}: sparse compute supports nn.Linear weights only")
+                raise ValueError(f"{name}: sparse compute supports nn.Linear and nn.Conv2d weights (groups 1, zero "
+                                 "padding given as numbers) only")
             continue
         if param.device.type != "cpu":
             raise ValueError(f"{name}: sparse compute runs on CPU, the weight is on {param.device}")
         if param.dtype != torch.float32:
             raise TypeError(f"{name}: sparse compute supports float32 weights, got {param.dtype}")
         mask = pruner.masks[name]
-        if int(mask.count_nonzero()) > max_density * mask.numel():
+        if int(mask.count_nonzero()) > (max_density if linear else conv_max_density) * mask.numel():
             continue
         chosen[name] = SparseComputeLayer(name, module, param, mask)
     if not chosen:
-        raise ValueError(f"no pruned nn.Linear weight at density <= {max_density} among {sorted(pruner.masks)}")
+        raise ValueError(f"no pruned nn.Linear weight at density <= {max_density} (nn.Conv2d: <= {conv_max_density}) "
+                         f"among {sorted(pruner.masks)}")
     handle = SparseCompute(model, pruner, chosen)
     handle._install()
     pruner.compute_handles.append(handle)

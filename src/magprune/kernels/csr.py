@@ -352,14 +352,16 @@ class CSRProduct:
             return
         self.matmul_plan(batches, m, threads, widest).run(x.ctypes.data, out.ctypes.data)
 
-    def matmul_plan(self, batches: int, m: int, threads: int, widest: int | None = None) -> Plan:
-        """The plan of :meth:`matmul` for C-contiguous x (batches, n_in, m) and out (batches, n_rows, m), m > 0 a
-        multiple of 8: ``plan.run(x_address, out_address)`` runs it (the caller vouches for the arrays; sparse
-        compute calls it directly, a layer's per-call checks done once)."""
+    def matmul_plan(self, batches: int, m: int, threads: int, widest: int | None = None, ld: int | None = None) \
+            -> Plan:
+        """The plan of :meth:`matmul` for C-contiguous x (batches, n_in, ld) and out (batches, n_rows, ld) of which
+        the first m > 0 columns (a multiple of 8) count (``ld`` defaults to m): ``plan.run(x_address, out_address)``
+        runs it (the caller vouches for the arrays; sparse compute calls it directly, a layer's checks done once)."""
         threads = threads if self.vals.size * batches * m >= PARALLEL_MIN_WORK else 1
         widest = widest or block_width()
-        x_step, o_step = self.n_in * m, self.n_rows * m
-        key = ("matmul", threads, batches, m, widest)
+        ld = ld or m
+        x_step, o_step = self.n_in * ld, self.n_rows * ld
+        key = ("matmul", threads, batches, m, widest, ld)
         plan = self._plans.get(key)
         if plan is None:
             runs = [(offset * 4, count, kernel(width, self.cols.dtype, self.lanes))
@@ -368,10 +370,10 @@ class CSRProduct:
             # each task reads all of x again: as many tasks as keep that below the bytes of the weight, so late
             # threads can still be balanced where x is small (batch 32) and x is not re-read where it is large
             weight_bytes = self.vals.nbytes + self.cols.nbytes
-            x_bytes = 4 * batches * self.n_in * m
+            x_bytes = 4 * batches * self.n_in * ld
             parts = threads * max(min(CHUNKS_PER_THREAD, weight_bytes // max(x_bytes * threads, 1)), 1)
             plan = self._plan(key, threads, [
-                [[SPMM, fn, starts, ends, *data, offset, m, offset, m, *rows, count, batches, x_step, o_step]
+                [[SPMM, fn, starts, ends, *data, offset, ld, offset, ld, *rows, count, batches, x_step, o_step]
                  for starts, ends in itertools.pairwise(bounds) for offset, count, fn in runs]
                 for rows in self._ranges(parts)])
         return plan

@@ -113,7 +113,8 @@ def _sddmm_ir(lanes: int, index: str) -> str:
     lines += ["  %dp = getelementptr float, ptr %drow, i64 %j", f"  %dv = load {vec}, ptr %dp, align 4"]
     for g in range(GROUP):
         lines += [f"  %xp{g} = getelementptr float, ptr %xrowg{g}, i64 %j",
-                  f"  %xv{g} = load {vec}, ptr %xp{g}, align 4", f"  %gm{g} = fmul contract {vec} %dv, %xv{g}", f"  %gnew{g} = fadd contract {vec} %gacc{g}, %gm{g}"]
+                  f"  %xv{g} = load {vec}, ptr %xp{g}, align 4",
+                  f"  %gm{g} = fmul contract {vec} %dv, %xv{g}", f"  %gnew{g} = fadd contract {vec} %gacc{g}, %gm{g}"]
     lines += [f"  %j.next = add nuw i64 %j, {lanes}", "  %jmore = icmp ult i64 %j.next, %m",
               "  br i1 %jmore, label %gcol, label %group.store", "group.store:"]
     result = _reduce_tree([f"%gnew{g}" for g in range(GROUP)], lanes, lines)
@@ -196,12 +197,13 @@ class SampledProduct:
             return
         self.plan(m, threads).run(x.ctypes.data, out.ctypes.data, dy.ctypes.data)
 
-    def plan(self, m: int, threads: int) -> Plan:
-        """The plan of :meth:`run` for m > 0 columns (a multiple of 8), nnz > 0: ``plan.run(x_address,
-        out_address, dy_address)`` runs it (the caller vouches for the arrays)."""
+    def plan(self, m: int, threads: int, ld: int | None = None) -> Plan:
+        """The plan of :meth:`run` for m > 0 columns (a multiple of 8) of x and dy rows of ``ld`` floats (default
+        m), nnz > 0: ``plan.run(x_address, out_address, dy_address)`` runs it (the caller vouches for the arrays)."""
         lanes = 16 if vector_lanes() == 16 and m % 16 == 0 else 8
         threads = threads if self.nnz * m >= PARALLEL_MIN_WORK else 1
-        key = (threads, m, lanes)
+        ld = ld or m
+        key = (threads, m, lanes, ld)
         plan = self._plans.get(key)
         if plan is None:
             if len(self._plans) >= 16:
@@ -212,6 +214,6 @@ class SampledProduct:
             # arguments: starts, ends, cols, out (offset from out's base), x (offset from x's), ldx, dy (offset from
             # dy's base), ldd, r0, r1, m, unused
             plan = self._plans[key] = Plan(
-                [[[SDDMM, fn, starts, ends, self.cols.ctypes.data, 0, 0, m, 0, m, r0, r1, m, 0, 0, 0]]
+                [[[SDDMM, fn, starts, ends, self.cols.ctypes.data, 0, 0, ld, 0, ld, r0, r1, m, 0, 0, 0]]
                  for r0, r1 in ranges], threads)
         return plan
