@@ -38,12 +38,15 @@ def test_sddmm_matches_dense_product_at_kept_positions(m, lanes, n_in, monkeypat
     cols = np.nonzero(keep)[1].astype(np.uint8 if n_in <= 256 else np.uint16 if n_in <= 65536 else np.uint32)
     product = SampledProduct(indptr, cols, n_in)
     rng = np.random.default_rng(1)
-    x = rng.standard_normal((n_in, m)).astype(np.float32)
-    dy = rng.standard_normal((13, m)).astype(np.float32)
-    out = np.full(product.nnz, np.nan, np.float32)
-    product.run(x, dy, out, 2)
+    x = rng.standard_normal((3, n_in, m)).astype(np.float32)
+    dy = rng.standard_normal((3, 13, m)).astype(np.float32)
     rows, columns = np.nonzero(keep)
-    exact = (dy.astype(np.float64) @ x.astype(np.float64).T)[rows, columns]
+    out = np.full(product.nnz, np.nan, np.float32)
+    product.run(x[0], dy[0], out, 2)  # one block
+    exact = (dy[0].astype(np.float64) @ x[0].astype(np.float64).T)[rows, columns]
+    np.testing.assert_allclose(out, exact, rtol=1e-4, atol=1e-4)
+    product.run(x, dy, out, 2)  # three blocks, summed
+    exact = np.einsum("bow,biw->oi", dy.astype(np.float64), x.astype(np.float64))[rows, columns]
     np.testing.assert_allclose(out, exact, rtol=1e-4, atol=1e-4)
 
 

@@ -78,7 +78,7 @@ def _pool_ir(pause: str) -> str:
     mm_args = ", ".join(f"i64 {a}" for a in mm)
     mv_args = ", ".join(f"i64 {a}" for a in mv)
     mask_args = ", ".join(f"i64 {a}" for a in ["%xa", *args[:3]])
-    sd_args = ", ".join(f"i64 {a}" for a in [*args[:3], "%oa.sd", "%xa", args[5], "%ya.sd", *args[7:13]])
+    sd_args = ", ".join(f"i64 {a}" for a in [*args[:3], "%oa.sd", "%xa", args[5], "%ya.sd", *args[7:14]])
     mask = (1 << 20) - 1
     # Kernel arguments go through the records as int64 and are passed as such: pointers and int64 travel in the
     # same registers under the x86-64 and AArch64 C calling conventions.

@@ -5,8 +5,9 @@ The weight gradient of a pruned Linear is needed only at its kept connections: f
 layer's input and output gradient with the batch as the fast dimension (the layout sparse compute keeps its
 activations in). Per nonzero, one dot product of two contiguous rows of m floats.
 
-``sddmm_{L}_{index}`` runs the rows ``r0 <= r < r1`` for vectors of L floats (8: AVX2, 16: AVX-512; m a multiple
-of L) and column-index width uint8/16/32, as :data:`.pool.SDDMM` records. It takes the nonzeros of a row
+``sddmm_{L}_{index}`` adds into ``out`` the rows ``r0 <= r < r1`` of each block of x and dy (a convolution's
+im2col columns come as one block per image, so that a block stays in cache) for vectors of L floats (8: AVX2,
+16: AVX-512; m a multiple of L) and column-index width uint8/16/32, as :data:`.pool.SDDMM` records. It takes the nonzeros of a row
 :data:`GROUP` at a time: that many independent multiply-add chains, one ``<L x float>`` accumulator each, and one
 transposing reduction tree that sums them into ``GROUP`` results stored with one vector store (the first kernel, a
 horizontal sum per nonzero, two at a time, was 3-4x slower on LeNet-300-100's fc1 at batch 64 on AMD Zen 3).
@@ -84,11 +85,16 @@ def _reduce_tree(accs: list[str], lanes: int, out: list[str]) -> str:
 def _sddmm_ir(lanes: int, index: str) -> str:
     vec = f"<{lanes} x float>"
     lines = [f"define void @sddmm_{lanes}_{index}(ptr noalias %starts, ptr noalias %ends, ptr noalias %cols, "
-             "ptr noalias %gv, ptr noalias %x, i64 %ldx, ptr noalias %dy, i64 %ldd, i64 %r0, i64 %r1, "
-             "i64 %m, i64 %unused1, i64 %unused2) nounwind {",
+             "ptr noalias %gv, ptr noalias %x0, i64 %ldx, ptr noalias %dy0, i64 %ldd, i64 %r0, i64 %r1, "
+             "i64 %m, i64 %blocks, i64 %xstep, i64 %dstep) nounwind {",
              "entry:", "  %any = icmp ult i64 %r0, %r1", "  %cols.any = icmp ugt i64 %m, 0",
-             "  %go = and i1 %any, %cols.any", "  br i1 %go, label %row, label %exit",
-             "row:", "  %o = phi i64 [%r0, %entry], [%o.next, %row.end]",
+             "  %go = and i1 %any, %cols.any", "  br i1 %go, label %block, label %exit",
+             # blocks outermost (each block's x stays in cache for all the rows), the sums added into gv
+             "block:", "  %bk = phi i64 [0, %entry], [%bk.next, %block.end]",
+             "  %xboff = mul nuw i64 %bk, %xstep", "  %x = getelementptr float, ptr %x0, i64 %xboff",
+             "  %dboff = mul nuw i64 %bk, %dstep", "  %dy = getelementptr float, ptr %dy0, i64 %dboff",
+             "  br label %row",
+             "row:", "  %o = phi i64 [%r0, %block], [%o.next, %row.end]",
              "  %sp = getelementptr i32, ptr %starts, i64 %o", "  %s32 = load i32, ptr %sp",
              "  %ep = getelementptr i32, ptr %ends, i64 %o", "  %e32 = load i32, ptr %ep",
              "  %s = zext i32 %s32 to i64", "  %e = zext i32 %e32 to i64",
@@ -118,7 +124,9 @@ def _sddmm_ir(lanes: int, index: str) -> str:
     lines += [f"  %j.next = add nuw i64 %j, {lanes}", "  %jmore = icmp ult i64 %j.next, %m",
               "  br i1 %jmore, label %gcol, label %group.store", "group.store:"]
     result = _reduce_tree([f"%gnew{g}" for g in range(GROUP)], lanes, lines)
-    lines += ["  %gp = getelementptr float, ptr %gv, i64 %k", f"  store <{GROUP} x float> {result}, ptr %gp, align 4",
+    lines += ["  %gp = getelementptr float, ptr %gv, i64 %k", f"  %gold = load <{GROUP} x float>, ptr %gp, align 4",
+              f"  %gsum = fadd <{GROUP} x float> %gold, {result}",
+              f"  store <{GROUP} x float> %gsum, ptr %gp, align 4",
               "  br label %group",
               "single:", "  %k1 = phi i64 [%k, %group], [%k1.next, %single.store]",
               "  %one = icmp ult i64 %k1, %e", "  br i1 %one, label %single.body, label %row.end",
@@ -132,10 +140,13 @@ def _sddmm_ir(lanes: int, index: str) -> str:
               "  br i1 %sjmore, label %scol, label %single.store",
               "single.store:",
               f"  %ssum = call reassoc float @llvm.vector.reduce.fadd.v{lanes}f32(float 0.0, {vec} %snew)",
-              "  %sgp = getelementptr float, ptr %gv, i64 %k1", "  store float %ssum, ptr %sgp",
+              "  %sgp = getelementptr float, ptr %gv, i64 %k1", "  %sold = load float, ptr %sgp",
+              "  %snext = fadd float %sold, %ssum", "  store float %snext, ptr %sgp",
               "  %k1.next = add nuw i64 %k1, 1", "  br label %single",
               "row.end:", "  %o.next = add nuw i64 %o, 1", "  %rows.left = icmp ult i64 %o.next, %r1",
-              "  br i1 %rows.left, label %row, label %exit", "exit:", "  ret void", "}"]
+              "  br i1 %rows.left, label %row, label %block.end",
+              "block.end:", "  %bk.next = add nuw i64 %bk, 1", "  %bmore = icmp ult i64 %bk.next, %blocks",
+              "  br i1 %bmore, label %block, label %exit", "exit:", "  ret void", "}"]
     return "\n".join(lines)
 
 
@@ -181,29 +192,29 @@ class SampledProduct:
         return int(self.indptr[-1])
 
     def run(self, x: np.ndarray, dy: np.ndarray, out: np.ndarray, threads: int) -> None:
-        """Write the sampled products into ``out`` (nnz,) for x (n_in, m) and dy (n_rows, m), C-contiguous float32
-        with m a multiple of 8."""
-        if x.ndim != 2 or x.shape[0] != self.n_in or x.shape[1] % 8 or dy.shape != (self.n_rows, x.shape[1]) \
-                or out.shape != (self.nnz,) or not all(a.dtype == np.float32 and a.flags.c_contiguous
-                                                       for a in (x, dy, out)):
-            raise ValueError(f"SampledProduct.run wants C-contiguous float32 x ({self.n_in}, m), dy "
-                             f"({self.n_rows}, m) with m a multiple of 8 and out ({self.nnz},), got {x.dtype} "
+        """Write the sampled products into ``out`` (nnz,) for x (n_in, m) and dy (n_rows, m), or blocks of them
+        (B, n_in, m) and (B, n_rows, m) summed over the blocks; C-contiguous float32 with m a multiple of 8."""
+        x3, dy3 = (x[None], dy[None]) if x.ndim == 2 and dy.ndim == 2 else (x, dy)
+        if x3.ndim != 3 or x3.shape[1] != self.n_in or x3.shape[2] % 8 \
+                or dy3.shape != (x3.shape[0], self.n_rows, x3.shape[2]) or out.shape != (self.nnz,) \
+                or not all(a.dtype == np.float32 and a.flags.c_contiguous for a in (x3, dy3, out)):
+            raise ValueError(f"SampledProduct.run wants C-contiguous float32 x ([B,] {self.n_in}, m), dy "
+                             f"([B,] {self.n_rows}, m) with m a multiple of 8 and out ({self.nnz},), got {x.dtype} "
                              f"{x.shape}, {dy.dtype} {dy.shape}, {out.dtype} {out.shape}")
-        if self.nnz == 0:
+        out[:] = 0.0
+        blocks, _, m = x3.shape
+        if self.nnz == 0 or m == 0 or blocks == 0:
             return
-        m = x.shape[1]
-        if m == 0:
-            out[:] = 0.0
-            return
-        self.plan(m, threads).run(x.ctypes.data, out.ctypes.data, dy.ctypes.data)
+        self.plan(m, threads, blocks=blocks).run(x3.ctypes.data, out.ctypes.data, dy3.ctypes.data)
 
-    def plan(self, m: int, threads: int, ld: int | None = None) -> Plan:
-        """The plan of :meth:`run` for m > 0 columns (a multiple of 8) of x and dy rows of ``ld`` floats (default
-        m), nnz > 0: ``plan.run(x_address, out_address, dy_address)`` runs it (the caller vouches for the arrays)."""
+    def plan(self, m: int, threads: int, ld: int | None = None, blocks: int = 1) -> Plan:
+        """The plan of :meth:`run` for ``blocks`` blocks of m > 0 columns (a multiple of 8) of x and dy, rows
+        ``ld`` floats apart (default m), nnz > 0: ``plan.run(x_address, out_address, dy_address)`` *adds* the
+        products into out (zero it first; the caller vouches for the arrays)."""
         lanes = 16 if vector_lanes() == 16 and m % 16 == 0 else 8
-        threads = threads if self.nnz * m >= PARALLEL_MIN_WORK else 1
+        threads = threads if self.nnz * m * blocks >= PARALLEL_MIN_WORK else 1
         ld = ld or m
-        key = (threads, m, lanes, ld)
+        key = (threads, m, lanes, ld, blocks)
         plan = self._plans.get(key)
         if plan is None:
             if len(self._plans) >= 16:
@@ -212,8 +223,8 @@ class SampledProduct:
             starts, ends = self.indptr.ctypes.data, self.indptr.ctypes.data + 4
             ranges = row_splits(self.indptr, threads * CHUNKS_PER_THREAD) if threads > 1 else [(0, self.n_rows)]
             # arguments: starts, ends, cols, out (offset from out's base), x (offset from x's), ldx, dy (offset from
-            # dy's base), ldd, r0, r1, m, unused
+            # dy's base), ldd, r0, r1, m, blocks, x and dy floats from one block to the next
             plan = self._plans[key] = Plan(
-                [[[SDDMM, fn, starts, ends, self.cols.ctypes.data, 0, 0, ld, 0, ld, r0, r1, m, 0, 0, 0]]
-                 for r0, r1 in ranges], threads)
+                [[[SDDMM, fn, starts, ends, self.cols.ctypes.data, 0, 0, ld, 0, ld, r0, r1, m, blocks,
+                   self.n_in * ld, self.n_rows * ld]] for r0, r1 in ranges], threads)
         return plan
