@@ -9,9 +9,24 @@ import torch
 from torch import nn
 
 import magprune
+from magprune import sparse_training
 from magprune.kernels import sddmm
 from magprune.kernels.sddmm import SampledProduct
 from magprune.sparse_training import _Structure
+
+
+@pytest.fixture(autouse=True)
+def _every_size(monkeypatch):
+    """Small layers are computed sparse too here (by default they stay dense: see the test below)."""
+    monkeypatch.setattr(sparse_training, "MIN_WEIGHTS", 0)
+
+
+def test_small_layers_stay_dense_by_default(monkeypatch):
+    monkeypatch.undo()
+    model, pruner = _pruned()
+    assert magprune.sparse_compute(model, pruner).names == ["fc1.weight", "fc2.weight"]  # fc3: 1,000 weights
+    pruner.compute_handles[0].remove()
+    assert magprune.sparse_compute(model, pruner, min_weights=0).names == ["fc1.weight", "fc2.weight", "fc3.weight"]
 
 
 def _pattern(rows: int, n_in: int, density: float, seed: int) -> np.ndarray:
@@ -329,7 +344,7 @@ def _ddp_rank(rank: int, world: int, port: int, out: str) -> None:
     try:
         torch.set_num_threads(1)
         model, pruner = _small()
-        magprune.sparse_compute(model, pruner, max_density=1.0)
+        magprune.sparse_compute(model, pruner, max_density=1.0, min_weights=0)  # a spawned process: no fixture
         ddp = nn.parallel.DistributedDataParallel(model)
         optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
         generator = torch.Generator().manual_seed(5)

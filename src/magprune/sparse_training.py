@@ -25,6 +25,8 @@ from magprune.pruner import SECOND_MOMENT_FILL, SECOND_MOMENT_KEYS, Pruner
 from magprune.targets import module_name
 
 MAX_DENSITY = 0.5  # above this a layer stays dense: the kernels' per-nonzero cost passes the dense product's
+MIN_WEIGHTS = 1 << 13  # smaller layers stay dense: a sparse layer's fixed cost per call (~0.1 ms of Python and
+# autograd for forward and backward) passes a small dense product's (LeNet-300-100's fc3, 100 x 10, on Zen 3)
 CONV_MAX_DENSITY = 0.0  # convolutions opt in (conv_max_density=): measured slower than dense so far (docs/training.md)
 
 
@@ -510,12 +512,14 @@ def _sparse_conv_ok(module: nn.Module) -> bool:
 
 
 def sparse_compute(model: nn.Module, pruner: Pruner, layers: Iterable[str] | None = None, *,
-                   max_density: float = MAX_DENSITY, conv_max_density: float = CONV_MAX_DENSITY) -> SparseCompute:
+                   max_density: float = MAX_DENSITY, conv_max_density: float = CONV_MAX_DENSITY,
+                   min_weights: int | None = None) -> SparseCompute:
     """Compute only the kept connections of the pruner's pruned ``nn.Linear`` (and sparse enough ``nn.Conv2d``)
     weights while retraining.
 
     Each such layer (of ``layers``, pruner parameter names, if given; density at most ``max_density``, for a
-    convolution at most ``conv_max_density``: its im2col copies cost more than a denser product saves) gets a compact
+    convolution at most ``conv_max_density``: its im2col copies cost more than a denser product saves; at least
+    ``min_weights`` weights, default :data:`MIN_WEIGHTS`, unless named in ``layers``) gets a compact
     parameter ``weight_values`` in place of ``weight`` and runs forward, input gradient and weight gradient
     through the sparse kernels. Optimizers attached to the pruner (:meth:`Pruner.attach`) are switched to the
     compact parameters with their state; create other optimizers (and wrap the model in DDP) after this call.
@@ -557,6 +561,8 @@ def sparse_compute(model: nn.Module, pruner: Pruner, layers: Iterable[str] | Non
             raise TypeError(f"{name}: sparse compute supports float32 weights, got {param.dtype}")
         mask = pruner.masks[name]
         if int(mask.count_nonzero()) > (max_density if linear else conv_max_density) * mask.numel():
+            continue
+        if wanted is None and mask.numel() < (MIN_WEIGHTS if min_weights is None else min_weights):
             continue
         chosen[name] = SparseComputeLayer(name, module, param, mask)
     if not chosen:
