@@ -256,3 +256,23 @@ def test_channels_last_trains_like_the_default_layout(tmp_path):
         assert torch.equal(mask, plain_m[name])
         assert bool((cl_w[name][~mask] == 0).all())  # pruned entries exactly zero in the NHWC weights too
     assert cl["error_after"] == pytest.approx(plain["error_after"], abs=1 / 64)
+
+
+def test_model_weights_start_a_run_from_a_trained_model(tmp_path):
+    base = load_config(TINY).to_dict()
+    dense = run_experiment(from_dict({**base, "prune": []}), tmp_path / "dense", progress=False, echo=lambda _: None)
+    weights = tmp_path / "dense" / "model.safetensors"
+    # no dense epochs: the run prunes and retrains the given weights, starting from their error
+    config = from_dict({**base, "model": {**base["model"], "weights": str(weights)},
+                        "train": {**base["train"], "epochs": 0}})
+    summary = run_experiment(config, tmp_path / "pruned", progress=False, echo=lambda _: None)
+    assert summary["error_before"] == dense["error_after"]
+    assert summary["error_after"] != summary["error_before"]
+    for path, message in [(tmp_path / "missing.safetensors", "is not a file"),
+                          (tmp_path / "dense" / "config.yaml", "is not a safetensors file")]:
+        bad = from_dict({**config.to_dict(), "model": {**base["model"], "weights": str(path)}})
+        with pytest.raises(ConfigError, match=f"model.weights: .*{message}"):
+            run_experiment(bad, tmp_path / "bad", progress=False, echo=lambda _: None, )
+    other = from_dict({**config.to_dict(), "model": {"name": "lenet-300-100", "weights": str(weights)}})
+    with pytest.raises(ConfigError, match="model.weights: .* does not fit the model"):
+        run_experiment(other, tmp_path / "other", progress=False, echo=lambda _: None)

@@ -33,6 +33,7 @@ DISTRIBUTED = ("ddp", "fsdp")
 class ModelConfig:
     name: str = "lenet-300-100"
     kwargs: dict[str, Any] = field(default_factory=dict)
+    weights: str | None = None  # a safetensors state_dict to start from (e.g. a trained dense model's)
 
 
 @dataclass
@@ -181,12 +182,15 @@ def _fractions(value: Any, where: str, *, lo_open: bool, hi_open: bool) -> float
 def _model(raw: Any) -> ModelConfig:
     from magprune.models import list_models
 
-    raw = _keys(raw, "model", ["name", "kwargs"])
+    raw = _keys(raw, "model", ["name", "kwargs", "weights"])
     name = _choice(raw.get("name", "lenet-300-100"), "model.name", list_models())
     kwargs = raw.get("kwargs") or {}
     if not isinstance(kwargs, dict):
         raise ConfigError(f"model.kwargs: must be a mapping of constructor arguments, got {kwargs!r}")
-    return ModelConfig(name=name, kwargs=dict(kwargs))
+    weights = raw.get("weights")
+    if weights is not None and (not isinstance(weights, str) or not weights):
+        raise ConfigError(f"model.weights: must be the path of a safetensors file, got {weights!r}")
+    return ModelConfig(name=name, kwargs=dict(kwargs), weights=weights)
 
 
 def _data(raw: Any) -> DataConfig:

@@ -48,6 +48,24 @@ def build_model(config: ExperimentConfig) -> nn.Module:
         raise ConfigError(f"model.kwargs: {config.model.name} cannot be built with {kwargs!r} ({exc})") from exc
 
 
+def load_weights(model: nn.Module, path: str | Path) -> None:
+    """Load ``model.weights`` (a safetensors state_dict of this model, e.g. a finished run's model.safetensors)
+    into ``model``; a missing, unreadable or mismatching file is a ConfigError naming it and what is wrong."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"model.weights: {path} is not a file")
+    try:
+        tensors = load_safetensors(path.read_bytes())
+    except Exception as exc:
+        raise ConfigError(f"model.weights: {path} is not a safetensors file ({exc})") from exc
+    try:
+        with torch.no_grad():
+            model.load_state_dict(tensors, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()
+        raise ConfigError(f"model.weights: {path} does not fit the model: {' '.join(first[:3])}") from exc
+
+
 def run_experiment(config: ExperimentConfig, run_dir: str | Path, *, data_dir: str | None = None,
                    progress: bool = True, echo: Callable[[str], None] = print, resume: bool = False) -> dict[str, Any]:
     """Train, prune and retrain as ``config`` says, writing everything into ``run_dir``; returns the summary.
@@ -103,6 +121,8 @@ def open_run(config: ExperimentConfig, run_dir: Path, stages: list[Stage], *, da
          + (f"{len(validation[1])} validation / " if config.data.validation else "") + f"{len(test[1])} test)")
     torch.manual_seed(config.seed)
     model = build_model(config).to(device)
+    if config.model.weights:
+        load_weights(model, config.model.weights)
     if config.train.channels_last:
         model.to(memory_format=torch.channels_last)  # 4-d weights only: before the pruner and optimizers see them
     if config.train.distributed == "fsdp" and distributed.is_distributed():
