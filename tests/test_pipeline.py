@@ -268,6 +268,11 @@ def test_model_weights_start_a_run_from_a_trained_model(tmp_path):
     summary = run_experiment(config, tmp_path / "pruned", progress=False, echo=lambda _: None)
     assert summary["error_before"] == dense["error_after"]
     assert summary["error_after"] != summary["error_before"]
+    # a run's dense checkpoint (its keys under "model.") starts the same run
+    checkpoint = from_dict({**config.to_dict(), "model": {
+        **base["model"], "weights": str(tmp_path / "pruned" / "checkpoints" / "dense.safetensors")}})
+    again = run_experiment(checkpoint, tmp_path / "again", progress=False, echo=lambda _: None)
+    assert again["error_before"] == dense["error_after"] and again["error_after"] == summary["error_after"]
     for path, message in [(tmp_path / "missing.safetensors", "is not a file"),
                           (tmp_path / "dense" / "config.yaml", "is not a safetensors file")]:
         bad = from_dict({**config.to_dict(), "model": {**base["model"], "weights": str(path)}})

@@ -49,8 +49,8 @@ def build_model(config: ExperimentConfig) -> nn.Module:
 
 
 def load_weights(model: nn.Module, path: str | Path) -> None:
-    """Load ``model.weights`` (a safetensors state_dict of this model, e.g. a finished run's model.safetensors)
-    into ``model``; a missing, unreadable or mismatching file is a ConfigError naming it and what is wrong."""
+    """Load ``model.weights`` (a safetensors state_dict of this model: a finished run's model.safetensors, or the
+    dense network of a run, its checkpoints/dense.safetensors) into ``model``; a missing, unreadable or mismatching file is a ConfigError naming it and what is wrong."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"model.weights: {path} is not a file")
@@ -58,6 +58,8 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
         tensors = load_safetensors(path.read_bytes())
     except Exception as exc:
         raise ConfigError(f"model.weights: {path} is not a safetensors file ({exc})") from exc
+    if tensors and all(k.startswith("model.") for k in tensors):  # a run's checkpoints/dense.safetensors
+        tensors = {k.removeprefix("model."): v for k, v in tensors.items()}
     try:
         with torch.no_grad():
             model.load_state_dict(tensors, strict=True)
