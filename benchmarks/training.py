@@ -45,6 +45,7 @@ OPTIMIZERS = {
 VARIANTS = ("dense", "masked", "sparse")
 CONV_VARIANT = "sparse-conv"  # LeNet-5 only: conv2 (12% kept) computed sparse too (conv_max_density=0.2)
 TARGETS = {"lenet-300-100": 0.6, "lenet-5": 0.8, "alexnet-mlp": 0.35}  # sparse step / dense step (batch 64)
+STEPS_PER_ROUND = {"lenet-300-100": 10, "lenet-5": 3, "alexnet-mlp": 1}
 
 
 def alexnet_mlp() -> nn.Module:
@@ -78,13 +79,18 @@ def bench_case(network: str, optimizer_name: str, batch: int, rounds: int) -> di
     variants = VARIANTS + ((CONV_VARIANT,) if network == "lenet-5" else ())
     built = {v: build(network, v, optimizer_name) for v in variants}
 
+    repeat = STEPS_PER_ROUND[network]
+
     def step(variant: str) -> float:
+        """ms per step, averaged over the round's ``repeat`` back-to-back steps (one 2-5 ms step alone jitters by
+        +-50% on the 2-core machine)."""
         model, optimizer = built[variant]
         start = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
-        optimizer.step()
-        return (time.perf_counter() - start) * 1e3
+        for _ in range(repeat):
+            optimizer.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x), y).backward()
+            optimizer.step()
+        return (time.perf_counter() - start) * 1e3 / repeat
 
     for variant in variants:  # warm-up: first calls compile kernels, build plans, create optimizer state
         step(variant)
@@ -96,6 +102,7 @@ def bench_case(network: str, optimizer_name: str, batch: int, rounds: int) -> di
             times[variant].append(step(variant))
     ratios = {v: [t / d for t, d in zip(times[v], times["dense"], strict=True)] for v in variants if v != "dense"}
     return {"network": network, "optimizer": optimizer_name, "batch": batch, "rounds": rounds,
+            "steps_per_round": repeat,
             "ms_min": {v: min(t) for v, t in times.items()},
             "ms_median": {v: statistics.median(t) for v, t in times.items()},
             "ratio_median": {v: statistics.median(r) for v, r in ratios.items()},
@@ -156,7 +163,8 @@ def main() -> None:
     write_atomic(out / f"{stem}.md", (
         f"# Retraining step benchmark\n\n`{cmd}` — whole steps (zero_grad, forward, loss, backward, optimizer step), "
         "variants interleaved; ms are medians over rounds, ratios are per-round time / the same round's dense time "
-        f"(median and range over rounds; lower is better).\n\nMachine: {describe(info)}\n\n{json.dumps(info)}\n\n"
+        "(median and range over rounds; a round is 10 steps of each LeNet-300-100 variant, 3 of LeNet-5, 1 of the "
+        f"MLP; lower is better).\n\nMachine: {describe(info)}\n\n{json.dumps(info)}\n\n"
         f"{text}\n").encode())
 
 
