@@ -277,7 +277,8 @@ def test_model_weights_start_a_run_from_a_trained_model(tmp_path):
                           (tmp_path / "dense" / "config.yaml", "is not a safetensors file")]:
         bad = from_dict({**config.to_dict(), "model": {**base["model"], "weights": str(path)}})
         with pytest.raises(ConfigError, match=f"model.weights: .*{message}"):
-            run_experiment(bad, tmp_path / "bad", progress=False, echo=lambda _: None, )
+            run_experiment(bad, tmp_path / "bad", progress=False, echo=lambda _: None)
+        assert not (tmp_path / "bad").exists()  # nothing written for a run that cannot start
     other = from_dict({**config.to_dict(), "model": {"name": "lenet-300-100", "weights": str(weights)}})
     with pytest.raises(ConfigError, match="model.weights: .* does not fit the model"):
         run_experiment(other, tmp_path / "other", progress=False, echo=lambda _: None)

@@ -113,6 +113,10 @@ def open_run(config: ExperimentConfig, run_dir: Path, stages: list[Stage], *, da
     train = (train[0].to(device), train[1].to(device))
     validation = (validation[0].to(device), validation[1].to(device))
     test = (test[0].to(device), test[1].to(device))
+    torch.manual_seed(config.seed)
+    model = build_model(config).to(device)
+    if config.model.weights:
+        load_weights(model, config.model.weights)  # a bad file, like missing data, fails before anything is written
     lock = None
     if distributed.is_main():
         lock = lock_run_dir(run_dir)  # released when the run ends or the process dies
@@ -121,10 +125,6 @@ def open_run(config: ExperimentConfig, run_dir: Path, stages: list[Stage], *, da
     writer.write("config.yaml", config.to_yaml().encode())
     echo(f"{config.name}: {config.model.name} on {config.data.dataset} ({len(train[1])} train / "
          + (f"{len(validation[1])} validation / " if config.data.validation else "") + f"{len(test[1])} test)")
-    torch.manual_seed(config.seed)
-    model = build_model(config).to(device)
-    if config.model.weights:
-        load_weights(model, config.model.weights)
     if config.train.channels_last:
         model.to(memory_format=torch.channels_last)  # 4-d weights only: before the pruner and optimizers see them
     if config.train.distributed == "fsdp" and distributed.is_distributed():
