@@ -50,7 +50,8 @@ def build_model(config: ExperimentConfig) -> nn.Module:
 
 def load_weights(model: nn.Module, path: str | Path) -> None:
     """Load ``model.weights`` (a safetensors state_dict of this model: a finished run's model.safetensors, or the
-    dense network of a run, its checkpoints/dense.safetensors) into ``model``; a missing, unreadable or mismatching file is a ConfigError naming it and what is wrong."""
+    dense network of a run, its checkpoints/dense.safetensors) into ``model``; a missing, unreadable or mismatching
+    file is a ConfigError naming it and what is wrong."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"model.weights: {path} is not a file")
