@@ -41,10 +41,10 @@ def _columns(n: int) -> int:
 
 
 def _lead(m: int) -> int:
-    """Floats per row of the kernels' (rows, m) arrays. Up to 64 a row is one chunk of the products, read whole;
-    wider rows are read in 32- or 64-column chunks, and a power-of-two row stride (m = 256: 1 KiB, a conv's
-    B * L = 4096: 16 KiB) puts a chunk's rows into a few cache sets: the conv2 product of LeNet-5 at batch 64 ran
-    8x slower on Zen 3 with the stride 4096 than with 4096 + 16."""
+    """Floats per row of a Linear layer's (rows, m) arrays. Up to 64 a row is one chunk of the products, read whole;
+    wider rows are read in 32- or 64-column chunks and padded by 16 floats, so that a power-of-two row stride
+    (m = 256: 1 KiB) does not put a chunk's rows into a few cache sets. Not measured to matter: on a flat (K, 4096)
+    conv product the padding changed 9.4 ms to 8.9 ms (Zen 3, loaded machine), within noise."""
     return m if m <= 64 else m + 16
 
 
@@ -114,32 +114,29 @@ class _Structure:
     def nnz(self) -> int:
         return int(self.positions.size)
 
-    def plans(self, m: int, threads: int) -> tuple[Any, Any, Any]:
-        """(forward, input-gradient, weight-gradient) kernel plans for m batch columns in rows of _lead(m) floats,
-        cached: a step's calls then check nothing again (the arrays are the layer's own, made for these shapes)."""
-        key = (m, threads)
+    def plans(self, m: int, threads: int, blocks: int = 0) -> tuple[Any, Any, Any]:
+        """(forward, input-gradient, weight-gradient) kernel plans, cached: a step's calls then check nothing again
+        (the arrays are the layer's own, made for these shapes). ``blocks`` = 0: one (rows, m) array in rows of
+        _lead(m) floats (a Linear layer); else that many (rows, m) blocks, one per image (a convolution's columns)."""
+        key = (m, threads, blocks)
         found = self._plans.get(key)
         if found is None:
             if len(self._plans) >= 8:
                 self._plans.clear()
-            ld, widest = _lead(m), _widest(m)
-            found = self._plans[key] = (self.product.matmul_plan(1, m, threads, widest, ld),
-                                        self.product_t.matmul_plan(1, m, threads, widest, ld),
-                                        self.sampled.plan(m, threads, ld) if self.nnz else None)
+            ld, widest, batches = (m, _widest(m), blocks) if blocks else (_lead(m), _widest(m), 1)
+            found = self._plans[key] = (self.product.matmul_plan(batches, m, threads, widest, ld),
+                                        self.product_t.matmul_plan(batches, m, threads, widest, ld),
+                                        self.sampled.plan(m, threads, ld, batches) if self.nnz else None)
         return found
 
-    def conv_plans(self, batches: int, m: int, threads: int) -> tuple[Any, Any, Any]:
-        """:meth:`plans` for ``batches`` blocks of (rows, m) arrays, one per image (a convolution's columns)."""
-        key = ("conv", batches, m, threads)
-        found = self._plans.get(key)
-        if found is None:
-            if len(self._plans) >= 8:
-                self._plans.clear()
-            widest = _widest(m)
-            found = self._plans[key] = (self.product.matmul_plan(batches, m, threads, widest, m),
-                                        self.product_t.matmul_plan(batches, m, threads, widest, m),
-                                        self.sampled.plan(m, threads, m, batches) if self.nnz else None)
-        return found
+
+def _check_backward(ctx: Any) -> None:
+    """What neither sparse function supports at backward time, with the way out."""
+    if torch.is_grad_enabled():
+        raise RuntimeError("sparse compute does not support double backward (create_graph=True): call "
+                           "handle.remove() to train those layers dense")
+    if ctx.structure is not ctx.layer.structure:
+        raise RuntimeError("the layer was pruned again between its forward and backward; run the forward again")
 
 
 class _SparseLinearFunction(torch.autograd.Function):
@@ -163,13 +160,9 @@ class _SparseLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        if torch.is_grad_enabled():
-            raise RuntimeError("sparse compute does not support double backward (create_graph=True): call "
-                               "handle.remove() to train those layers dense")
+        _check_backward(ctx)
         values, x = ctx.saved_tensors
         structure, n = ctx.structure, ctx.n
-        if structure is not ctx.layer.structure:
-            raise RuntimeError("the layer was pruned again between its forward and backward; run the forward again")
         n_in = structure.shape[1]
         m = _columns(n)
         _, transposed_plan, sampled_plan = structure.plans(m, torch.get_num_threads())
@@ -188,11 +181,6 @@ class _SparseLinearFunction(torch.autograd.Function):
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = torch.from_numpy(dyt[:, :n].sum(1, dtype=np.float32))
         return grad_x, grad_values, grad_bias, None
-
-
-def _strided(a: np.ndarray, offset: int, shape: tuple[int, ...], strides: tuple[int, ...]) -> np.ndarray:
-    """A view of ``a``'s memory from float ``offset`` with the given shape and byte strides (writable)."""
-    return np.lib.stride_tricks.as_strided(a.reshape(-1)[offset:] if a.flags.c_contiguous else a, shape, strides)
 
 
 class _SparseConvFunction(torch.autograd.Function):
@@ -222,13 +210,13 @@ class _SparseConvFunction(torch.autograd.Function):
             cols[:, :, positions:] = 0.0
         source = padded.numpy()
         xb, xc, xh, xw = source.strides
-        np.copyto(_strided(cols, 0, (batch, channels, kh, kw, out_h, out_w),
-                           (4 * k * m, 4 * kh * kw * m, 4 * kw * m, 4 * m, 4 * out_w, 4)),
+        np.copyto(np.lib.stride_tricks.as_strided(cols, (batch, channels, kh, kw, out_h, out_w),
+                                                  (4 * k * m, 4 * kh * kw * m, 4 * kw * m, 4 * m, 4 * out_w, 4)),
                   np.lib.stride_tricks.as_strided(source, (batch, channels, kh, kw, out_h, out_w),
                                                   (xb, xc, xh * dh, xw * dw, xh * sh, xw * sw), writeable=False))
         out = np.empty((batch, n_out, m), np.float32)
         out[:] = 0.0 if bias is None else bias.detach().numpy()[None, :, None]
-        structure.conv_plans(batch, m, torch.get_num_threads())[0].run(cols.ctypes.data, out.ctypes.data)
+        structure.plans(m, torch.get_num_threads(), batch)[0].run(cols.ctypes.data, out.ctypes.data)
         ctx.save_for_backward(values)
         ctx.layer, ctx.structure, ctx.cols, ctx.has_bias = layer, structure, cols, bias is not None
         ctx.input_shape, ctx.out_hw = x.shape, (out_h, out_w)
@@ -236,21 +224,18 @@ class _SparseConvFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        if torch.is_grad_enabled():
-            raise RuntimeError("sparse compute does not support double backward (create_graph=True): call "
-                               "handle.remove() to train those layers dense")
+        _check_backward(ctx)
         (values,) = ctx.saved_tensors
         structure, cols, (out_h, out_w) = ctx.structure, ctx.cols, ctx.out_hw
-        if structure is not ctx.layer.structure:
-            raise RuntimeError("the layer was pruned again between its forward and backward; run the forward again")
         n_out = structure.shape[0]
         batch, _, m = cols.shape
         positions = out_h * out_w
-        sampled_plan = structure.conv_plans(batch, m, torch.get_num_threads())[2]
+        sampled_plan = structure.plans(m, torch.get_num_threads(), batch)[2]
         dy = np.empty((batch, n_out, m), np.float32)
         if m != positions:
             dy[:, :, positions:] = 0.0
-        np.copyto(_strided(dy, 0, (batch, n_out, out_h, out_w), (4 * n_out * m, 4 * m, 4 * out_w, 4)),
+        np.copyto(np.lib.stride_tricks.as_strided(dy, (batch, n_out, out_h, out_w),
+                                                  (4 * n_out * m, 4 * m, 4 * out_w, 4)),
                   grad.detach().numpy())
         grad_x = grad_values = grad_bias = None
         if ctx.needs_input_grad[0]:  # dense: oneDNN's backward-data beats a sparse product + col2im here
