@@ -222,10 +222,21 @@ def test_validation_split_is_held_out_and_reported(tmp_path):
     for key in ("validation_error_before", "validation_error_after"):
         assert 0 <= summary[key] <= 1 and round(summary[key] * 150) == pytest.approx(summary[key] * 150)
     assert "Validation error (the last 150 training images, held out)" in (tmp_path / "run" / "report.md").read_text()
+    # every epoch's row and log line carry the validation error (the one a recipe is chosen on); the last one is
+    # the final network's
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    epochs = [r for r in rows if r["epoch"] is not None]
+    assert [r["stage"] for r in epochs] == ["dense", "retrain-1"]
+    assert all(0 <= r["validation_error"] <= 1 for r in epochs)
+    assert epochs[-1]["validation_error"] == pytest.approx(summary["validation_error_after"])
+    assert "validation_error" in (tmp_path / "run" / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert sum(" epoch " in line and "validation error" in line and "test error" in line for line in lines) == 2
     without = run_experiment(from_dict({**raw, "data": {"dataset": "digits"}}), tmp_path / "run0", progress=False,
                              echo=lines.append)
     assert without["validation_error_after"] is None
     assert "Validation error" not in (tmp_path / "run0" / "report.md").read_text()
+    rows = [json.loads(line) for line in (tmp_path / "run0" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["validation_error"] is None for r in rows)
     raw["data"]["validation"] = 1348
     with pytest.raises(ConfigError, match="data.validation: must hold out fewer than the 1348"):
         run_experiment(from_dict(raw), tmp_path / "run1", progress=False, echo=lines.append)

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from magprune.fileio import write_atomic
 
 METRIC_FIELDS = ["stage", "step", "epoch", "lr", "train_loss", "train_error", "test_loss", "test_error",
-                 "sparsity", "seconds"]
+                 "validation_error", "sparsity", "seconds"]
 RESUME_FILE = "resume.pt"
 RESUME_VERSION = 2  # 2: the position is a stage index and that stage's own state
 

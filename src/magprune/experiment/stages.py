@@ -110,7 +110,10 @@ class RunContext:
     def log_epoch(self, step: int) -> Callable[[dict[str, Any]], None]:
         def log(row: dict[str, Any]) -> None:
             self.log(row, step)
-            self.echo(f"  {row['stage']} epoch {row['epoch']}: train loss {row['train_loss']:.4f}, "
+            # with a validation split its error comes first: it is the one a recipe is chosen on
+            held = "" if row.get("validation_error") is None else \
+                f"validation error {100 * row['validation_error']:.2f}%, "
+            self.echo(f"  {row['stage']} epoch {row['epoch']}: train loss {row['train_loss']:.4f}, {held}"
                       f"test error {100 * row['test_error']:.2f}% ({row['seconds']:.1f} s)")
         return log
 
@@ -121,7 +124,8 @@ class RunContext:
         penalized = list(self.pruner.params.values())
         trainer = Trainer(self.model, self.train, self.test, self.config.train, lr=lr, epochs=epochs, seed=seed,
                           stage=stage, penalized=compute.compact(penalized) if compute is not None else penalized,
-                          checkpoint_every=self.config.output.checkpoint_every, progress=self.progress)
+                          checkpoint_every=self.config.output.checkpoint_every, progress=self.progress,
+                          validation=self.validation)
         if state is not None:
             trainer.load_state(TrainState.from_dict(state))
         return trainer

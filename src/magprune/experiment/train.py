@@ -87,7 +87,8 @@ class TrainState:
 
 
 class Trainer:
-    """``epochs`` epochs of minibatch SGD/Adam over whole-tensor data, one metrics row (with test error) per epoch.
+    """``epochs`` epochs of minibatch SGD/Adam over whole-tensor data, one metrics row per epoch (test error, and the
+    validation error given a held-out ``validation`` split).
 
     ``penalized`` are the tensors ``cfg.regularization`` applies to (Han regularizes the prunable weights). Shuffling
     uses its own generator seeded from ``seed``, so a run is reproducible on one machine. The optimizer exists from
@@ -98,9 +99,11 @@ class Trainer:
 
     def __init__(self, model: nn.Module, train: tuple[Tensor, Tensor], test: tuple[Tensor, Tensor], cfg: TrainConfig,
                  *, lr: float | None = None, epochs: int | None = None, seed: int = 0, stage: str = "train",
-                 penalized: Sequence[Tensor] = (), checkpoint_every: int = 0, progress: bool = False) -> None:
+                 penalized: Sequence[Tensor] = (), checkpoint_every: int = 0, progress: bool = False,
+                 validation: tuple[Tensor, Tensor] | None = None) -> None:
         distributed.check_batch_size(cfg.batch_size, len(train[1]))
         self.model, self.train, self.test, self.cfg, self.stage = model, train, test, cfg, stage
+        self.validation = validation if validation is not None and len(validation[1]) else None
         self.lr = cfg.lr if lr is None else lr
         self.epochs = cfg.epochs if epochs is None else epochs
         self.penalized = list(penalized) if cfg.regularization != "none" and cfg.strength > 0 else []
@@ -172,10 +175,13 @@ class Trainer:
         loss_sum, wrong, seen = distributed.sum_over_ranks(self.sums)
         self.check_finite(loss_sum / seen)
         test_loss, test_error = evaluate(self.model, *self.test, batch_size=self.cfg.eval_batch_size)
+        validation_error = None if self.validation is None else \
+            evaluate(self.model, *self.validation, batch_size=self.cfg.eval_batch_size)[1]
         self.epoch, self.batch, self.sums = self.epoch + 1, 0, [0.0, 0, 0]
         return {"stage": self.stage, "epoch": self.epoch, "lr": self.optimizer.param_groups[0]["lr"],
                 "train_loss": loss_sum / seen, "train_error": wrong / seen,
-                "test_loss": test_loss, "test_error": test_error, "seconds": time.perf_counter() - start}
+                "test_loss": test_loss, "test_error": test_error, "validation_error": validation_error,
+                "seconds": time.perf_counter() - start}
 
     def check_finite(self, train_loss: float) -> None:
         """Raise :class:`TrainingDiverged` if the epoch's mean loss so far or a weight is NaN/inf: called before
