@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from magprune.cli import main
-from magprune.experiment.seeds import aggregate, parse_seeds, seed_row, spread
+from magprune.experiment.seeds import aggregate, frontier, parse_seeds, seed_row, spread
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "digits-tiny.yaml"
@@ -33,6 +33,24 @@ def test_spread_is_mean_sample_std_and_median():
     assert "validation_error_after" not in aggregate(rows)  # not measured: not aggregated
 
 
+def test_frontier_is_the_median_per_step_over_the_seeds_that_reached_it():
+    def summary(sparsities, errors):
+        # an older run's summary: no compression recorded per step, so it comes from the sparsity
+        return {"params_before": 110, "weights_before": 100, "report": {},
+                "steps": [{"step": i + 1, "sparsity": s, "error_retrained": e}
+                          for i, (s, e) in enumerate(zip(sparsities, errors, strict=True))]}
+    rows = [seed_row(0, summary([0.5, 0.9], [0.01, 0.02])), seed_row(1, summary([0.5, 0.8], [0.03, 0.04])),
+            seed_row(2, summary([0.5], [0.02]))]
+    assert rows[0]["steps"][1]["compression"] == pytest.approx(110 / 20)
+    points = frontier(rows)
+    assert [p["n"] for p in points] == [3, 2]
+    assert points[0]["compression"] == pytest.approx(110 / 60) and points[0]["error"] == pytest.approx(0.02)
+    assert (points[1]["error_min"], points[1]["error_max"]) == (0.02, 0.04)
+    assert points[1]["compression"] == pytest.approx(statistics.median([110 / 20, 110 / 30]))
+    assert points[0]["validation_error"] is None
+    assert frontier([seed_row(0, summary([0.5], [0.01]))]) == []  # one step is a point, not a curve
+
+
 def test_run_seeds_writes_each_seed_and_their_spread(tmp_path, capsys):
     out = tmp_path / "seeds"
     assert main(["run", str(TINY), "--seeds", "0,1", "--out", str(out), *FAST]) == 0
@@ -48,6 +66,20 @@ def test_run_seeds_writes_each_seed_and_their_spread(tmp_path, capsys):
     md = (out / "seeds.md").read_text()
     assert "| mean ± std |" in md and "| median |" in md and f"{100 * errors[1]:.2f}%" in md
     assert result["command"].startswith("magprune run ") and "--seeds 0,1" in result["command"]
+
+    # the config prunes in two steps: each step's compression and error after retraining make the frontier
+    for seed, summary in zip((0, 1), summaries, strict=True):
+        steps = summary["steps"]
+        assert steps[0]["compression"] < steps[1]["compression"]
+        assert steps[-1]["compression"] == pytest.approx(summary["compression"], rel=1e-6)  # nothing else is zero
+        assert [p["error"] for p in result["rows"][seed]["steps"]] == [st["error_retrained"] for st in steps]
+    assert [p["step"] for p in result["frontier"]] == [1, 2] and all(p["n"] == 2 for p in result["frontier"])
+    assert result["frontier"][1]["compression"] == pytest.approx(
+        statistics.median(s["steps"][1]["compression"] for s in summaries))
+    csv_lines = (out / "frontier.csv").read_text().splitlines()
+    assert csv_lines[0] == "seed,step,compression,test_error,validation_error" and len(csv_lines) == 5
+    assert (out / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "Iterative frontier" in md
 
     # a rerun reads the finished seeds back instead of training again; `magprune report` prints the table
     mtime = (out / "seed-0" / "summary.json").stat().st_mtime_ns

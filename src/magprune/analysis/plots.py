@@ -87,6 +87,35 @@ def plot_tradeoff(curves: Mapping[str, Sequence[tuple[float, float]]], path: str
     return path
 
 
+def plot_frontier(curves: Mapping[str, Sequence[tuple[float, float]]], path: str | os.PathLike, *,
+                  references: Sequence[tuple[str, float, float]] = (), dense: Sequence[float] = (),
+                  title: str = "Test error vs compression") -> Path:
+    """Iterative pruning's frontier: test error (%) vs compression (log scale), one curve per seed (``curves``:
+    label -> (compression, error) points in pruning order), published results as labelled markers
+    (``references``: (label, compression, error)) and the dense networks' errors as a band."""
+    fig = _figure(figsize=(7, 4.5))
+    ax = fig.subplots()
+    for label, points in curves.items():
+        ax.plot([c for c, _ in points], [100 * e for _, e in points], marker="o", markersize=3, label=label)
+    for (label, compression, error), marker in zip(references, "s^Dv", strict=False):
+        ax.plot([compression], [100 * error], marker=marker, linestyle="none", color="black", markersize=7,
+                markerfacecolor="none", label=f"{label}: {100 * error:.2f}% at {compression:g}x")
+    if dense:
+        ax.axhspan(100 * min(dense), 100 * max(dense), color="grey", alpha=0.2, label="dense (range over seeds)")
+    ax.set_xscale("log")
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}x"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlabel("compression (parameters / parameters kept, log scale)")
+    ax.set_ylabel("test error (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize="small", loc="best")
+    return _save(fig, path)
+
+
 HISTOGRAM_SAMPLE = 1 << 20  # weights kept per layer and stage for the histograms
 
 

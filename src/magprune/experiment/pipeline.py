@@ -247,10 +247,12 @@ def render_report(summary: dict[str, Any]) -> str:
               "the layer's input activations on the test set (zeros from ReLU and pruned neurons), as Han et al. "
               "count; the network's input counts as dense."]
     if summary["steps"]:
-        lines += ["", "## Pruning steps", "", "| step | criterion | sparsity | error pruned | error retrained |",
-                  "| ---: | --- | ---: | ---: | ---: |"]
+        lines += ["", "## Pruning steps", "",
+                  "| step | criterion | sparsity | compression | error pruned | error retrained |",
+                  "| ---: | --- | ---: | ---: | ---: | ---: |"]
         for s in summary["steps"]:
-            lines.append(f"| {s['step']} | {s['criterion']} | {100 * s['sparsity']:.2f}% | "
+            compression = "-" if s.get("compression") is None else f"{s['compression']:.1f}x"
+            lines.append(f"| {s['step']} | {s['criterion']} | {100 * s['sparsity']:.2f}% | {compression} | "
                          f"{100 * s['error_pruned']:.2f}% | {100 * s['error_retrained']:.2f}% |")
     lines += _quantize_report(summary.get("quantize"))
     for caption, file in summary.get("figures", []):

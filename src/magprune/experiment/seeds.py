@@ -57,17 +57,85 @@ def spread(values: Sequence[float]) -> dict[str, float | int]:
             "min": min(values), "max": max(values)}
 
 
+def _step_compression(step: dict[str, Any], summary: dict[str, Any]) -> float | None:
+    """A prune step's compression: recorded by the run, or (runs from before it was) from its sparsity."""
+    if step.get("compression") is not None:
+        return step["compression"]
+    params, weights = summary.get("params_before"), summary.get("weights_before")
+    if not params or weights is None or step.get("sparsity") is None:
+        return None
+    return params / (params - step["sparsity"] * weights)
+
+
 def seed_row(seed: int, summary: dict[str, Any]) -> dict[str, Any]:
-    """The per-seed numbers of one run's summary.json (None where the run did not measure one)."""
+    """The per-seed numbers of one run's summary.json (None where the run did not measure one), with each prune
+    step's compression and errors after its retraining (``steps``: the points of the iterative frontier)."""
     total = summary.get("report", {}).get("total", {})
     flops, left, han = total.get("flops"), total.get("remaining_flops"), total.get("han_flops")
+    steps = [{"step": st.get("step"), "compression": _step_compression(st, summary),
+              "error": st.get("error_retrained"), "validation_error": st.get("validation_error")}
+             for st in summary.get("steps", [])]
     return {"seed": seed, "error_before": summary.get("error_before"), "error_after": summary.get("error_after"),
             "validation_error_before": summary.get("validation_error_before"),
             "validation_error_after": summary.get("validation_error_after"),
             "compression": summary.get("compression"),
             "flops_kept": left / flops if flops and left is not None else None,
             "han_flops_kept": han / flops if flops and han is not None else None,
-            "wall_seconds": summary.get("wall_seconds")}
+            "wall_seconds": summary.get("wall_seconds"), "steps": steps}
+
+
+# Published points drawn beside a frontier (compression, test error): Han et al. 2015's Table 1 and the strongest
+# pruning-only rows on these nets, Dynamic Network Surgery (Guo et al. 2016; LeNet-5 108x in its paper, cited as
+# 111x elsewhere).
+FRONTIER_REFERENCES = {
+    "lenet-300-100": (("Han et al. 2015", 12.0, 0.0159), ("Dynamic Network Surgery", 56.0, 0.0199)),
+    "lenet-5": (("Han et al. 2015", 12.0, 0.0077), ("Dynamic Network Surgery", 108.0, 0.0091)),
+}
+
+
+def frontier(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per prune step over the seeds that reached it: the median compression and the median, min and max test
+    error after its retraining (and the median validation error where every seed has one). Empty unless the runs
+    pruned in two steps or more (one step is a point, not a curve)."""
+    depth = max((len(r.get("steps", [])) for r in rows), default=0)
+    if depth < 2:
+        return []
+    out = []
+    for i in range(depth):
+        points = [r["steps"][i] for r in rows if len(r.get("steps", [])) > i]
+        errors = [p["error"] for p in points if p["error"] is not None]
+        ratios = [p["compression"] for p in points if p["compression"] is not None]
+        held = [p["validation_error"] for p in points]
+        if not errors or not ratios:
+            continue
+        out.append({"step": i + 1, "n": len(points), "compression": statistics.median(ratios),
+                    "error": statistics.median(errors), "error_min": min(errors), "error_max": max(errors),
+                    "validation_error": statistics.median(held) if all(v is not None for v in held) else None})
+    return out
+
+
+def write_frontier(result: dict[str, Any], out: Path) -> list[Path]:
+    """frontier.csv (every seed's points) and frontier.png (a curve per seed, the published points) in ``out``;
+    nothing when the runs have no frontier."""
+    if not result.get("frontier"):
+        return []
+    from magprune.analysis.plots import plot_frontier
+
+    lines = ["seed,step,compression,test_error,validation_error"]
+    for row in result["rows"]:
+        for p in row.get("steps", []):
+            held = "" if p["validation_error"] is None else f"{p['validation_error']:.6g}"
+            lines.append(f"{row['seed']},{p['step']},{p['compression']:.6g},{p['error']:.6g},{held}")
+    write_atomic(out / "frontier.csv", ("\n".join(lines) + "\n").encode())
+    curves = {f"seed {row['seed']}": [(p["compression"], p["error"]) for p in row.get("steps", [])
+                                      if p["compression"] is not None and p["error"] is not None]
+              for row in result["rows"]}
+    # the published points are MNIST's: drawn only beside MNIST runs
+    references = FRONTIER_REFERENCES.get(result["model"], ()) if result.get("dataset") == "mnist" else ()
+    plot_frontier(curves, out / "frontier.png", references=references,
+                  dense=[r["error_before"] for r in result["rows"] if r.get("error_before") is not None],
+                  title=f"{result['name']}: test error vs compression, {len(result['rows'])} seed(s)")
+    return [out / "frontier.csv", out / "frontier.png"]
 
 
 def aggregate(rows: list[dict[str, Any]]) -> dict[str, dict[str, float | int]]:
@@ -123,9 +191,10 @@ def run_seeds(config: ExperimentConfig, out: str | Path, seeds: Sequence[int], *
         rows.append(seed_row(seed, summary))
     result = {"name": config.name, "model": config.model.name, "dataset": config.data.dataset,
               "validation": config.data.validation, "seeds": list(seeds), "command": command, "rows": rows,
-              "spread": aggregate(rows), "machine": machine_info()}
+              "spread": aggregate(rows), "frontier": frontier(rows), "machine": machine_info()}
     write_atomic(out / "seeds.json", (json.dumps(result, indent=2) + "\n").encode())
     write_atomic(out / "seeds.md", render_seeds(result).encode())
+    write_frontier(result, out)
     echo(render_seeds(result))
     return result
 
@@ -160,6 +229,14 @@ def render_seeds(result: dict[str, Any]) -> str:
             else:
                 cells.append(_cell(k, spreads[k]["median"]))
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    if result.get("frontier"):
+        lines += ["", "Iterative frontier (each prune step after its retraining; frontier.png, every seed's points in "
+                  "frontier.csv):", "", "| step | seeds | compression (median) | test error (median) | test error "
+                  "(range) | val. error (median) |", "| ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for p in result["frontier"]:
+            held = "-" if p["validation_error"] is None else f"{100 * p['validation_error']:.2f}%"
+            lines.append(f"| {p['step']} | {p['n']} | {p['compression']:.1f}x | {100 * p['error']:.2f}% | "
+                         f"{100 * p['error_min']:.2f}-{100 * p['error_max']:.2f}% | {held} |")
     machine = result["machine"]
     load = machine.get("load_average")
     lines += ["", f"std is the sample standard deviation over seeds (in the column's unit: percentage points for "

@@ -103,6 +103,13 @@ class RunContext:
             return None
         return evaluate(self.model, *self.validation, batch_size=self.config.train.eval_batch_size)[1]
 
+    def compression(self) -> float:
+        """All parameters / those not pruned away (Table 1's compression: biases and untargeted parameters count as
+        kept), from the masks now."""
+        total = sum(p.numel() for p in self.model.parameters())
+        targeted = sum(p.numel() for p in self.pruner.params.values())
+        return total / (total - self.pruner.sparsity() * targeted)
+
     def log(self, row: dict[str, Any], step: int) -> None:
         """Append a metrics row (``step``: 0 for dense training, i for the i-th prune step) with the sparsity now."""
         self.writer.log({**row, "step": step, "sparsity": self.pruner.sparsity()})
@@ -249,7 +256,9 @@ class PruneRetrain(Stage):
         error = ctx.evaluate()
         ctx.results["steps"].append({"step": i, "criterion": self.step.criterion,
                                      "densities": state["pruned"]["densities"], "sparsity": ctx.pruner.sparsity(),
-                                     "error_pruned": state["pruned"]["pruned_error"], "error_retrained": error})
+                                     "compression": ctx.compression(),
+                                     "error_pruned": state["pruned"]["pruned_error"], "error_retrained": error,
+                                     "validation_error": ctx.validation_error()})
         ctx.writer.checkpoint(self.name, ctx.whole_model(), ctx.whole_masks(),
                               {"stage": self.name, **ctx.results["steps"][-1]})
         ctx.echo(f"retrain {i}: test error {100 * error:.2f}%")
