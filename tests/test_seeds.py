@@ -104,3 +104,22 @@ def test_run_seeds_bad_list_is_a_usage_error(tmp_path, capsys):
     assert main(["run", str(TINY), "--seeds", "x", "--out", str(tmp_path / "o")]) == 2
     assert "--seeds must be" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_seed_placeholder_in_model_weights_starts_each_seed_from_its_own_model(tmp_path, capsys):
+    dense = tmp_path / "dense"
+    assert main(["run", str(TINY), "--seeds", "0,1", "--out", str(dense), "--set", "train.epochs=1", "--set",
+                 "prune=[]", "--no-progress"]) == 0
+    weights = str(dense / "seed-{seed}" / "checkpoints" / "dense.safetensors")
+    out = tmp_path / "pruned"
+    assert main(["run", str(TINY), "--seeds", "0,1", "--out", str(out), "--set", f"model.weights={weights}",
+                 *FAST, "--set", "train.epochs=0"]) == 0
+    result = json.loads((out / "seeds.json").read_text())
+    started = [json.loads((dense / f"seed-{s}" / "summary.json").read_text())["error_after"] for s in (0, 1)]
+    assert [r["error_before"] for r in result["rows"]] == started  # each seed from its own dense model
+    assert started[0] != started[1]
+    # one config for all the seeds: a rerun reads them back
+    capsys.readouterr()
+    assert main(["run", str(TINY), "--seeds", "0,1", "--out", str(out), "--set", f"model.weights={weights}",
+                 *FAST, "--set", "train.epochs=0"]) == 0
+    assert "seed 1: finished run" in capsys.readouterr().out

@@ -33,7 +33,8 @@ DISTRIBUTED = ("ddp", "fsdp")
 class ModelConfig:
     name: str = "lenet-300-100"
     kwargs: dict[str, Any] = field(default_factory=dict)
-    weights: str | None = None  # a safetensors state_dict to start from (e.g. a trained dense model's)
+    weights: str | None = None  # a safetensors state_dict to start from (e.g. a trained dense model's); "{seed}" in
+    # it is replaced by the run's seed
 
 
 @dataclass
