@@ -119,7 +119,8 @@ def open_run(config: ExperimentConfig, run_dir: Path, stages: list[Stage], *, da
     if config.model.weights:
         # "{seed}" in the path is the run's seed: one config (and one --seeds command) starts each seed from its own
         # trained model, e.g. model.weights=runs/X/seed-{seed}/checkpoints/dense.safetensors
-        load_weights(model, config.model.weights.replace("{seed}", str(config.seed)))  # a bad file, like missing data, fails before anything is written
+        # a bad file, like missing data, fails before anything is written
+        load_weights(model, config.model.weights.replace("{seed}", str(config.seed)))
     lock = None
     if distributed.is_main():
         lock = lock_run_dir(run_dir)  # released when the run ends or the process dies
