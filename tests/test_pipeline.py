@@ -62,23 +62,33 @@ def test_cli_run_writes_the_run_directory_and_report(tmp_path):
     assert shown.returncode == 0 and shown.stdout.strip() == report.strip()
 
 
-def test_cli_bad_config_is_one_line_and_exit_2(tmp_path):
+def test_cli_bad_config_is_one_line_and_exit_2(tmp_path, capsys):
+    from magprune.cli import main
+
     bad = tmp_path / "bad.yaml"
     bad.write_text("train: {lr: -1}\n")
-    done = cli("run", str(bad), "--out", str(tmp_path / "r"))
+    done = cli("run", str(bad), "--out", str(tmp_path / "r"))  # the real entry point, once
     assert done.returncode == 2
     assert done.stderr.strip().count("\n") == 0 and "Traceback" not in done.stderr
     assert "train.lr" in done.stderr and "-1" in done.stderr
-    done = cli("run", str(TINY), "--set", "prune.0.criterion=magic", "--out", str(tmp_path / "r"))
-    assert done.returncode == 2 and "prune[0].criterion" in done.stderr
-    done = cli("run", str(TINY), "--set", "data.dataset=mnist", "--data-dir", str(tmp_path), "--out",
-               str(tmp_path / "r2"))
-    assert done.returncode == 2 and str(tmp_path) in done.stderr and "train-images-idx3-ubyte" in done.stderr
+
+    def run(*args: str) -> tuple[int, str]:  # the rest in process: the same main(), without a torch import each
+        capsys.readouterr()
+        code = main(list(args))
+        return code, capsys.readouterr().err
+
+    code, err = run("run", str(TINY), "--set", "prune.0.criterion=magic", "--out", str(tmp_path / "r"))
+    assert code == 2 and "prune[0].criterion" in err and err.strip().count("\n") == 0
+    code, err = run("run", str(TINY), "--set", "data.dataset=mnist", "--data-dir", str(tmp_path), "--out",
+                    str(tmp_path / "r2"))
+    assert code == 2 and str(tmp_path) in err and "train-images-idx3-ubyte" in err
     assert not (tmp_path / "r2").exists()  # nothing written when the data is missing
-    done = cli("report", str(tmp_path))
-    assert done.returncode == 2 and "summary.json" in done.stderr
+    code, err = run("report", str(tmp_path))
+    assert code == 2 and "summary.json" in err
     for command in ([], ["run"], ["report"], ["demo"]):
-        assert cli(*command, "--help").returncode == 0
+        with pytest.raises(SystemExit) as exited:
+            main([*command, "--help"])
+        assert exited.value.code == 0 and "usage: magprune" in capsys.readouterr().out
 
 
 def test_two_runs_with_one_seed_give_identical_metrics(tmp_path):
