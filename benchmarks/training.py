@@ -8,6 +8,7 @@ taken within one round is far less noisy than a time).
 
     python benchmarks/training.py            # full run
     python benchmarks/training.py --quick    # smoke run (3 rounds, the AlexNet MLP at batch 64 only)
+    python benchmarks/training.py --threads 1 --network lenet-300-100   # as the pipeline's LeNet configs train
 
 Writes benchmarks/results/<LLVM host CPU>/training[_quick].{json,md} with the machine (magprune.environment). Sets
 OMP_WAIT_POLICY=PASSIVE unless set: torch's OpenMP threads otherwise spin after each op and take the cores from
@@ -136,9 +137,16 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="3 rounds, fewer cases")
     parser.add_argument("--rounds", type=int, default=None, help="timed rounds per case (default 20, AlexNet 6)")
     parser.add_argument("--network", action="append", choices=tuple(TARGETS), help="only these networks")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="intra-op threads for torch and the kernels (default: torch's, the cores); the pipeline's "
+                        "LeNet configs train at 1 (train.threads)")
     parser.add_argument("--out", type=Path, default=None,
                         help="directory for the JSON and Markdown results (default: results/<LLVM host CPU>/)")
     args = parser.parse_args()
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     info = machine()
     cases = [(net, opt, 64) for net in ("lenet-300-100", "lenet-5") for opt in OPTIMIZERS]
     cases += [("alexnet-mlp", opt, batch) for opt in OPTIMIZERS for batch in (64, 256)]
@@ -157,9 +165,10 @@ def main() -> None:
           f"{info['load_average_end']}")
     out = args.out or RESULTS / info["llvm_host_cpu"]
     out.mkdir(parents=True, exist_ok=True)
-    stem = "training_quick" if args.quick else "training"
+    stem = ("training_quick" if args.quick else "training") + (f"_{args.threads}thread" if args.threads else "")
     write_atomic(out / f"{stem}.json", json.dumps({"machine": info, "rows": rows}, indent=1).encode())
-    cmd = "python benchmarks/training.py" + (" --quick" if args.quick else "")
+    cmd = "python benchmarks/training.py" + (" --quick" if args.quick else "") + \
+        (f" --threads {args.threads}" if args.threads else "") + "".join(f" --network {n}" for n in args.network or ())
     write_atomic(out / f"{stem}.md", (
         f"# Retraining step benchmark\n\n`{cmd}` — whole steps (zero_grad, forward, loss, backward, optimizer step), "
         "variants interleaved; ms are medians over rounds, ratios are per-round time / the same round's dense time "
