@@ -17,6 +17,17 @@ def test_every_shipped_config_loads():
         assert config.prune, path
 
 
+@pytest.mark.parametrize("net", ["lenet-300-100", "lenet-5"])
+def test_fashion_mnist_configs_are_the_mnist_ones_with_another_dataset(net):
+    """The second dataset shows the method is not tuned to MNIST only if the recipe is the same one."""
+    mnist = load_config(CONFIGS / f"{net}-mnist.yaml").to_dict()
+    fashion = load_config(CONFIGS / f"{net}-fashion-mnist.yaml").to_dict()
+    assert fashion["data"]["dataset"] == "fashion-mnist" and fashion["name"] == f"{net}-fashion-mnist"
+    for config in (mnist, fashion):
+        del config["name"], config["data"]["dataset"]
+    assert fashion == mnist
+
+
 @pytest.mark.parametrize(("raw", "field", "value", "allowed"), [
     ({"train": {"lr": -0.1}}, "train.lr", "-0.1", "a number in (0.0"),
     ({"train": {"optimizer": "rmsprop"}}, "train.optimizer", "'rmsprop'", "['sgd', 'adam']"),
