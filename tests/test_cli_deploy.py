@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from in_process import run_cli
 from safetensors.torch import load_file, save_file
 
 import magprune
@@ -21,22 +22,6 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
                           timeout=120)
 
 
-class _InProcess:
-    """``magprune`` run in this process (the same ``main()`` as the entry point, without a fresh torch import per
-    call): its exit status and what it printed."""
-
-    def __init__(self, capsys: pytest.CaptureFixture) -> None:
-        self.capsys = capsys
-
-    def __call__(self, *args: str) -> subprocess.CompletedProcess:
-        from magprune.cli import main
-
-        self.capsys.readouterr()
-        code = main(list(args))
-        out, err = self.capsys.readouterr()
-        return subprocess.CompletedProcess(list(args), code, out, err)
-
-
 @pytest.fixture
 def run_dir(tmp_path):
     torch.manual_seed(0)
@@ -49,10 +34,9 @@ def run_dir(tmp_path):
     return tmp_path, model.eval()
 
 
-def test_export_compressed_and_shrunk_then_bench(run_dir, capsys):
+def test_export_compressed_and_shrunk_then_bench(run_dir):
     path, model = run_dir
-    cli = _InProcess(capsys)  # the real entry point once (the first export), then in process
-    done = _cli("export", str(path), "--format", "compressed")
+    done = _cli("export", str(path), "--format", "compressed")  # the real entry point once, then in process
     assert done.returncode == 0, done.stderr
     assert "total" in done.stdout
     state = load_compressed(path / "model.compressed.safetensors")
@@ -60,7 +44,7 @@ def test_export_compressed_and_shrunk_then_bench(run_dir, capsys):
         assert torch.equal(state[key], value)
 
     out = path / "small.safetensors"
-    done = cli("export", str(path), "--format", "shrunk", "--out", str(out))
+    done = run_cli("export", str(path), "--format", "shrunk", "--out", str(out))
     assert done.returncode == 0, done.stderr
     small = resize_to(magprune.create_model("lenet-300-100"), load_file(out)).eval()
     assert small.fc1.out_features < 300
@@ -68,7 +52,7 @@ def test_export_compressed_and_shrunk_then_bench(run_dir, capsys):
     with torch.no_grad():
         torch.testing.assert_close(small(x), model(x))
 
-    done = cli("bench", str(path / "model.compressed.safetensors"), "--batch-sizes", "1,4", "--repeats", "1")
+    done = run_cli("bench", str(path / "model.compressed.safetensors"), "--batch-sizes", "1,4", "--repeats", "1")
     assert done.returncode == 0, done.stderr
     assert "fc1" in done.stdout and "(whole model)" in done.stdout
 
@@ -79,25 +63,25 @@ def test_export_compressed_and_shrunk_then_bench(run_dir, capsys):
     (path / "flipped.safetensors").write_bytes(bytes(flipped))
     (path / "truncated.safetensors").write_bytes(data[:200])
     for name, why in (("flipped", "checksum"), ("truncated", "cannot read")):
-        done = cli("bench", str(path / f"{name}.safetensors"), "--batch-sizes", "1", "--repeats", "1")
+        done = run_cli("bench", str(path / f"{name}.safetensors"), "--batch-sizes", "1", "--repeats", "1")
         assert done.returncode == 2, done.stderr
         assert why in done.stderr and f"{name}.safetensors" in done.stderr and "Traceback" not in done.stderr
     good = str(path / "model.compressed.safetensors")
     for args, why in ((["--batch-sizes", "0"], "--batch-sizes"), (["--batch-sizes", "a"], "--batch-sizes"),
                       (["--input-shape", "3,3"], "does not fit"), (["--repeats", "0"], "--repeats")):
-        done = cli("bench", good, *args)
+        done = run_cli("bench", good, *args)
         assert done.returncode == 2 and why in done.stderr and "Traceback" not in done.stderr, done.stderr
 
 
-def test_export_refuses_a_bad_run_dir(tmp_path, capsys):
-    done = _InProcess(capsys)("export", str(tmp_path), "--format", "compressed")
+def test_export_refuses_a_bad_run_dir(tmp_path):
+    done = run_cli("export", str(tmp_path), "--format", "compressed")
     assert done.returncode != 0 and "config.yaml" in done.stderr
 
 
-def test_export_to_a_place_that_cannot_be_written_is_one_line(run_dir, capsys):
+def test_export_to_a_place_that_cannot_be_written_is_one_line(run_dir):
     path, _ = run_dir
     blocker = path / "a-file"
     blocker.write_text("not a directory")
-    done = _InProcess(capsys)("export", str(path), "--format", "compressed", "--out", str(blocker / "m.safetensors"))
+    done = run_cli("export", str(path), "--format", "compressed", "--out", str(blocker / "m.safetensors"))
     assert done.returncode == 2, done.stderr
     assert f"{blocker / 'm.safetensors'}: cannot write there" in done.stderr and "Traceback" not in done.stderr

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from in_process import run_cli
 from safetensors.torch import load_file
 from test_data import make_fake_mnist
 
@@ -72,10 +73,9 @@ def test_cli_bad_config_is_one_line_and_exit_2(tmp_path, capsys):
     assert done.stderr.strip().count("\n") == 0 and "Traceback" not in done.stderr
     assert "train.lr" in done.stderr and "-1" in done.stderr
 
-    def run(*args: str) -> tuple[int, str]:  # the rest in process: the same main(), without a torch import each
-        capsys.readouterr()
-        code = main(list(args))
-        return code, capsys.readouterr().err
+    def run(*args: str) -> tuple[int, str]:  # the rest in process
+        done = run_cli(*args)
+        return done.returncode, done.stderr
 
     code, err = run("run", str(TINY), "--set", "prune.0.criterion=magic", "--out", str(tmp_path / "r"))
     assert code == 2 and "prune[0].criterion" in err and err.strip().count("\n") == 0

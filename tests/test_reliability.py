@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from in_process import run_cli
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,24 +26,6 @@ ENV = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
 def magprune(args, cwd):
     return subprocess.run([sys.executable, "-m", "magprune", *args], cwd=cwd, env=ENV, capture_output=True,
                           text=True, timeout=300)
-
-
-def magprune_here(args, cwd):
-    """The same command through ``main()`` in this process (no torch import per call) for the checks that need no
-    separate process to kill: its exit status and output, as from :func:`magprune`."""
-    import contextlib
-    import io
-
-    from magprune.cli import main
-
-    out, err, before = io.StringIO(), io.StringIO(), os.getcwd()
-    os.chdir(cwd)
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            code = main(list(args))
-    finally:
-        os.chdir(before)
-    return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
 
 
 def outcome(run_dir: Path):
@@ -246,7 +229,7 @@ def test_a_second_run_on_the_same_directory_is_refused(tmp_path):
 
 def test_unusable_run_directory_is_reported_before_training(tmp_path):
     (tmp_path / "a-file").write_text("not a directory")
-    out = magprune_here(["run", str(CONFIG), "--out", "a-file/run", "--no-progress"], tmp_path)
+    out = run_cli("run", str(CONFIG), "--out", "a-file/run", "--no-progress", cwd=tmp_path)
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert "a-file/run" in out.stderr and "epoch" not in out.stdout
 
@@ -258,7 +241,7 @@ def test_diverging_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(
     way. With checkpoint_every, no checkpoint inside the diverging epoch may hold NaN weights (it used to)."""
     args = ["run", str(CONFIG), "--out", "nan", "--no-progress", "--set", "prune.0.retrain.lr_fraction=1e10",
             "--set", f"output.checkpoint_every={every}"]
-    out = magprune_here(args, tmp_path)
+    out = run_cli(*args, cwd=tmp_path)
     assert out.returncode == 1, out.stderr
     message = "retrain-1 epoch 1: the training loss is nan"
     assert message in out.stderr and "Traceback" not in out.stderr
@@ -270,7 +253,7 @@ def test_diverging_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(
     assert all(not state["model"][name][~mask].any() for name, mask in state["masks"].items())
     stages = [json.loads(line)["stage"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert stages == ["dense"] * 3 + ["prune-1"]  # the diverged epoch is not logged
-    again = magprune_here(["run", "--resume", "nan", "--no-progress"], tmp_path)
+    again = run_cli("run", "--resume", "nan", "--no-progress", cwd=tmp_path)
     assert again.returncode == 1 and message in again.stderr and "resuming nan at step-1" in again.stdout
 
 
@@ -280,41 +263,41 @@ class _Payload:
 
 
 def test_a_crafted_pickle_checkpoint_is_refused_without_running_it(tmp_path):
-    done = magprune_here(["run", str(CONFIG), "--out", "run", "--no-progress", "--set", "prune=[]",
-                     "--set", "train.epochs=1"], tmp_path)
+    done = run_cli("run", str(CONFIG), "--out", "run", "--no-progress", "--set", "prune=[]",
+                     "--set", "train.epochs=1", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     (tmp_path / "run" / "checkpoints" / "resume.pt").write_bytes(pickle.dumps({"version": 1, "x": _Payload()}))
-    out = magprune_here(["run", "--resume", "run", "--no-progress"], tmp_path)
+    out = run_cli("run", "--resume", "run", "--no-progress", cwd=tmp_path)
     assert out.returncode == 2 and "not a readable magprune checkpoint" in out.stderr
     assert "resume.pt" in out.stderr
     assert not (tmp_path / "PWNED").exists()
 
 
 def test_a_truncated_checkpoint_is_refused(tmp_path):
-    done = magprune_here(["run", str(CONFIG), "--out", "run", "--no-progress", "--set", "train.epochs=1"], tmp_path)
+    done = run_cli("run", str(CONFIG), "--out", "run", "--no-progress", "--set", "train.epochs=1", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     path = tmp_path / "run" / "checkpoints" / "resume.pt"
     path.write_bytes(path.read_bytes()[:1000])
-    out = magprune_here(["run", "--resume", "run", "--no-progress"], tmp_path)
+    out = run_cli("run", "--resume", "run", "--no-progress", cwd=tmp_path)
     assert out.returncode == 2 and "not a readable magprune checkpoint" in out.stderr
 
 
 def test_resume_needs_a_run_directory(tmp_path):
-    out = magprune_here(["run", "--resume", "nowhere", "--no-progress"], tmp_path)
+    out = run_cli("run", "--resume", "nowhere", "--no-progress", cwd=tmp_path)
     assert out.returncode == 2 and "holds no config.yaml" in out.stderr
 
 
 def test_corrupt_or_foreign_model_files_are_refused_by_name(tmp_path):
-    done = magprune_here(["run", str(CONFIG), "--out", "run", "--no-progress", "--set", "train.epochs=1",
-                     "--set", "prune=[]"], tmp_path)
+    done = run_cli("run", str(CONFIG), "--out", "run", "--no-progress", "--set", "train.epochs=1",
+                     "--set", "prune=[]", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     model_file = tmp_path / "run" / "model.safetensors"
     good = model_file.read_bytes()
     model_file.write_bytes(good[: len(good) // 2])
-    out = magprune_here(["export", "run", "--format", "compressed"], tmp_path)
+    out = run_cli("export", "run", "--format", "compressed", cwd=tmp_path)
     assert out.returncode == 2 and "model.safetensors" in out.stderr and "Traceback" not in out.stderr
     model_file.write_bytes(good)
     config = tmp_path / "run" / "config.yaml"
     config.write_text(config.read_text().replace("in_features: 64", "in_features: 100"))
-    out = magprune_here(["export", "run", "--format", "compressed"], tmp_path)
+    out = run_cli("export", "run", "--format", "compressed", cwd=tmp_path)
     assert out.returncode == 2 and "cannot be loaded into lenet-300-100" in out.stderr and "size mismatch" in out.stderr
