@@ -175,13 +175,16 @@ def test_linear_kernels_parallel_and_serial_with_padded_batches(monkeypatch, min
 
 @pytest.mark.parametrize("n_in, index_dtype", [(200, np.uint8), (3000, np.uint16), (70000, np.uint32)])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_simd_kernel_matches_numpy_for_every_width_index_type_and_tiling(n_in, index_dtype, threads, monkeypatch):
+@pytest.mark.parametrize("tile_major", [False, True])  # row-major tiles (AVX2 hosts, training) and tile-major
+def test_simd_kernel_matches_numpy_for_every_width_index_type_and_tiling(n_in, index_dtype, threads, tile_major,
+                                                                        monkeypatch):
     from magprune.deploy.modules import _csr_arrays
     from magprune.kernels import csr
     from magprune.kernels.csr import CSRProduct
 
     monkeypatch.setattr(csr, "PARALLEL_MIN_WORK", 0)  # small products too: the row split is what is tested
     monkeypatch.setattr(csr, "PARALLEL_MIN_NONZEROS", 0)
+    monkeypatch.setattr(csr, "major_tile_rows", lambda width: 48 if width >= 64 else 96)  # many tiles, ragged last
 
     rng = np.random.default_rng(n_in)
     weight = rng.standard_normal((37, n_in)).astype(np.float32) * (rng.random((37, n_in)) < 0.05)
@@ -190,7 +193,7 @@ def test_simd_kernel_matches_numpy_for_every_width_index_type_and_tiling(n_in, i
     indptr, cols, vals = _csr_arrays(torch.from_numpy(weight))
     assert cols.dtype == index_dtype
     for tile_rows in (n_in, 64):  # one tile, and many (row pointers split per tile)
-        product = CSRProduct(indptr, cols, vals, n_in, tile_rows)
+        product = CSRProduct(indptr, cols, vals, n_in, tile_rows, tile_major=tile_major)
         assert product.tiles.shape == (-(-n_in // tile_rows) + 1, 37)
         for m in (8, 16, 24, 32, 64, 72):  # every kernel width, and chunks of mixed widths
             x = rng.standard_normal((2, n_in, m)).astype(np.float32)
@@ -199,6 +202,7 @@ def test_simd_kernel_matches_numpy_for_every_width_index_type_and_tiling(n_in, i
             exact = weight.astype(np.float64) @ x + 0.5
             scale = np.abs(weight).astype(np.float64) @ np.abs(x) + 1.0  # float32 rounding grows with the row
             assert (np.abs(out - exact) <= 1e-5 * scale).all()
+        assert bool(product._major) == tile_major  # the tile-major copy was built and used, or not
         vector = x[0, :, 0].copy()
         out = np.full(37, 0.5, dtype=np.float32)
         product.matvec(vector, out, threads)
@@ -209,6 +213,28 @@ def test_simd_kernel_matches_numpy_for_every_width_index_type_and_tiling(n_in, i
     out = np.zeros((1, 37, 8), dtype=np.float32)
     copied.matmul(np.ones((1, n_in, 8), dtype=np.float32), out, threads)
     np.testing.assert_allclose(out[0, :, 0], weight.astype(np.float64).sum(axis=1), rtol=1e-4, atol=1e-2)
+
+
+def test_values_written_in_place_reach_the_batched_products(monkeypatch):
+    """A SparseLinear's batched calls read a tile-major copy of its values (AVX-512 hosts): writing ``vals`` in
+    place must not leave that copy stale (before the version check, the batch-2 output kept the old values)."""
+    from magprune.kernels import csr
+
+    monkeypatch.setattr(csr, "major_tile_rows", lambda width: 32)
+    torch.manual_seed(5)
+    linear = nn.Linear(100, 20)
+    with torch.no_grad():
+        linear.weight.mul_(torch.rand_like(linear.weight) < 0.3)
+    sparse = SparseLinear(linear)
+    sparse.product.tile_major = sparse.product._major_ok = True  # on any host
+    x = torch.randn(16, 100)
+    with torch.no_grad():
+        torch.testing.assert_close(sparse(x), linear(x), rtol=1e-4, atol=1e-5)
+        assert sparse.product._major  # the copy exists
+        sparse.vals.mul_(2.0)
+        linear.weight.mul_(2.0)
+        torch.testing.assert_close(sparse(x), linear(x), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(sparse(x[:1]), linear(x[:1]), rtol=1e-4, atol=1e-5)
 
 
 def test_simd_kernel_rejects_layouts_it_cannot_read():

@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from magprune.kernels import bitmask, csr, memory, pool
+from magprune.kernels import bitmask, csr, memory, pool, transpose
 from magprune.kernels.csr import CSRProduct
 
 
@@ -201,3 +201,37 @@ def test_kernels_are_built_for_the_hosts_vector_width():
     assert csr.default_tile_rows() == max(memory.l2_cache_bytes() // (8 * csr.block_width()), 256)
     with pytest.raises(ValueError, match="lanes must be 8"):
         csr.kernel(8, np.uint16, lanes=4)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("shape", [(1, 8, 8), (2, 13, 21), (3, 64, 200), (1, 300, 37), (4, 7, 5), (1, 1, 9),
+                                   (2, 40, 16)])
+def test_transpose_matches_numpy_for_ragged_and_batched_shapes(monkeypatch, threads, shape):
+    monkeypatch.setattr(transpose, "PARALLEL_MIN_FLOATS", 0)
+    src = np.random.default_rng(sum(shape)).standard_normal(shape).astype(np.float32)
+    dst = np.full((shape[0], shape[2], shape[1]), np.nan, np.float32)
+    assert transpose.transpose(src, dst, threads) is dst
+    assert np.array_equal(dst, src.transpose(0, 2, 1))
+
+
+def test_transpose_reads_and_writes_strided_views_only_inside_them():
+    big = np.random.default_rng(0).standard_normal((2, 20, 40)).astype(np.float32)
+    dst = np.zeros((2, 48, 24), np.float32)
+    transpose.transpose(big[:, 2:18, 3:35], dst[:, 4:36, 1:17], 2)
+    assert np.array_equal(dst[:, 4:36, 1:17], big[:, 2:18, 3:35].transpose(0, 2, 1))
+    dst[:, 4:36, 1:17] = 0.0
+    assert not dst.any()  # nothing written outside the view
+
+
+def test_transpose_refuses_what_it_cannot_write():
+    src = np.zeros((1, 8, 16), np.float32)
+    with pytest.raises(ValueError, match="must have shape"):
+        transpose.transpose(src, np.zeros((1, 8, 16), np.float32))
+    with pytest.raises(ValueError, match="float32"):
+        transpose.transpose(src.astype(np.float64), np.zeros((1, 16, 8)))
+    with pytest.raises(ValueError, match="unit-stride rows"):
+        transpose.transpose(np.zeros((1, 16, 8), np.float32).transpose(0, 2, 1), np.zeros((1, 16, 8), np.float32))
+    read_only = np.zeros((1, 16, 8), np.float32)
+    read_only.flags.writeable = False
+    with pytest.raises(ValueError, match="read-only"):
+        transpose.transpose(src, read_only)

@@ -98,12 +98,14 @@ class _Structure:
         rows, cols = np.divmod(self.positions, n_in)
         indptr = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=n_out))]).astype(np.int32)
         cols_w = cols.astype(_index_dtype(n_in))
-        self.product = CSRProduct(indptr, cols_w, np.ascontiguousarray(values, dtype=np.float32), n_in)
+        # row-major (tile_major=False): the optimizer steps the values in place, in the layer's own order
+        self.product = CSRProduct(indptr, cols_w, np.ascontiguousarray(values, dtype=np.float32), n_in,
+                                  tile_major=False)
         self.sampled = SampledProduct(indptr, cols_w, n_in)
         perm = np.lexsort((rows, cols))  # W^T's nonzeros (by column of W, then row) as indices into W's
         t_indptr = np.concatenate([[0], np.cumsum(np.bincount(cols, minlength=n_in))]).astype(np.int32)
         self.product_t = CSRProduct(t_indptr, rows[perm].astype(_index_dtype(n_out)),
-                                    np.zeros(perm.size, np.float32), n_out)
+                                    np.zeros(perm.size, np.float32), n_out, tile_major=False)
         self.values_t = torch.from_numpy(self.product_t.vals)
         self.perm = torch.from_numpy(perm)
         self.positions_t = torch.from_numpy(self.positions)
