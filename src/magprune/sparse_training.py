@@ -21,6 +21,7 @@ from torch.nn import functional as F
 
 from magprune.kernels.csr import CSRProduct
 from magprune.kernels.sddmm import SampledProduct
+from magprune.kernels.transpose import transpose
 from magprune.pruner import SECOND_MOMENT_FILL, SECOND_MOMENT_KEYS, Pruner
 from magprune.targets import module_name
 
@@ -75,7 +76,9 @@ def _transposed(a: Tensor, m: int) -> tuple[np.ndarray, bool]:
     out = np.empty((f, ld), np.float32)
     if m != n:
         out[:, n:m] = 0.0
-    if a.numel() <= SERIAL_COPY_MAX:
+    if a.dtype == torch.float32 and a.stride(1) == 1 and a.stride(0) >= f:  # contiguous rows: the transpose kernel
+        transpose(a.detach().numpy()[None], out[None, :, :n], torch.get_num_threads())
+    elif a.numel() <= SERIAL_COPY_MAX:
         np.copyto(out[:, :n], a.detach().numpy().T)
     else:
         torch.from_numpy(out)[:, :n].copy_(a.detach().t())
