@@ -3,7 +3,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from magprune import DropoutRescaler, LayerSparsity, Pruner, freeze, rescaled_dropout, weight_penalty
+from magprune import (DropoutRescaler, LayerSparsity, Pruner, add_penalty_gradient, freeze, rescaled_dropout,
+                      weight_penalty)
 
 
 def test_rescaled_dropout_is_hans_equation_2():
@@ -87,3 +88,33 @@ def test_dropout_rescaler_follows_the_weight_not_the_bias_with_include_bias(conv
     assert rescaler.mapping == {"drop": "fc1.weight"}
     pruner.prune(LayerSparsity({"fc1.weight": 0.91}))  # bias left dense: density 1.0
     assert rescaler.apply() == {"drop": pytest.approx(0.5 * 0.09**0.5, abs=1e-3)}
+
+
+@pytest.mark.parametrize("kind", ["l1", "l2"])
+def test_penalty_gradient_after_backward_equals_the_penalty_in_the_loss(kind):
+    """The pipeline adds the penalty's gradient after backward instead of putting the penalty in the loss: same
+    gradients, pruned entries still zero, frozen parameters untouched, an unused one given the penalty's alone."""
+    torch.manual_seed(0)
+    nets = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3), nn.Linear(2, 2))  # [3] unused
+        Pruner(net[0], ["weight"]).prune(LayerSparsity({"weight": 0.5}))
+        net[2].weight.requires_grad_(False)  # frozen
+        nets.append(net)
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    in_loss, after = nets
+    params = lambda net: [net[0].weight, net[2].weight, net[3].weight]  # noqa: E731
+    (F.cross_entropy(in_loss[2](in_loss[1](in_loss[0](x))), y) + weight_penalty(params(in_loss), kind, 0.3)).backward()
+    F.cross_entropy(after[2](after[1](after[0](x))), y).backward()
+    assert after[3].weight.grad is None
+    add_penalty_gradient(params(after), kind, 0.3)
+    for a, b in zip(params(in_loss), params(after), strict=True):
+        if a.grad is None:
+            assert b.grad is None  # the frozen one
+        else:
+            torch.testing.assert_close(b.grad, a.grad, rtol=1e-6, atol=1e-7)
+    assert after[2].weight.grad is None
+    assert (after[0].weight.grad[after[0].weight == 0] == 0).all()  # pruned entries get nothing
+    with pytest.raises(ValueError, match="kind"):
+        add_penalty_gradient(params(after), "l3", 0.1)

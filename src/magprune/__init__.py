@@ -10,7 +10,7 @@ from magprune.deploy import load_compressed, load_compressed_into, save_compress
 from magprune.models import create_model, list_models, register_model
 from magprune.pruner import OptimizerHandle, Pruner, PruningInvariantError
 from magprune.report import SparsityReport, sparsity_report
-from magprune.retrain import DropoutRescaler, freeze, rescaled_dropout, weight_penalty
+from magprune.retrain import DropoutRescaler, add_penalty_gradient, freeze, rescaled_dropout, weight_penalty
 from magprune.schedules import GradualCubic, Iterative, OneShot, PruningSchedule
 from magprune.sparse_training import SparseCompute, sparse_compute
 from magprune.targets import DEFAULT_LAYER_TYPES, register_layer_type
@@ -33,6 +33,7 @@ __all__ = [
     "SparsityReport",
     "StdThreshold",
     "__version__",
+    "add_penalty_gradient",
     "create_model",
     "freeze",
     "han2015",

@@ -16,7 +16,7 @@ from torch.nn import functional as F
 from magprune import sharding
 from magprune.experiment import distributed
 from magprune.experiment.config import LRSchedule, TrainConfig
-from magprune.retrain import weight_penalty
+from magprune.retrain import add_penalty_gradient, weight_penalty
 
 
 def make_optimizer(params: Iterable[Tensor], cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
@@ -107,6 +107,9 @@ class Trainer:
         self.lr = cfg.lr if lr is None else lr
         self.epochs = cfg.epochs if epochs is None else epochs
         self.penalized = list(penalized) if cfg.regularization != "none" and cfg.strength > 0 else []
+        # the penalty's gradient is added after backward (add_penalty_gradient); FSDP2 shards keep it in the loss,
+        # where _whole sums the shards' partial penalties
+        self._penalty_in_loss = any(sharding.is_sharded(p) for p in self.penalized)
         self.checkpoint_every, self.progress = checkpoint_every, progress
         # A fresh DDP wrapper per trainer: which parameters train (freezing) may change between stages. A model
         # sharded by FSDP2 (train.distributed: fsdp) was wrapped once, before the pruner took its parameters.
@@ -205,9 +208,11 @@ class Trainer:
         out = self.net(xb)
         loss = F.cross_entropy(out, yb)
         total = loss + _whole(weight_penalty(self.penalized, self.cfg.regularization, self.cfg.strength)) \
-            if self.penalized else loss
+            if self._penalty_in_loss else loss
         self.optimizer.zero_grad(set_to_none=True)
         (total * distributed.loss_scale(len(yb), len(indices))).backward()  # exact with uneven shards
+        if self.penalized and not self._penalty_in_loss:  # after DDP's average: the same on every rank
+            add_penalty_gradient(self.penalized, self.cfg.regularization, self.cfg.strength)
         self.optimizer.step()
         self.schedule.step()
         self.sums[0] += loss.item() * len(yb)
