@@ -1,9 +1,10 @@
 """Where a LeNet-5 run's time goes: forward, loss + L2 penalty, backward, optimizer step, test-set evaluation.
 
-Times the pipeline's own training step (batch 64, SGD momentum, L2 on the prunable weights through
-``magprune.retrain.weight_penalty``, a Pruner attached as in retraining) phase by phase, and the evaluation of a
-10,000-image test set, at 1 and 2 torch threads and a few cheap variants (weight decay in the optimizer instead of
-the loss penalty, channels_last). Variants run in interleaved rounds, in a shuffled order, so a shared machine's
+Times the pipeline's own training step (batch 64, SGD momentum, L2 on the prunable weights as the pipeline applies
+it, its gradient added after backward by ``magprune.retrain.add_penalty_gradient``, a Pruner attached as in
+retraining) phase by phase, and the evaluation of a 10,000-image test set, at 1 and 2 torch threads and a few
+variants (channels_last; L2 through ``weight_penalty`` in the loss as before 2026-12-02, or as SGD weight decay).
+Variants run in interleaved rounds, in a shuffled order, so a shared machine's
 load hits them alike; each reports the median over rounds. From the per-step and per-evaluation times it projects a
 whole ``configs/lenet-5-mnist.yaml`` run as the config stands (its dense and retraining epochs of 938 steps, one
 test-set evaluation per epoch and one after each pruning).
@@ -31,7 +32,7 @@ from magprune import Pruner, create_model, han2015
 from magprune.environment import describe, machine_info
 from magprune.experiment.config import load_config
 from magprune.fileio import write_atomic
-from magprune.retrain import weight_penalty
+from magprune.retrain import add_penalty_gradient, weight_penalty
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PHASES = ("forward", "loss", "backward", "optimizer")
@@ -45,18 +46,21 @@ def run_shape() -> tuple[int, int]:
     config = load_config(CONFIG)
     epochs = config.train.epochs + sum(step.retrain.epochs for step in config.prune)
     return epochs, epochs + len(config.prune)
-VARIANTS = {  # name: (threads, L2 as optimizer weight decay, channels_last)
-    "1 thread": (1, False, False),
-    "2 threads": (2, False, False),
-    "2 threads, weight decay in SGD": (2, True, False),
-    "2 threads, channels_last": (2, False, True),
+VARIANTS = {  # name: (threads, how L2 is applied, channels_last)
+    "1 thread": (1, "grad", False),
+    "2 threads": (2, "grad", False),
+    "2 threads, channels_last": (2, "grad", True),
+    "2 threads, channels_last, L2 in the loss (before 2026-12-02)": (2, "loss", True),
+    "2 threads, channels_last, L2 as SGD weight decay": (2, "decay", True),
 }
+# L2 ("grad"): the pipeline's way since 2026-12-02, its gradient added after backward (add_penalty_gradient);
+# "loss": weight_penalty in the loss, through autograd; "decay": SGD's weight_decay on the same weights
 
 
 class Setup:
-    def __init__(self, threads: int, decay: bool, channels_last: bool, seed: int = 0) -> None:
+    def __init__(self, threads: int, l2: str, channels_last: bool, seed: int = 0) -> None:
         torch.manual_seed(seed)
-        self.threads, self.decay, self.channels_last = threads, decay, channels_last
+        self.threads, self.l2, self.channels_last = threads, l2, channels_last
         self.model = create_model("lenet-5")
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -64,7 +68,7 @@ class Setup:
         self.pruner.prune(han2015("lenet-5"))
         penalized = list(self.pruner.params.values())
         self.penalized = penalized
-        if decay:  # the same L2 gradient (strength * w) added by SGD, on the same weights only
+        if l2 == "decay":  # the same L2 gradient (strength * w) added by SGD, on the same weights only
             ids = {id(p) for p in penalized}
             others = [p for p in self.model.parameters() if id(p) not in ids]
             groups = [{"params": penalized, "weight_decay": 5e-4}, {"params": others}]
@@ -86,15 +90,18 @@ class Setup:
             out = self.model(xb)
             t1 = time.perf_counter()
             loss = F.cross_entropy(out, yb)
-            if not self.decay:
+            if self.l2 == "loss":
                 loss = loss + weight_penalty(self.penalized, "l2", 5e-4)
             t2 = time.perf_counter()
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             t3 = time.perf_counter()
+            if self.l2 == "grad":
+                add_penalty_gradient(self.penalized, "l2", 5e-4)
+            t3b = time.perf_counter()
             self.optimizer.step()
             t4 = time.perf_counter()
-            for phase, seconds in zip(PHASES, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
+            for phase, seconds in zip(PHASES, (t1 - t0, t2 - t1 + t3b - t3, t3 - t2, t4 - t3b), strict=True):
                 spent[phase] += seconds
         return {phase: seconds / steps for phase, seconds in spent.items()}
 
