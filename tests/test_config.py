@@ -28,6 +28,18 @@ def test_fashion_mnist_configs_are_the_mnist_ones_with_another_dataset(net):
     assert fashion == mnist
 
 
+def test_the_long_lenet5_frontier_differs_from_the_frontier_only_in_its_retraining_epochs():
+    short = load_config(CONFIGS / "lenet-5-mnist-frontier.yaml").to_dict()
+    long = load_config(CONFIGS / "lenet-5-mnist-frontier-long.yaml").to_dict()
+    assert [step["retrain"]["epochs"] for step in short["prune"]] == [5] * 7
+    assert [step["retrain"]["epochs"] for step in long["prune"]] == [10] * 7
+    for config in (short, long):
+        del config["name"]
+        for step in config["prune"]:
+            del step["retrain"]["epochs"]
+    assert long == short
+
+
 @pytest.mark.parametrize(("raw", "field", "value", "allowed"), [
     ({"train": {"lr": -0.1}}, "train.lr", "-0.1", "a number in (0.0"),
     ({"train": {"optimizer": "rmsprop"}}, "train.optimizer", "'rmsprop'", "['sgd', 'adam']"),

@@ -3,8 +3,15 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from magprune import (DropoutRescaler, LayerSparsity, Pruner, add_penalty_gradient, freeze, rescaled_dropout,
-                      weight_penalty)
+from magprune import (
+    DropoutRescaler,
+    LayerSparsity,
+    Pruner,
+    add_penalty_gradient,
+    freeze,
+    rescaled_dropout,
+    weight_penalty,
+)
 
 
 def test_rescaled_dropout_is_hans_equation_2():
