@@ -520,3 +520,32 @@ def test_a_model_with_batchnorm_loads_back_from_its_compressed_file(tmp_path):
     save_compressed(model, tmp_path / "bn.safetensors")
     fresh = load_compressed_into(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)), tmp_path / "bn.safetensors")
     assert fresh[1].num_batches_tracked.shape == () and int(fresh[1].num_batches_tracked) == 1
+
+
+def test_a_batched_plan_keeps_the_arrays_it_reads_alive():
+    """A plan that another thread still runs must not read freed memory when values_changed() drops the
+    tile-major copy (or rebind_values the row-major values): the plan holds what its records point into."""
+    import gc
+    import weakref
+
+    from magprune.kernels.csr import CSRProduct
+
+    rng = np.random.default_rng(3)
+    weight = (rng.standard_normal((40, 300)) * (rng.random((40, 300)) < 0.2)).astype(np.float32)
+    indptr = np.concatenate([[0], np.cumsum((weight != 0).sum(axis=1))]).astype(np.int32)
+    product = CSRProduct(indptr, np.nonzero(weight)[1].astype(np.uint16), weight[weight != 0], 300,
+                         tile_major=True)
+    plan = product.matmul_plan(1, 32, 1)
+    (copy,) = product._major.values()
+    alive = weakref.ref(copy[2])  # the copy's values
+    del copy
+    product.values_changed()  # drops the copy the plan's records point into
+    gc.collect()
+    assert alive() is not None  # still held by the plan
+    x = rng.standard_normal((1, 300, 32)).astype(np.float32)
+    out = np.zeros((1, 40, 32), np.float32)
+    plan.run(x.ctypes.data, out.ctypes.data)
+    np.testing.assert_allclose(out[0], weight @ x[0], rtol=1e-4, atol=1e-4)
+    del plan
+    gc.collect()
+    assert alive() is None  # and freed with it

@@ -406,8 +406,10 @@ class CSRProduct:
             runs = [(offset * 4, count, kernel(width, self.cols.dtype, self.lanes))
                     for offset, width, count in column_chunks(m, widest)]
             bounds, data = self._bounds, self._data
+            keep = (self.cols, self.vals, self.tiles)
             if self._major_ok and self.vals.size:  # AVX-512: small tiles, their nonzeros in order (tile-major)
-                ptr, cols, vals, n_tiles = self._tile_major(major_tile_rows(min(widest, m)))
+                keep = self._tile_major(major_tile_rows(min(widest, m)))
+                ptr, cols, vals, n_tiles = keep
                 data = (cols.ctypes.data, vals.ctypes.data)
                 pairs = [(ptr.ctypes.data + 4 * t * self.n_rows, ptr.ctypes.data + 4 * t * self.n_rows + 4)
                          for t in range(n_tiles)]
@@ -422,6 +424,7 @@ class CSRProduct:
                 [[SPMM, fn, starts, ends, *data, offset, ld, offset, ld, *rows, count, batches, x_step, o_step]
                  for starts, ends in pairs for offset, count, fn in runs]
                 for rows in self._ranges(parts)])
+            plan.keep = keep  # the arrays its records point into live as long as the plan (values_changed, threads)
         return plan
 
     def conv_rows(self, x: np.ndarray, out: np.ndarray, out_h: int, row_step: int, threads: int) -> None:

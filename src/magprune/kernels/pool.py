@@ -286,6 +286,7 @@ class Plan:
         self.n_records, self.n_tasks = self.records.shape[0], self.tasks.shape[0]
         self.records_address, self.tasks_address = self.records.ctypes.data, self.tasks.ctypes.data
         self.threads = threads if self.n_tasks > 1 else 1
+        self.keep: object = None  # what the records point into, kept alive by the plan (set by its maker)
 
     def run(self, x_address: int, out_address: int, y_address: int = 0) -> None:
         """Run the plan with these bases added to the records' offsets (x, out and, for SDDMM records, dy)."""
