@@ -354,6 +354,7 @@ class CSRProduct:
         if len(self._plans) >= 16:  # a model sees few shapes; do not grow without bound on varying ones
             self._plans.clear()
         plan = self._plans[key] = Plan(per_task, threads)
+        plan.keep = (self.cols, self.vals, self.tiles)  # alive while the plan runs, whatever rebind_values does
         return plan
 
     def matvec(self, x: np.ndarray, out: np.ndarray, threads: int) -> None:
@@ -406,7 +407,7 @@ class CSRProduct:
             runs = [(offset * 4, count, kernel(width, self.cols.dtype, self.lanes))
                     for offset, width, count in column_chunks(m, widest)]
             bounds, data = self._bounds, self._data
-            keep = (self.cols, self.vals, self.tiles)
+            keep = None
             if self._major_ok and self.vals.size:  # AVX-512: small tiles, their nonzeros in order (tile-major)
                 keep = self._tile_major(major_tile_rows(min(widest, m)))
                 ptr, cols, vals, n_tiles = keep
@@ -424,7 +425,8 @@ class CSRProduct:
                 [[SPMM, fn, starts, ends, *data, offset, ld, offset, ld, *rows, count, batches, x_step, o_step]
                  for starts, ends in pairs for offset, count, fn in runs]
                 for rows in self._ranges(parts)])
-            plan.keep = keep  # the arrays its records point into live as long as the plan (values_changed, threads)
+            if keep is not None:  # the tile-major copy lives as long as the plan (values_changed drops it)
+                plan.keep = keep
         return plan
 
     def conv_rows(self, x: np.ndarray, out: np.ndarray, out_h: int, row_step: int, threads: int) -> None:
