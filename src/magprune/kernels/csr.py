@@ -298,7 +298,6 @@ class CSRProduct:
         self._plans: dict[tuple, Plan] = {}
         self._reach = int(self.cols.max()) if self.cols.size else 0  # the largest column (conv_rows' bounds check)
         self._major: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray, int]] = {}
-        self._major_ok = self.tile_major
 
     def __getstate__(self) -> dict:
         return {"n_in": self.n_in, "lanes": self.lanes, "cols": self.cols, "vals": self.vals, "tiles": self.tiles,
@@ -317,7 +316,7 @@ class CSRProduct:
         self.vals = vals
         self._data = (self.cols.ctypes.data, self.vals.ctypes.data)
         self._plans = {}
-        self._major, self._major_ok = {}, False  # values updated in place from now on: row-major only
+        self._major, self.tile_major = {}, False  # values updated in place from now on: row-major only
 
     def values_changed(self) -> None:
         """Say that ``vals`` was written in place: the tile-major copies of the batched products are dropped (they
@@ -350,11 +349,13 @@ class CSRProduct:
             return [(0, self.n_rows)] if self.n_rows else []
         return row_splits(self._row_nnz_end, parts)
 
-    def _plan(self, key: tuple, threads: int, per_task: list[list[list[int]]]) -> Plan:
+    def _plan(self, key: tuple, threads: int, per_task: list[list[list[int]]], keep: object = None) -> Plan:
+        """A cached plan holding ``keep`` (default: the row-major arrays), what its records point into, alive while
+        it runs, whatever rebind_values or values_changed drop meanwhile."""
         if len(self._plans) >= 16:  # a model sees few shapes; do not grow without bound on varying ones
             self._plans.clear()
         plan = self._plans[key] = Plan(per_task, threads)
-        plan.keep = (self.cols, self.vals, self.tiles)  # alive while the plan runs, whatever rebind_values does
+        plan.keep = (self.cols, self.vals, self.tiles) if keep is None else keep
         return plan
 
     def matvec(self, x: np.ndarray, out: np.ndarray, threads: int) -> None:
@@ -408,7 +409,7 @@ class CSRProduct:
                     for offset, width, count in column_chunks(m, widest)]
             bounds, data = self._bounds, self._data
             keep = None
-            if self._major_ok and self.vals.size:  # AVX-512: small tiles, their nonzeros in order (tile-major)
+            if self.tile_major and self.vals.size:  # AVX-512: small tiles, their nonzeros in order (tile-major)
                 keep = self._tile_major(major_tile_rows(min(widest, m)))
                 ptr, cols, vals, n_tiles = keep
                 data = (cols.ctypes.data, vals.ctypes.data)
@@ -424,9 +425,7 @@ class CSRProduct:
             plan = self._plan(key, threads, [
                 [[SPMM, fn, starts, ends, *data, offset, ld, offset, ld, *rows, count, batches, x_step, o_step]
                  for starts, ends in pairs for offset, count, fn in runs]
-                for rows in self._ranges(parts)])
-            if keep is not None:  # the tile-major copy lives as long as the plan (values_changed drops it)
-                plan.keep = keep
+                for rows in self._ranges(parts)], keep)
         return plan
 
     def conv_rows(self, x: np.ndarray, out: np.ndarray, out_h: int, row_step: int, threads: int) -> None:
