@@ -277,14 +277,22 @@ def test_unsupported_uses_are_refused_clearly():
         magprune.sparse_compute(model, pruner, layers=["nope.weight"])
 
 
+DIRECT = ({}, {"padding": 1}, {"padding": (2, 0), "kernel_size": (3, 2)}, {"kernel_size": 1})
+IM2COL = ({"stride": 2, "padding": 1}, {"dilation": 2, "padding": 2})
+
+
 @pytest.mark.parametrize("batch", [1, 3, 8])
-@pytest.mark.parametrize("geometry", [{}, {"stride": 2, "padding": 1}, {"dilation": 2, "padding": 2}],
-                         ids=["plain", "stride-pad", "dilated"])
-def test_sparse_conv_forward_and_gradients_match_masked_dense_autograd(batch, geometry):
+@pytest.mark.parametrize("geometry", DIRECT + IM2COL,
+                         ids=["plain", "padded", "rectangular", "1x1", "stride-pad", "dilated"])
+def test_sparse_conv_forward_and_gradients_match_masked_dense_autograd(batch, geometry, monkeypatch):
+    # stride 1 takes the direct products, the others im2col: the other path is made to fail here
+    other = sparse_training._SparseConvFunction if geometry in DIRECT else sparse_training._DirectConvFunction
+    monkeypatch.setattr(other, "apply", lambda *args: pytest.fail("took the other convolution path"))
     torch.manual_seed(batch)
-    conv = nn.Conv2d(6, 10, 3, **geometry)
+    conv = nn.Conv2d(6, 10, **{"kernel_size": 3, **geometry})
     keep = torch.rand(conv.weight.shape) < 0.15
     keep[3] = False  # an output channel with no kept weight
+    keep[:, 4] = False  # an input channel with none
     with torch.no_grad():
         conv.weight.mul_(keep)
     reference = copy.deepcopy(conv)
@@ -307,6 +315,30 @@ def test_sparse_conv_forward_and_gradients_match_masked_dense_autograd(batch, ge
     assert conv.weight.shape == reference.weight.shape and set(conv.state_dict()) == {"weight", "bias"}
 
 
+def test_direct_conv_reads_the_values_it_is_given_after_steps_rebinding_and_a_deeper_prune():
+    torch.manual_seed(4)
+    conv = nn.Conv2d(5, 7, 3, padding=1)
+    pruner = magprune.Pruner(conv)
+    pruner.prune(magprune.LayerSparsity({"weight": 0.9}))
+    handle = magprune.sparse_compute(conv, pruner)  # 10% kept: computed sparse by default
+    assert handle.names == ["weight"]
+    x = torch.randn(2, 5, 6, 6)
+
+    def dense() -> torch.Tensor:
+        return nn.functional.conv2d(x, conv.weight, conv.bias, padding=1)
+
+    conv(x)  # the direct products are built and cached here
+    with torch.no_grad():
+        conv.weight_values.mul_(-2.0)  # in place, as optimizers step
+    torch.testing.assert_close(conv(x), dense(), rtol=1e-5, atol=1e-5)
+    conv.weight_values.data = torch.randn(conv.weight_values.shape)  # new storage
+    torch.testing.assert_close(conv(x), dense(), rtol=1e-5, atol=1e-5)
+    handle.sync_dense()
+    pruner.prune(magprune.LayerSparsity({"weight": 0.95}))
+    assert conv.weight_values.numel() == int(pruner.masks["weight"].sum())
+    torch.testing.assert_close(conv(x), dense(), rtol=1e-5, atol=1e-5)
+
+
 def test_lenet5_trains_its_sparse_conv_and_keeps_the_dense_one_under_the_masks():
     torch.manual_seed(0)
     model = magprune.create_model("lenet-5")
@@ -314,9 +346,10 @@ def test_lenet5_trains_its_sparse_conv_and_keeps_the_dense_one_under_the_masks()
     pruner, ref_pruner = magprune.Pruner(model), magprune.Pruner(reference)
     pruner.prune(magprune.han2015("lenet-5"))
     ref_pruner.prune(magprune.han2015("lenet-5"))
-    assert sorted(magprune.sparse_compute(model, pruner).names) == ["fc1.weight", "fc2.weight"]  # convs: opt-in
+    assert sorted(magprune.sparse_compute(model, pruner, conv_max_density=0.0).names) == ["fc1.weight",
+                                                                                          "fc2.weight"]
     pruner.compute_handles[0].remove()
-    handle = magprune.sparse_compute(model, pruner, conv_max_density=0.2)
+    handle = magprune.sparse_compute(model, pruner)
     assert sorted(handle.names) == ["conv2.weight", "fc1.weight", "fc2.weight"]  # conv1 (66%) stays dense
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     ref_optimizer = torch.optim.SGD(reference.parameters(), lr=0.05, momentum=0.9)

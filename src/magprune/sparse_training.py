@@ -28,7 +28,11 @@ from magprune.targets import module_name
 MAX_DENSITY = 0.5  # above this a layer stays dense: the kernels' per-nonzero cost passes the dense product's
 MIN_WEIGHTS = 1 << 13  # smaller layers stay dense: a sparse layer's fixed cost per call (~0.1 ms of Python and
 # autograd for forward and backward) passes a small dense product's (LeNet-300-100's fc3, 100 x 10, on Zen 3)
-CONV_MAX_DENSITY = 0.0  # convolutions opt in (conv_max_density=): measured slower than dense so far (docs/training.md)
+# Convolutions up to this density are computed sparse (stride 1 directly over the padded images, else im2col):
+# LeNet-5's conv2 at 12% kept, forward and both gradients, 0.5x the dense layer's time; VGG-16's 3x3 layers (14x14
+# to 224x224 images, 20-50% kept) 0.96-2.0x, oneDNN's dense convolution running near the cores' peak (AVX-512 Intel
+# Xeon, 2 cores; docs/training.md)
+CONV_MAX_DENSITY = 0.15
 
 
 def _index_dtype(n: int) -> np.dtype:
@@ -114,6 +118,24 @@ class _Structure:
         self.positions_t = torch.from_numpy(self.positions)
         self._plans: dict[tuple, tuple[Any, Any, Any]] = {}
         self.values_address = self.product.vals.ctypes.data
+        self._direct: dict[tuple, _DirectConv] = {}
+
+    def direct(self, channels: int, kernel_size: tuple[int, int], padded: tuple[int, int]) -> _DirectConv:
+        """The flat products of a stride-1 convolution over padded images of ``padded`` (height, width), cached
+        (a model sees few input sizes)."""
+        key = (channels, kernel_size, padded)
+        found = self._direct.get(key)
+        if found is None:
+            if len(self._direct) >= 4:
+                self._direct.clear()
+            found = self._direct[key] = _DirectConv(self, channels, kernel_size, padded)
+        return found
+
+    def values_rebound(self) -> None:
+        """The forward product reads new values memory: drop what holds the old address."""
+        self.values_address = self.product.vals.ctypes.data
+        self._plans.clear()
+        self._direct.clear()
 
     @property
     def nnz(self) -> int:
@@ -133,6 +155,125 @@ class _Structure:
                                         self.product_t.matmul_plan(batches, m, threads, widest, ld),
                                         self.sampled.plan(m, threads, ld, batches) if self.nnz else None)
         return found
+
+
+class _DirectConv:
+    """A stride-1 convolution's kept taps as three flat products over its zero-padded input images, without
+    im2col (whose copy, K = C * kh * kw floats per output position, cost more than the sparse product saved).
+
+    With the padded images flat (Hp x Wp each, C planes), tap (c, i, j) of output channel o reads
+    ``x[c * Hp * Wp + i * Wp + j + t]`` for output position t = p * Wp + q: an output row of the product is
+    ``out_h`` rows of Wp floats (the last kw - 1 of each discarded), ``m`` floats in all (rounded up to 8):
+    - forward: out[b, o] += w * x[b, offset + 0:m] (:meth:`CSRProduct.flat_plan` with the taps' offsets);
+    - weight gradient: dW[o, tap] = dy[b, o] . x[b, offset + 0:m] summed over images (the SDDMM with ldx = 1),
+      dy laid out the same way with zeros at the discarded positions;
+    - input gradient: dx[b, c, s] += w * dy[b, o, s - offset] for s over the padded plane: a product over the
+      transposed pattern whose columns are offsets into the output gradient, its rows stored after ``prefix``
+      zeros (the largest offset of a tap within a plane) so that no offset is negative; the zeros at the
+      discarded positions make every out-of-window read count nothing.
+    Multiply-adds: nnz x (Wp / out_w) of the ideal for forward and weight gradient, nnz x Hp * Wp / (out_h * out_w)
+    for the input gradient (LeNet-5's conv2: 1.5x and 2.25x of 12% of the dense layer's)."""
+
+    def __init__(self, structure: _Structure, channels: int, kernel_size: tuple[int, int],
+                 padded: tuple[int, int]) -> None:
+        n_out, k = structure.shape
+        (kh, kw), (hp, wp) = kernel_size, padded
+        self.out_hw = (hp - kh + 1, wp - kw + 1)
+        self.image = channels * hp * wp
+        self.m = _columns(self.out_hw[0] * wp)  # floats per output row of a channel (forward, weight gradient)
+        self.m_in = _columns(hp * wp)  # floats per padded input plane (input gradient)
+        self.prefix = (kh - 1) * wp + kw - 1
+        self.row = self.prefix + self.m_in  # floats per output-gradient row: prefix zeros, then the m floats
+        rows, taps = np.divmod(structure.positions, k)
+        channel, rest = np.divmod(taps, kh * kw)
+        i, j = np.divmod(rest, kw)
+        within = i * wp + j
+        offsets = (channel * hp * wp + within).astype(_index_dtype(self.image))  # ascending within each row
+        indptr = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=n_out))]).astype(np.int32)
+        self.product = CSRProduct(indptr, offsets, structure.product.vals.copy(), self.image,
+                                  tile_rows=max(self.image, 1), tile_major=False)
+        self.product.rebind_values(structure.product.vals)  # the layer's live values, stepped in place
+        self.sampled = SampledProduct(indptr, offsets, self.image)
+        t_cols = rows * self.row + self.prefix - within
+        perm = np.lexsort((t_cols, channel))
+        t_indptr = np.concatenate([[0], np.cumsum(np.bincount(channel, minlength=channels))]).astype(np.int32)
+        n_t = max(n_out * self.row, 1)
+        self.product_t = CSRProduct(t_indptr, t_cols[perm].astype(_index_dtype(n_t)), np.zeros(perm.size, np.float32),
+                                    n_out * self.row, tile_rows=n_t, tile_major=False)
+        self.values_t = torch.from_numpy(self.product_t.vals)
+        self.perm = torch.from_numpy(perm)
+
+    def padded_input(self, x: Tensor, padding: tuple[int, int]) -> np.ndarray:
+        """The batch as flat padded images followed by a tail of zeros (the products read up to m floats past the
+        last image's largest offset)."""
+        batch, channels, height, width = x.shape
+        (ph, pw), image = padding, self.image
+        flat = np.empty(batch * image + self.m, np.float32)
+        flat[batch * image:] = 0.0
+        source = x.detach().numpy()
+        if ph or pw:
+            planes = flat[:batch * image].reshape(batch, channels, height + 2 * ph, width + 2 * pw)
+            planes[:, :, :ph], planes[:, :, ph + height:] = 0.0, 0.0
+            planes[:, :, ph:ph + height, :pw], planes[:, :, ph:ph + height, pw + width:] = 0.0, 0.0
+            planes[:, :, ph:ph + height, pw:pw + width] = source
+        else:
+            np.copyto(flat[:batch * image].reshape(source.shape), source)
+        return flat
+
+
+class _DirectConvFunction(torch.autograd.Function):
+    """A stride-1 Conv2d through :class:`_DirectConv`'s three flat products."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, values: Tensor, bias: Tensor | None, layer: SparseComputeLayer) -> Tensor:
+        structure, module = layer.structure, layer.module
+        (ph, pw), (kh, kw) = module.padding, module.kernel_size
+        batch, channels, height, width = x.shape
+        hp, wp = height + 2 * ph, width + 2 * pw
+        if hp < kh or wp < kw:
+            raise ValueError(f"{layer.name}: input {list(x.shape)} is smaller than the kernel {[kh, kw]}")
+        direct = structure.direct(channels, (kh, kw), (hp, wp))
+        out_h, out_w = direct.out_hw
+        flat = direct.padded_input(x, (ph, pw))
+        n_out = structure.shape[0]
+        out = np.empty((batch, n_out, direct.m), np.float32)
+        out[:] = 0.0 if bias is None else bias.detach().numpy()[None, :, None]
+        direct.product.flat_plan(batch, direct.m, torch.get_num_threads()).run(flat.ctypes.data, out.ctypes.data)
+        ctx.save_for_backward(values)
+        ctx.layer, ctx.structure, ctx.direct, ctx.flat, ctx.has_bias = layer, structure, direct, flat, \
+            bias is not None
+        ctx.input_shape = x.shape
+        y = torch.from_numpy(out)[:, :, :out_h * wp].unflatten(2, (out_h, wp))[..., :out_w]
+        return y.contiguous()
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        _check_backward(ctx)
+        (values,) = ctx.saved_tensors
+        structure, direct, flat = ctx.structure, ctx.direct, ctx.flat
+        batch, channels, height, width = ctx.input_shape
+        (ph, pw), (out_h, out_w) = ctx.layer.module.padding, direct.out_hw
+        n_out, row, wp = structure.shape[0], direct.row, width + 2 * pw
+        threads = torch.get_num_threads()
+        dy = np.zeros((batch, n_out, row), np.float32)
+        np.copyto(np.lib.stride_tricks.as_strided(dy[:, :, direct.prefix:], (batch, n_out, out_h, out_w),
+                                                  (4 * n_out * row, 4 * row, 4 * wp, 4)), grad.detach().numpy())
+        grad_x = grad_values = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            torch.index_select(values.detach(), 0, direct.perm, out=direct.values_t)
+            dx = np.zeros((batch, channels, direct.m_in), np.float32)
+            direct.product_t.flat_plan(batch, direct.m_in, threads).run(dy.ctypes.data, dx.ctypes.data)
+            planes = torch.from_numpy(dx)[:, :, :(height + 2 * ph) * wp].unflatten(2, (height + 2 * ph, wp))
+            grad_x = planes[:, :, ph:ph + height, pw:pw + width]
+        if ctx.needs_input_grad[1]:
+            grad_values = torch.zeros(structure.nnz)
+            if structure.nnz:
+                direct.sampled.plan(direct.m, threads, blocks=batch, ldx=1, ldd=row, x_step=direct.image,
+                                    d_step=n_out * row, d_offset=direct.prefix).run(
+                    flat.ctypes.data, grad_values.numpy().ctypes.data, dy.ctypes.data)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = grad.detach().sum((0, 2, 3))
+        return grad_x, grad_values, grad_bias, None
 
 
 def _check_backward(ctx: Any) -> None:
@@ -283,10 +424,12 @@ class SparseComputeLayer:
         values, bias = self.module.weight_values, self.module.bias
         self._check_values(values)
         if x.dim() == 3:
-            return _SparseConvFunction.apply(x[None], values, bias, self)[0]
+            return self._conv(x[None])[0]
         if x.shape[0] == 0:
             return nn.functional.conv2d(x, self.dense_from(values), bias, self.module.stride, self.module.padding,
                                         self.module.dilation)
+        if self.module.stride == (1, 1) and self.module.dilation == (1, 1):
+            return _DirectConvFunction.apply(x, values, bias, self)
         return _SparseConvFunction.apply(x, values, bias, self)
 
     def _check_values(self, values: Tensor) -> None:
@@ -296,8 +439,7 @@ class SparseComputeLayer:
         structure = self.structure
         if values.data_ptr() != structure.values_address:  # the storage was replaced (e.g. .data =)
             structure.product.rebind_values(values.detach().contiguous().numpy())
-            structure.values_address = structure.product.vals.ctypes.data
-            structure._plans.clear()  # they hold the old values' address
+            structure.values_rebound()  # plans and direct products hold the old values' address
 
     def compact_from(self, dense: Tensor) -> Tensor:
         return dense.detach().reshape(-1)[self.structure.positions_t].contiguous()
@@ -508,7 +650,7 @@ def sparse_compute(model: nn.Module, pruner: Pruner, layers: Iterable[str] | Non
     weights while retraining.
 
     Each such layer (of ``layers``, pruner parameter names, if given; density at most ``max_density``, for a
-    convolution at most ``conv_max_density``: its im2col copies cost more than a denser product saves; at least
+    convolution at most ``conv_max_density``: a denser one is faster dense, see :data:`CONV_MAX_DENSITY`; at least
     ``min_weights`` weights, default :data:`MIN_WEIGHTS`, unless named in ``layers``) gets a compact
     parameter ``weight_values`` in place of ``weight`` and runs forward, input gradient and weight gradient
     through the sparse kernels. Optimizers attached to the pruner (:meth:`Pruner.attach`) are switched to the

@@ -428,6 +428,36 @@ class CSRProduct:
                 for rows in self._ranges(parts)], keep)
         return plan
 
+    def flat_plan(self, batches: int, m: int, threads: int) -> Plan:
+        """The plan of ``out[b, o, :m] += sum_k vals[k] * x[b * n_in + cols[k] : ... + m]`` for every image b: the
+        columns are offsets into one flat image of ``n_in`` floats, ``x`` the batch of such images followed by a
+        tail reaching m floats past the largest offset, ``out`` (batches, n_rows, m) C-contiguous, m > 0 a multiple
+        of 8: ``plan.run(x_address, out_address)`` (the caller vouches for the arrays). A stride-1 convolution over
+        zero-padded images is this product with the offsets ``c * Hp * Wp + i * Wp + j`` of its kept taps (its
+        output rows ``Wp`` floats apart, the last ``kw - 1`` of each discarded). With at least two images a thread,
+        a task is a run of images (each image read by one task), otherwise a range of rows."""
+        threads = threads if self.vals.size * batches * m >= PARALLEL_MIN_WORK else 1
+        key = ("flat", threads, batches, m)
+        plan = self._plans.get(key)
+        if plan is None:
+            runs = [(offset * 4, count, kernel(width, self.cols.dtype, self.lanes))
+                    for offset, width, count in column_chunks(m, 64)]
+            starts, ends, data = self._bounds[0], self._bounds[-1], self._data
+            o_step = self.n_rows * m
+
+            def calls(first: int, images: int, rows: tuple[int, int]) -> list[list[int]]:
+                return [[SPMM, fn, starts, ends, *data, 4 * first * self.n_in + offset, 1,
+                         4 * first * o_step + offset, m, *rows, count, images, self.n_in, o_step]
+                        for offset, count, fn in runs]
+
+            if threads > 1 and batches >= 2 * threads:
+                cuts = np.linspace(0, batches, min(batches, threads * CHUNKS_PER_THREAD) + 1).astype(int)
+                per_task = [calls(a, b - a, (0, self.n_rows)) for a, b in itertools.pairwise(cuts) if b > a]
+            else:
+                per_task = [calls(0, batches, rows) for rows in self._ranges(threads * CHUNKS_PER_THREAD)]
+            plan = self._plan(key, threads, per_task)
+        return plan
+
     def conv_rows(self, x: np.ndarray, out: np.ndarray, out_h: int, row_step: int, threads: int) -> None:
         """Direct convolution at stride 1 without im2col. The columns of this product are offsets into one image
         of the padded input (c * Hp * Wp + kh * Wp + kw) and ``x`` is the flat padded batch, B images of

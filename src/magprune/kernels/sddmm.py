@@ -208,14 +208,23 @@ class SampledProduct:
             return
         self.plan(m, threads, blocks=blocks).run(x3.ctypes.data, out.ctypes.data, dy3.ctypes.data)
 
-    def plan(self, m: int, threads: int, ld: int | None = None, blocks: int = 1) -> Plan:
+    def plan(self, m: int, threads: int, ld: int | None = None, blocks: int = 1, *, ldx: int | None = None,
+             ldd: int | None = None, x_step: int | None = None, d_step: int | None = None, d_offset: int = 0) -> Plan:
         """The plan of :meth:`run` for ``blocks`` blocks of m > 0 columns (a multiple of 8) of x and dy, rows
         ``ld`` floats apart (default m), nnz > 0: ``plan.run(x_address, out_address, dy_address)`` *adds* the
-        products into out (zero it first; the caller vouches for the arrays)."""
+        products into out (zero it first; the caller vouches for the arrays).
+
+        ``ldx``, ``ldd`` (floats from one row of x, dy to the next; default ld), ``x_step``, ``d_step`` (floats from
+        one block to the next; default n_in * ldx, n_rows * ldd) and ``d_offset`` (floats from dy's address to its
+        first row) give other layouts: with ldx = 1 the columns are offsets into a flat x (a stride-1 convolution's
+        weight gradient over padded images, see :meth:`.CSRProduct.flat_plan`)."""
         lanes = 16 if vector_lanes() == 16 and m % 16 == 0 else 8
         threads = threads if self.nnz * m * blocks >= PARALLEL_MIN_WORK else 1
         ld = ld or m
-        key = (threads, m, lanes, ld, blocks)
+        ldx, ldd = ldx or ld, ldd or ld
+        x_step = self.n_in * ldx if x_step is None else x_step
+        d_step = self.n_rows * ldd if d_step is None else d_step
+        key = (threads, m, lanes, ldx, ldd, blocks, x_step, d_step, d_offset)
         plan = self._plans.get(key)
         if plan is None:
             if len(self._plans) >= 16:
@@ -224,8 +233,8 @@ class SampledProduct:
             starts, ends = self.indptr.ctypes.data, self.indptr.ctypes.data + 4
             ranges = row_splits(self.indptr, threads * CHUNKS_PER_THREAD) if threads > 1 else [(0, self.n_rows)]
             # arguments: starts, ends, cols, out (offset from out's base), x (offset from x's), ldx, dy (offset from
-            # dy's base), ldd, r0, r1, m, blocks, x and dy floats from one block to the next
+            # dy's base, bytes), ldd, r0, r1, m, blocks, x and dy floats from one block to the next
             plan = self._plans[key] = Plan(
-                [[[SDDMM, fn, starts, ends, self.cols.ctypes.data, 0, 0, ld, 0, ld, r0, r1, m, blocks,
-                   self.n_in * ld, self.n_rows * ld]] for r0, r1 in ranges], threads)
+                [[[SDDMM, fn, starts, ends, self.cols.ctypes.data, 0, 0, ldx, 4 * d_offset, ldd, r0, r1, m, blocks,
+                   x_step, d_step]] for r0, r1 in ranges], threads)
         return plan
