@@ -9,6 +9,7 @@ taken within one round is far less noisy than a time).
     python benchmarks/training.py            # full run
     python benchmarks/training.py --quick    # smoke run (3 rounds, the AlexNet MLP at batch 64 only)
     python benchmarks/training.py --threads 1 --network lenet-300-100   # as the pipeline's LeNet configs train
+    python benchmarks/training.py --convs    # single convolutions: forward + both gradients, dense against sparse
 
 Writes benchmarks/results/<LLVM host CPU>/training[_quick].{json,md} with the machine (magprune.environment). Sets
 OMP_WAIT_POLICY=PASSIVE unless set: torch's OpenMP threads otherwise spin after each op and take the cores from
@@ -112,6 +113,57 @@ def bench_case(network: str, optimizer_name: str, batch: int, rounds: int) -> di
             "target": TARGETS[network] if batch == 64 else None}
 
 
+# (name, in, out, kernel, padding, image side, batch, density): LeNet-5's conv2 and VGG-16's 3x3 layers at Han's
+# densities (reference/han2015.md), plus VGG's conv5_2 at lower densities to find where sparse starts to pay
+CONV_CASES = [("lenet-5 conv2", 20, 50, 5, 0, 12, 64, 0.12), ("lenet-5 conv2", 20, 50, 5, 0, 12, 64, 0.30),
+              ("vgg-16 conv1_2", 64, 64, 3, 1, 224, 1, 0.22), ("vgg-16 conv3_2", 256, 256, 3, 1, 56, 4, 0.24),
+              ("vgg-16 conv4_2", 512, 512, 3, 1, 28, 8, 0.27), ("vgg-16 conv5_1", 512, 512, 3, 1, 14, 16, 0.35),
+              ("vgg-16 conv5_2", 512, 512, 3, 1, 14, 16, 0.29), ("vgg-16 conv5_2", 512, 512, 3, 1, 14, 16, 0.20),
+              ("vgg-16 conv5_2", 512, 512, 3, 1, 14, 16, 0.10)]
+
+
+def bench_conv(case: tuple, rounds: int) -> dict:
+    """Forward and both gradients of one convolution, dense (oneDNN, the weight masked) against sparse compute."""
+    name, c_in, c_out, k, pad, side, batch, density = case
+    torch.manual_seed(0)
+    dense = nn.Conv2d(c_in, c_out, k, padding=pad)
+    sparse = nn.Conv2d(c_in, c_out, k, padding=pad)
+    pruner = magprune.Pruner(sparse)
+    pruner.prune(magprune.LayerSparsity({"weight": 1 - density}))
+    with torch.no_grad():
+        dense.load_state_dict(sparse.state_dict())
+    magprune.sparse_compute(sparse, pruner, ["weight"], conv_max_density=1.0)
+    x = torch.randn(batch, c_in, side, side, requires_grad=True)
+    dy = torch.randn(batch, c_out, side + 2 * pad - k + 1, side + 2 * pad - k + 1)
+    layers = {"dense": dense, "sparse": sparse}
+
+    def run(variant: str) -> float:
+        start = time.perf_counter()
+        layers[variant](x).backward(dy)
+        return (time.perf_counter() - start) * 1e3
+
+    for variant in layers:
+        run(variant)
+        run(variant)
+    times: dict[str, list[float]] = {v: [] for v in layers}
+    for r in range(rounds):
+        for variant in (("dense", "sparse") if r % 2 == 0 else ("sparse", "dense")):
+            times[variant].append(run(variant))
+    ratios = [s / d for s, d in zip(times["sparse"], times["dense"], strict=True)]
+    return {"layer": name, "shape": f"{c_in}->{c_out} {k}x{k} pad {pad}", "input": f"{batch}x{c_in}x{side}x{side}",
+            "density": density, "rounds": rounds, "ms_median": {v: statistics.median(t) for v, t in times.items()},
+            "ratio_median": statistics.median(ratios), "ratio_range": [min(ratios), max(ratios)]}
+
+
+def conv_table(rows: list[dict]) -> str:
+    lines = ["| layer | shape | input | density | dense ms | sparse ms | sparse / dense (median, range) |",
+             "|---|---|---|---:|---:|---:|---:|"]
+    lines += [f"| {r['layer']} | {r['shape']} | {r['input']} | {r['density']:.2f} | {r['ms_median']['dense']:.2f} | "
+              f"{r['ms_median']['sparse']:.2f} | **{r['ratio_median']:.2f}** ({r['ratio_range'][0]:.2f}-"
+              f"{r['ratio_range'][1]:.2f}) |" for r in rows]
+    return "\n".join(lines)
+
+
 def table(rows: list[dict]) -> str:
     lines = ["| network | optimizer | batch | dense ms | masked ms | sparse ms | masked / dense | sparse / dense "
              "(median, range) | target | sparse, conv2 dense / dense |",
@@ -138,6 +190,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="3 rounds, fewer cases")
     parser.add_argument("--rounds", type=int, default=None, help="timed rounds per case (default 20, AlexNet 6)")
     parser.add_argument("--network", action="append", choices=tuple(TARGETS), help="only these networks")
+    parser.add_argument("--convs", action="store_true",
+                        help="single convolutions instead (LeNet-5's conv2, VGG-16's 3x3 layers): forward and both "
+                        "gradients, dense against sparse compute")
     parser.add_argument("--threads", type=int, default=None,
                         help="intra-op threads for torch and the kernels (default: torch's, the cores); the pipeline's "
                         "LeNet configs train at 1 (train.threads)")
@@ -149,6 +204,9 @@ def main() -> None:
             parser.error(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     info = machine()
+    if args.convs:
+        main_convs(args, info)
+        return
     cases = [(net, opt, 64) for net in ("lenet-300-100", "lenet-5") for opt in OPTIMIZERS]
     cases += [("alexnet-mlp", opt, batch) for opt in OPTIMIZERS for batch in (64, 256)]
     if args.quick:
@@ -176,6 +234,27 @@ def main() -> None:
         "(median and range over rounds; a round is 10 steps of each LeNet-300-100 variant, 3 of LeNet-5, 1 of the "
         f"MLP; lower is better).\n\nMachine: {describe(info)}\n\n{json.dumps(info)}\n\n"
         f"{text}\n").encode())
+
+
+def main_convs(args: argparse.Namespace, info: dict) -> None:
+    rows = []
+    for case in CONV_CASES[:3] if args.quick else CONV_CASES:
+        rows.append(bench_conv(case, args.rounds or (3 if args.quick else 10)))
+        print(conv_table(rows[-1:]).splitlines()[-1], flush=True)
+    info["load_average_end"] = os.getloadavg()
+    text = conv_table(rows)
+    print(f"\n{text}\n\n{describe(info)}")
+    out = args.out or RESULTS / info["llvm_host_cpu"]
+    out.mkdir(parents=True, exist_ok=True)
+    stem = "training_convs" + ("_quick" if args.quick else "") + (f"_{args.threads}thread" if args.threads else "")
+    write_atomic(out / f"{stem}.json", json.dumps({"machine": info, "rows": rows}, indent=1).encode())
+    cmd = "python benchmarks/training.py --convs" + (" --quick" if args.quick else "") + \
+        (f" --threads {args.threads}" if args.threads else "")
+    write_atomic(out / f"{stem}.md", (
+        f"# Sparse convolution benchmark\n\n`{cmd}` — one convolution's forward and both gradients (input and "
+        "weight), dense (oneDNN, the weight masked) against sparse compute (stride 1: the direct flat products), "
+        "interleaved; ms are medians over rounds, ratios per-round sparse / dense time (median and range; lower is "
+        f"better).\n\nMachine: {describe(info)}\n\n{json.dumps(info)}\n\n{text}\n").encode())
 
 
 if __name__ == "__main__":
