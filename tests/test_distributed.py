@@ -152,6 +152,10 @@ def _fit(rank: int, world: int, port: int, out: str, examples: int) -> None:
         Trainer(model, (x, y), (x, y), cfg, lr=0.5, epochs=2, seed=0, stage="t", penalized=[model[0].weight]).fit()
         if rank == 0:
             torch.save(model.state_dict(), f"{out}/world{world}.pt")
+        if world > 1:
+            # both ranks past their last collective before either tears gloo down: rank 1 once aborted in
+            # destroy_process_group ("terminate called without an active exception") when rank 0 left first
+            dist.barrier()
     finally:
         if world > 1:
             dist.destroy_process_group()
