@@ -25,6 +25,7 @@ def _prune_on_rank(rank: int, world: int, port: int, out: str) -> None:
         pruner.prune(magprune.GlobalSparsity(0.9))
         torch.save({"masks": pruner.masks, "weights": {n: p.detach() for n, p in pruner.params.items()}},
                    f"{out}/rank{rank}.pt")
+        dist.barrier()  # see _fit
     finally:
         dist.destroy_process_group()
 
@@ -153,8 +154,9 @@ def _fit(rank: int, world: int, port: int, out: str, examples: int) -> None:
         if rank == 0:
             torch.save(model.state_dict(), f"{out}/world{world}.pt")
         if world > 1:
-            # both ranks past their last collective before either tears gloo down: rank 1 once aborted in
-            # destroy_process_group ("terminate called without an active exception") when rank 0 left first
+            # both ranks past their last collective before either tears gloo down: rank 1 aborted in
+            # destroy_process_group ("terminate called without an active exception") in about 1 run of 3 on the
+            # rocketlake Intel host when rank 0 left first (as cli.py's barrier before cleanup)
             dist.barrier()
     finally:
         if world > 1:

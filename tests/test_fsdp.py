@@ -201,6 +201,7 @@ def _worker(rank: int, port: int, tmp: str) -> None:
             except Exception:  # recorded for the test that reads it; a collective left waiting times out
                 result = {"error": traceback.format_exc()}
             torch.save(result, f"{tmp}/{name}-rank{rank}.pt")
+        dist.barrier()  # see tests/test_distributed.py::_fit
     finally:
         dist.destroy_process_group()
 

@@ -387,6 +387,7 @@ def _ddp_rank(rank: int, world: int, port: int, out: str) -> None:
             nn.functional.cross_entropy(ddp(x[rank * 8:(rank + 1) * 8]), y[rank * 8:(rank + 1) * 8]).backward()
             optimizer.step()
         torch.save(model.state_dict(), f"{out}/rank{rank}.pt")
+        dist.barrier()  # see tests/test_distributed.py::_fit
     finally:
         dist.destroy_process_group()
 
