@@ -159,6 +159,7 @@ def _fsdp_rank(rank: int, case: str, model_name: str, port: int, out: str) -> No
         "rank": rank, "seconds": seconds, "extra_bytes": (peak - before) * 1024, "density": density,
         "local_param_bytes": local_param_bytes, "local_mask_bytes": local_mask_bytes,
         "mask_copy_bytes": pruner.mask_copy_bytes}))
+    dist.barrier()  # every rank done before any tears gloo down (see magprune/cli.py)
     dist.destroy_process_group()
 
 
