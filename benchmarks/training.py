@@ -75,6 +75,21 @@ def build(network: str, variant: str, optimizer_name: str):
     return model, optimizer
 
 
+def interleaved(step, variants: tuple[str, ...], rounds: int) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """(ms per round, per-round ratio to "dense") of ``step(variant)`` for each variant, after two warm-up calls each
+    (the first compile kernels, build plans, create optimizer state), in ``rounds`` rounds in a rotating order."""
+    for variant in variants:
+        step(variant)
+        step(variant)
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    for r in range(rounds):
+        shift = r % len(variants)
+        for variant in variants[shift:] + variants[:shift]:
+            times[variant].append(step(variant))
+    ratios = {v: [t / d for t, d in zip(times[v], times["dense"], strict=True)] for v in variants if v != "dense"}
+    return times, ratios
+
+
 def bench_case(network: str, optimizer_name: str, batch: int, rounds: int) -> dict:
     shape = {"lenet-300-100": (784,), "lenet-5": (1, 28, 28), "alexnet-mlp": (9216,)}[network]
     generator = torch.Generator().manual_seed(1)
@@ -95,15 +110,7 @@ def bench_case(network: str, optimizer_name: str, batch: int, rounds: int) -> di
             optimizer.step()
         return (time.perf_counter() - start) * 1e3 / repeat
 
-    for variant in variants:  # warm-up: first calls compile kernels, build plans, create optimizer state
-        step(variant)
-        step(variant)
-    times: dict[str, list[float]] = {v: [] for v in variants}
-    for r in range(rounds):
-        shift = r % len(variants)
-        for variant in variants[shift:] + variants[:shift]:
-            times[variant].append(step(variant))
-    ratios = {v: [t / d for t, d in zip(times[v], times["dense"], strict=True)] for v in variants if v != "dense"}
+    times, ratios = interleaved(step, variants, rounds)
     return {"network": network, "optimizer": optimizer_name, "batch": batch, "rounds": rounds,
             "steps_per_round": repeat,
             "ms_min": {v: min(t) for v, t in times.items()},
@@ -142,14 +149,8 @@ def bench_conv(case: tuple, rounds: int) -> dict:
         layers[variant](x).backward(dy)
         return (time.perf_counter() - start) * 1e3
 
-    for variant in layers:
-        run(variant)
-        run(variant)
-    times: dict[str, list[float]] = {v: [] for v in layers}
-    for r in range(rounds):
-        for variant in (("dense", "sparse") if r % 2 == 0 else ("sparse", "dense")):
-            times[variant].append(run(variant))
-    ratios = [s / d for s, d in zip(times["sparse"], times["dense"], strict=True)]
+    times, ratio = interleaved(run, tuple(layers), rounds)
+    ratios = ratio["sparse"]
     return {"layer": name, "shape": f"{c_in}->{c_out} {k}x{k} pad {pad}", "input": f"{batch}x{c_in}x{side}x{side}",
             "density": density, "rounds": rounds, "ms_median": {v: statistics.median(t) for v, t in times.items()},
             "ratio_median": statistics.median(ratios), "ratio_range": [min(ratios), max(ratios)]}

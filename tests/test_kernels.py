@@ -108,6 +108,21 @@ def test_direct_conv_split_by_image_or_by_channel(parallel_always, threads, batc
             assert _close(out[b, :, oh], weight @ window)
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("batches", [1, 4, 13])
+@pytest.mark.parametrize("m", [8, 72, 136])  # one chunk; 64 + 8; 2 x 64 + 8
+def test_flat_product_split_by_image_or_by_row(parallel_always, threads, batches, m):
+    rng = np.random.default_rng(batches + m)
+    product, weight = _product(11, 150, threads)  # columns are offsets into one image of product.n_in floats
+    image = product.n_in
+    x = rng.standard_normal(batches * image + m).astype(np.float32)
+    out = np.zeros((batches, 11, m), np.float32)
+    product.flat_plan(batches, m, threads).run(x.ctypes.data, out.ctypes.data)
+    for b in range(batches):
+        window = np.stack([x[b * image + c:b * image + c + m] for c in range(image)])
+        assert _close(out[b], weight @ window)
+
+
 def test_a_plan_too_large_for_the_task_counter_is_refused():
     with pytest.raises(ValueError, match="at most"):
         pool.Plan([[]] * (pool.MAX_TASKS + 1), 2)

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from magprune.kernels.csr import CSRProduct
+from magprune.kernels.csr import CSRProduct, padded_images, tap_offsets
 from magprune.kernels.sddmm import SampledProduct
 from magprune.kernels.transpose import transpose
 from magprune.pruner import SECOND_MOMENT_FILL, SECOND_MOMENT_KEYS, Pruner
@@ -29,9 +29,9 @@ MAX_DENSITY = 0.5  # above this a layer stays dense: the kernels' per-nonzero co
 MIN_WEIGHTS = 1 << 13  # smaller layers stay dense: a sparse layer's fixed cost per call (~0.1 ms of Python and
 # autograd for forward and backward) passes a small dense product's (LeNet-300-100's fc3, 100 x 10, on Zen 3)
 # Convolutions up to this density are computed sparse (stride 1 directly over the padded images, else im2col):
-# LeNet-5's conv2 at 12% kept, forward and both gradients, 0.5x the dense layer's time; VGG-16's 3x3 layers (14x14
-# to 224x224 images, 20-50% kept) 0.96-2.0x, oneDNN's dense convolution running near the cores' peak (AVX-512 Intel
-# Xeon, 2 cores; docs/training.md)
+# LeNet-5's conv2 at 12% kept, forward and both gradients, 0.52x the dense layer's time; VGG-16's 3x3 layers at
+# Han's 22-35% kept 1.09-1.48x, conv5_2 at 20% 0.99x, oneDNN's dense convolution running near the cores' peak
+# (benchmarks/results/rocketlake/training_convs.md: AVX-512 Intel Xeon, 2 cores; docs/training.md)
 CONV_MAX_DENSITY = 0.15
 
 
@@ -178,19 +178,18 @@ class _DirectConv:
                  padded: tuple[int, int]) -> None:
         n_out, k = structure.shape
         (kh, kw), (hp, wp) = kernel_size, padded
-        self.out_hw = (hp - kh + 1, wp - kw + 1)
+        self.padded, self.out_hw = padded, (hp - kh + 1, wp - kw + 1)
         self.image = channels * hp * wp
         self.m = _columns(self.out_hw[0] * wp)  # floats per output row of a channel (forward, weight gradient)
         self.m_in = _columns(hp * wp)  # floats per padded input plane (input gradient)
         self.prefix = (kh - 1) * wp + kw - 1
         self.row = self.prefix + self.m_in  # floats per output-gradient row: prefix zeros, then the m floats
         rows, taps = np.divmod(structure.positions, k)
-        channel, rest = np.divmod(taps, kh * kw)
-        i, j = np.divmod(rest, kw)
-        within = i * wp + j
-        offsets = (channel * hp * wp + within).astype(_index_dtype(self.image))  # ascending within each row
+        flat_offsets = tap_offsets(taps, kernel_size, padded)  # ascending within each row
+        channel, within = np.divmod(flat_offsets, hp * wp)
+        offsets = flat_offsets.astype(_index_dtype(self.image))
         indptr = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=n_out))]).astype(np.int32)
-        self.product = CSRProduct(indptr, offsets, structure.product.vals.copy(), self.image,
+        self.product = CSRProduct(indptr, offsets, structure.product.vals, self.image,
                                   tile_rows=max(self.image, 1), tile_major=False)
         self.product.rebind_values(structure.product.vals)  # the layer's live values, stepped in place
         self.sampled = SampledProduct(indptr, offsets, self.image)
@@ -202,23 +201,6 @@ class _DirectConv:
                                     n_out * self.row, tile_rows=n_t, tile_major=False)
         self.values_t = torch.from_numpy(self.product_t.vals)
         self.perm = torch.from_numpy(perm)
-
-    def padded_input(self, x: Tensor, padding: tuple[int, int]) -> np.ndarray:
-        """The batch as flat padded images followed by a tail of zeros (the products read up to m floats past the
-        last image's largest offset)."""
-        batch, channels, height, width = x.shape
-        (ph, pw), image = padding, self.image
-        flat = np.empty(batch * image + self.m, np.float32)
-        flat[batch * image:] = 0.0
-        source = x.detach().numpy()
-        if ph or pw:
-            planes = flat[:batch * image].reshape(batch, channels, height + 2 * ph, width + 2 * pw)
-            planes[:, :, :ph], planes[:, :, ph + height:] = 0.0, 0.0
-            planes[:, :, ph:ph + height, :pw], planes[:, :, ph:ph + height, pw + width:] = 0.0, 0.0
-            planes[:, :, ph:ph + height, pw:pw + width] = source
-        else:
-            np.copyto(flat[:batch * image].reshape(source.shape), source)
-        return flat
 
 
 class _DirectConvFunction(torch.autograd.Function):
@@ -234,7 +216,7 @@ class _DirectConvFunction(torch.autograd.Function):
             raise ValueError(f"{layer.name}: input {list(x.shape)} is smaller than the kernel {[kh, kw]}")
         direct = structure.direct(channels, (kh, kw), (hp, wp))
         out_h, out_w = direct.out_hw
-        flat = direct.padded_input(x, (ph, pw))
+        flat = padded_images(x.detach().numpy(), (ph, pw), direct.m)  # the loads run up to m floats past
         n_out = structure.shape[0]
         out = np.empty((batch, n_out, direct.m), np.float32)
         out[:] = 0.0 if bias is None else bias.detach().numpy()[None, :, None]
@@ -252,8 +234,8 @@ class _DirectConvFunction(torch.autograd.Function):
         (values,) = ctx.saved_tensors
         structure, direct, flat = ctx.structure, ctx.direct, ctx.flat
         batch, channels, height, width = ctx.input_shape
-        (ph, pw), (out_h, out_w) = ctx.layer.module.padding, direct.out_hw
-        n_out, row, wp = structure.shape[0], direct.row, width + 2 * pw
+        (ph, pw), (hp, wp), (out_h, out_w) = ctx.layer.module.padding, direct.padded, direct.out_hw
+        n_out, row = structure.shape[0], direct.row
         threads = torch.get_num_threads()
         dy = np.zeros((batch, n_out, row), np.float32)
         np.copyto(np.lib.stride_tricks.as_strided(dy[:, :, direct.prefix:], (batch, n_out, out_h, out_w),
@@ -263,7 +245,7 @@ class _DirectConvFunction(torch.autograd.Function):
             torch.index_select(values.detach(), 0, direct.perm, out=direct.values_t)
             dx = np.zeros((batch, channels, direct.m_in), np.float32)
             direct.product_t.flat_plan(batch, direct.m_in, threads).run(dy.ctypes.data, dx.ctypes.data)
-            planes = torch.from_numpy(dx)[:, :, :(height + 2 * ph) * wp].unflatten(2, (height + 2 * ph, wp))
+            planes = torch.from_numpy(dx)[:, :, :hp * wp].unflatten(2, (hp, wp))
             grad_x = planes[:, :, ph:ph + height, pw:pw + width]
         if ctx.needs_input_grad[1]:
             grad_values = torch.zeros(structure.nnz)

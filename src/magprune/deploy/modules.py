@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from magprune.deploy.format import as_numpy, encode_csr, smallest_uint
-from magprune.kernels.csr import CSRProduct, block_width
+from magprune.kernels.csr import CSRProduct, block_width, padded_images, tap_offsets
 from magprune.kernels.transpose import transpose
 
 
@@ -284,11 +284,7 @@ class SparseConv2d(_SparseBase):
     def _direct_product(self, padded_h: int, padded_w: int) -> CSRProduct:
         key = (padded_h, padded_w)
         if key not in self._direct:
-            kh, kw = self.kernel_size
-            flat = self.cols.numpy().astype(np.int64)
-            channel, rest = np.divmod(flat, kh * kw)
-            row, col = np.divmod(rest, kw)
-            offsets = channel * padded_h * padded_w + row * padded_w + col  # still ascending within each row
+            offsets = tap_offsets(self.cols.numpy(), self.kernel_size, key)  # still ascending within each row
             image = self.in_channels * padded_h * padded_w
             self._direct[key] = CSRProduct(self.indptr.numpy(), offsets.astype(smallest_uint(image)),
                                            self.vals.numpy(), image, tile_rows=max(image, 1))
@@ -330,12 +326,8 @@ class SparseConv2d(_SparseBase):
         batch = x.shape[0]
         padded_h, padded_w = x.shape[2] + 2 * self.padding[0], x.shape[3] + 2 * self.padding[1]
         w8 = -(-out_w // 8) * 8
-        image = self.in_channels * padded_h * padded_w
-        # the padded batch, flat, with a tail: the last rows' vector loads run up to w8 - 1 floats past the image
-        flat = np.zeros(batch * image + w8, dtype=np.float32)
-        flat[:batch * image].reshape(batch, self.in_channels, padded_h, padded_w)[
-            :, :, self.padding[0]:self.padding[0] + x.shape[2], self.padding[1]:self.padding[1] + x.shape[3]] = \
-            as_numpy(x)
+        # the last rows' vector loads run up to w8 - 1 floats past the image
+        flat = padded_images(as_numpy(x), self.padding, w8)
         out = np.empty((batch, self.out_channels, out_h, w8), dtype=np.float32)
         out[:] = bias[None, :, None, None]
         self._direct_product(padded_h, padded_w).conv_rows(flat, out, out_h, padded_w, torch.get_num_threads())

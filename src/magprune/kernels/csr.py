@@ -271,6 +271,32 @@ def column_chunks(m: int, widest: int = 32) -> list[tuple[int, int, int]]:
     return runs
 
 
+def tap_offsets(taps: np.ndarray, kernel_size: tuple[int, int], padded: tuple[int, int]) -> np.ndarray:
+    """Offsets ``c * Hp * Wp + i * Wp + j`` into one flat zero-padded image (Hp x Wp planes) of a convolution's
+    taps given as flat ``c * kh * kw + i * kw + j`` (int64; ascending where ``taps`` is): the columns of a direct
+    convolution (:meth:`CSRProduct.conv_rows`, :meth:`CSRProduct.flat_plan`)."""
+    (kh, kw), (hp, wp) = kernel_size, padded
+    channel, rest = np.divmod(taps.astype(np.int64), kh * kw)
+    row, col = np.divmod(rest, kw)
+    return channel * hp * wp + row * wp + col
+
+
+def padded_images(source: np.ndarray, padding: tuple[int, int], tail: int) -> np.ndarray:
+    """The (B, C, H, W) batch as flat zero-padded images followed by ``tail`` zeros (float32; the direct
+    convolutions' vector loads run past the last image's largest offset)."""
+    batch, channels, height, width = source.shape
+    (ph, pw) = padding
+    size = batch * channels * (height + 2 * ph) * (width + 2 * pw)
+    flat = np.empty(size + tail, np.float32)
+    flat[size:] = 0.0
+    planes = flat[:size].reshape(batch, channels, height + 2 * ph, width + 2 * pw)
+    if ph or pw:
+        planes[:, :, :ph], planes[:, :, ph + height:] = 0.0, 0.0
+        planes[:, :, ph:ph + height, :pw], planes[:, :, ph:ph + height, pw + width:] = 0.0, 0.0
+    planes[:, :, ph:ph + height, pw:pw + width] = source
+    return flat
+
+
 class CSRProduct:
     """A CSR matrix ready for the kernels: row pointers split by input tile, narrow column indices, float32 values.
 
@@ -348,6 +374,15 @@ class CSRProduct:
         if parts <= 1:
             return [(0, self.n_rows)] if self.n_rows else []
         return row_splits(self._row_nnz_end, parts)
+
+    def _image_tasks(self, batches: int, threads: int, calls) -> list[list[list[int]]]:
+        """Tasks of a product over a batch of images, ``calls(first image, images, (r0, r1))`` giving a task's
+        records: with at least two images a thread, runs of images (each image read by one task), else ranges of
+        rows over all the images."""
+        if threads > 1 and batches >= 2 * threads:
+            cuts = np.linspace(0, batches, min(batches, threads * CHUNKS_PER_THREAD) + 1).astype(int)
+            return [calls(a, b - a, (0, self.n_rows)) for a, b in itertools.pairwise(cuts) if b > a]
+        return [calls(0, batches, rows) for rows in self._ranges(threads * CHUNKS_PER_THREAD)]
 
     def _plan(self, key: tuple, threads: int, per_task: list[list[list[int]]], keep: object = None) -> Plan:
         """A cached plan holding ``keep`` (default: the row-major arrays), what its records point into, alive while
@@ -450,12 +485,7 @@ class CSRProduct:
                          4 * first * o_step + offset, m, *rows, count, images, self.n_in, o_step]
                         for offset, count, fn in runs]
 
-            if threads > 1 and batches >= 2 * threads:
-                cuts = np.linspace(0, batches, min(batches, threads * CHUNKS_PER_THREAD) + 1).astype(int)
-                per_task = [calls(a, b - a, (0, self.n_rows)) for a, b in itertools.pairwise(cuts) if b > a]
-            else:
-                per_task = [calls(0, batches, rows) for rows in self._ranges(threads * CHUNKS_PER_THREAD)]
-            plan = self._plan(key, threads, per_task)
+            plan = self._plan(key, threads, self._image_tasks(batches, threads, calls))
         return plan
 
     def conv_rows(self, x: np.ndarray, out: np.ndarray, out_h: int, row_step: int, threads: int) -> None:
@@ -490,10 +520,5 @@ class CSRProduct:
                          o0 + 4 * oh * w8 + offset, out_h * w8, *rows, count, images, self.n_in, image_out]
                         for oh in range(out_h) for offset, count, fn in runs]
 
-            if threads > 1 and batches >= 2 * threads:
-                cuts = np.linspace(0, batches, min(batches, threads * CHUNKS_PER_THREAD) + 1).astype(int)
-                per_task = [calls(a, b - a, (0, n_rows)) for a, b in itertools.pairwise(cuts)]
-            else:
-                per_task = [calls(0, batches, rows) for rows in self._ranges(threads * CHUNKS_PER_THREAD)]
-            plan = self._plan(key, threads, per_task)
+            plan = self._plan(key, threads, self._image_tasks(batches, threads, calls))
         plan.run(x.ctypes.data, out.ctypes.data)
