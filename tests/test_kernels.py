@@ -3,7 +3,10 @@ bit-packed mask kernel."""
 
 import copy
 import multiprocessing
+import os
 import pickle
+import subprocess
+import sys
 import threading
 import time
 
@@ -32,7 +35,45 @@ def parallel_always(monkeypatch):
     monkeypatch.setattr(csr, "PARALLEL_MIN_NONZEROS", 0)
 
 
-def test_workers_that_went_to_sleep_are_woken_for_the_next_plan(parallel_always):
+@pytest.fixture(params=["openmp", "own"])
+def backend(request, monkeypatch):
+    """Plans on torch's OpenMP team (where torch has one) and on this project's own worker threads."""
+    if request.param == "openmp" and pool.openmp_parallel() is None:
+        pytest.skip("no GNU OpenMP runtime loaded (torch without libgomp)")
+    monkeypatch.setattr(pool, "OPENMP", request.param == "openmp")
+    monkeypatch.setattr(pool, "_pool", None)  # a fresh pool of that kind, closed after the test
+    yield request.param
+    if pool._pool is not None:
+        pool._pool.close()
+
+
+def test_torchs_openmp_team_runs_the_plans_where_torch_has_one():
+    import torch
+
+    has_gomp = sys.platform.startswith("linux") and "OpenMP" in torch.__config__.parallel_info()
+    assert (pool.openmp_parallel() is not None) == has_gomp
+    assert (pool.get_pool().openmp is not None) == (has_gomp and pool.OPENMP)
+    script = "import torch; from magprune.kernels import pool; print(pool.get_pool().openmp is None)"
+    for setting, expected in (("own", "True"), ("openmp", str(not has_gomp))):
+        done = subprocess.run([sys.executable, "-c", script], env={**os.environ, "MAGPRUNE_POOL": setting},
+                              capture_output=True, text=True, timeout=120, check=True)
+        assert done.stdout.strip() == expected
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_an_openmp_plan_is_shared_by_the_team_and_matches_dense(parallel_always, backend, threads):
+    product, weight = _product(300, 500, 4)
+    x = np.random.default_rng(2).standard_normal((3, 500, 24)).astype(np.float32)
+    for _ in range(5):  # again and again: the team (or the workers) idle, spinning or asleep in between
+        out = np.zeros((3, 300, 24), np.float32)
+        product.matmul(x, out, threads)
+        assert _close(out, weight @ x)
+        time.sleep(0.01)
+
+
+def test_workers_that_went_to_sleep_are_woken_for_the_next_plan(parallel_always, monkeypatch):
+    monkeypatch.setattr(pool, "OPENMP", False)  # this pool's own workers
+    monkeypatch.setattr(pool, "_pool", None)
     product, weight = _product(300, 500, 0)
     x = np.random.default_rng(1).standard_normal(500).astype(np.float32)
     for _ in range(3):
@@ -47,7 +88,7 @@ def test_workers_that_went_to_sleep_are_woken_for_the_next_plan(parallel_always)
     assert len(workers.threads) >= 2
 
 
-def test_plans_from_several_python_threads_at_once(parallel_always):
+def test_plans_from_several_python_threads_at_once(parallel_always, backend):
     products = [_product(64 + 7 * i, 300, i) for i in range(4)]
     failures = []
 
@@ -75,10 +116,10 @@ def _child_product(queue):
     x = np.ones(300, np.float32)
     out = np.zeros(200, np.float32)
     product.matvec(x, out, 2)
-    queue.put(_close(out, weight @ x))
+    queue.put((_close(out, weight @ x), pool.get_pool().openmp is None))
 
 
-def test_a_forked_child_gets_its_own_pool(parallel_always):
+def test_a_forked_child_gets_its_own_pool(parallel_always, backend):
     product, _ = _product(200, 300, 3)
     out = np.zeros(200, np.float32)
     product.matvec(np.ones(300, np.float32), out, 2)  # the parent's pool is running
@@ -88,7 +129,7 @@ def test_a_forked_child_gets_its_own_pool(parallel_always):
     child.start()
     child.join(timeout=60)
     assert child.exitcode == 0
-    assert queue.get(timeout=5)
+    assert queue.get(timeout=5) == (True, True)  # right, and on the child's own workers (libgomp is not fork-safe)
 
 
 @pytest.mark.parametrize("threads", [2, 3, 5])
@@ -204,6 +245,26 @@ def test_products_of_both_vector_widths_match_dense(lanes, m):
     out = np.ones((2, 50, m), np.float32)
     product.matmul(x, out, 2, widest=64)
     assert _close(out, weight @ x + 1.0)
+
+
+@pytest.mark.parametrize("lanes", [8, 16])  # the scalar-load (AVX2) and the gather (AVX-512) batch-1 kernels
+@pytest.mark.parametrize("index", [np.uint8, np.uint16, np.uint32])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_matvec_kernels_of_both_builds_match_dense_for_every_row_length(parallel_always, lanes, index, threads):
+    # rows of 0..40 nonzeros and two long ones: empty rows, rows shorter than one gather, the masked tail at each
+    # length, and the vector loop's end exactly at a row's end
+    n_in = 200 if index == np.uint8 else 700
+    lengths = [*range(41), 160, n_in]
+    rng = np.random.default_rng(len(lengths) + n_in)
+    weight = np.zeros((len(lengths), n_in), np.float32)
+    for row, length in enumerate(lengths):
+        weight[row, rng.choice(n_in, size=length, replace=False)] = rng.standard_normal(length)
+    indptr = np.concatenate([[0], np.cumsum((weight != 0).sum(axis=1))]).astype(np.int32)
+    product = CSRProduct(indptr, np.nonzero(weight)[1].astype(index), weight[weight != 0], n_in, lanes=lanes)
+    x = rng.standard_normal(n_in).astype(np.float32)
+    out = np.full(len(lengths), 0.5, np.float32)
+    product.matvec(x, out, threads)
+    np.testing.assert_allclose(out, weight.astype(np.float64) @ x + 0.5, rtol=1e-5, atol=1e-5)
 
 
 def test_kernels_are_built_for_the_hosts_vector_width():

@@ -8,6 +8,13 @@ left, so a worker that wakes late costs half its delay, not all of it. Workers s
 CPU use. A Python ``ThreadPoolExecutor`` (tried first) took 0.1-0.3 ms per call to wake its thread and pass the GIL
 around: 20% of a 1 ms batch-1 product.
 
+Where torch runs on GNU OpenMP (its Linux wheels; ``libgomp`` loaded in the process), plans run on torch's own
+OpenMP team instead (``GOMP_parallel``): after a torch op its OpenMP threads spin for milliseconds on the other cores
+(libgomp's default wait policy), so a worker of this pool, woken then, found no free core and came too late to help
+(a 9216x4096 product at 9%, batch 1, right after a dense layer: 1.31 ms on 2 threads, as slow as on 1; 0.81 ms with
+torch's threads made to sleep, on this project's Intel Xeon). On torch's team the product finds those spinning
+threads, and torch's next op finds them spinning after it. ``MAGPRUNE_POOL=own`` keeps this pool's workers.
+
 A record's kind says how the runner calls its function: ``SPMM`` and ``SPMV`` (:mod:`.csr`), ``MASK``
 (:mod:`.bitmask`); input and output addresses travel as offsets and each call's bases are added in compiled code.
 """
@@ -32,6 +39,7 @@ _ENTRY_POINTS = {  # name: ctypes signature of the functions called from Python
     "finish": ctypes.CFUNCTYPE(None, _VOID, _I64),
     "worker_loop": ctypes.CFUNCTYPE(_I64, _VOID, _VOID, _I64),
     "spin_probe": ctypes.CFUNCTYPE(None, _VOID, _I64),
+    "run_openmp": ctypes.CFUNCTYPE(None, _VOID, _VOID, _VOID, _VOID, _I64, _I64, _I64, _I64, _I64),
 }
 RECORD = 16  # int64 per record: kind (0 spmm, 1 spmv, 2 mask, 3 sddmm), function address, up to 14 arguments (x,
 # out as offsets)
@@ -41,7 +49,10 @@ SPIN_SECONDS = 2e-4  # how long a worker stays awake for the next plan (OpenMP's
 MAX_WORKERS = 63  # post() reports sleeping workers as bits of an int64
 CHUNKS_PER_THREAD = 4  # tasks per thread: finer balances late wake-ups, coarser re-reads fewer input tiles
 
+OPENMP = os.environ.get("MAGPRUNE_POOL", "openmp") != "own"  # plans on torch's OpenMP team where there is one
+
 _pool_lock = threading.Lock()  # starting the pool
+_forked = False  # this process is a forked child (of a process that may have run an OpenMP team)
 _pool: Pool | None = None
 
 
@@ -168,6 +179,21 @@ def _pool_ir(pause: str) -> str:
         "  br i1 %new2, label %wake, label %ret1",
         "wake:", "  store atomic i64 0, ptr %me seq_cst, align 8", "  br label %work",
         "ret1:", "  ret i64 1", "ret0:", "  ret i64 0", "}", "",
+        # run_openmp: the plan on an OpenMP team, ``GOMP_parallel(body, job, threads, 0)`` of the libgomp loaded in
+        # the process (torch's): every thread of the team, the caller's included, takes tasks; the team's join is
+        # the wait. The job array is the caller's own (not the pool workers'), its plan word starts at zero.
+        "define void @openmp_body(ptr %job) nounwind {",
+        "entry:", "  call void @run_tasks(ptr %job)", "  ret void", "}", "",
+        "define void @run_openmp(ptr %parallel, ptr %job, ptr %tasks, ptr %recs, i64 %n, i64 %xbase, i64 %obase, "
+        "i64 %ybase, i64 %threads) nounwind {",
+        "entry:", f"  %tp = getelementptr i64, ptr %job, i64 {_JOB_TASKS}", "  store ptr %tasks, ptr %tp",
+        f"  %rp = getelementptr i64, ptr %job, i64 {_JOB_RECORDS}", "  store ptr %recs, ptr %rp",
+        f"  %xp = getelementptr i64, ptr %job, i64 {_JOB_X}", "  store i64 %xbase, ptr %xp",
+        f"  %op = getelementptr i64, ptr %job, i64 {_JOB_OUT}", "  store i64 %obase, ptr %op",
+        f"  %yp = getelementptr i64, ptr %job, i64 {_JOB_Y}", "  store i64 %ybase, ptr %yp",
+        "  %word = shl i64 %n, 20", "  store atomic i64 %word, ptr %job seq_cst, align 8",
+        "  %t32 = trunc i64 %threads to i32",
+        "  call void %parallel(ptr @openmp_body, ptr %job, i32 %t32, i32 0)", "  ret void", "}", "",
         # spin_probe: ``n`` idle rounds of the worker loop, for calibrating SPIN_SECONDS to rounds
         "define void @spin_probe(ptr %word, i64 %n) nounwind {",
         "entry:", "  br label %loop", "loop:", "  %i = phi i64 [0, %entry], [%i.next, %loop]",
@@ -175,6 +201,23 @@ def _pool_ir(pause: str) -> str:
         "  %go = icmp ult i64 %i.next, %n", "  br i1 %go, label %loop, label %exit", "exit:", "  ret void", "}",
     ])
 
+
+
+def openmp_parallel() -> int | None:
+    """Address of ``GOMP_parallel`` of the GNU OpenMP runtime loaded in this process (torch's), or None where there
+    is none (torch built without OpenMP or with another runtime, not Linux, torch not imported yet)."""
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if "libgomp" in line.rsplit("/", 1)[-1]}
+    except OSError:
+        return None
+    for path in sorted(paths):
+        try:
+            function = ctypes.CDLL(path).GOMP_parallel  # already loaded: the same library, no second copy
+        except (OSError, AttributeError):
+            continue
+        return ctypes.cast(function, ctypes.c_void_p).value
+    return None
 
 
 def runtime() -> dict[str, ctypes._CFuncPtr]:
@@ -192,6 +235,10 @@ class Pool:
 
     def __init__(self) -> None:
         self._entry = runtime()
+        # libgomp is not fork-safe: a forked child's first team waits forever for the parent's threads (torch's own
+        # ops too, which is why DataLoader workers run on one thread); a child keeps to this pool's workers
+        self.openmp = openmp_parallel() if OPENMP and not _forked else None
+        self.openmp_job = aligned_zeros(32)
         self.job = aligned_zeros(32)
         self.states = aligned_zeros(MAX_WORKERS * _STATE_STRIDE)
         self.threads: list[threading.Thread] = []
@@ -230,6 +277,11 @@ class Pool:
             self._entry["run_records"](plan.records_address, 0, plan.n_records, x_address, out_address, y_address)
             return
         try:
+            if self.openmp is not None:
+                self._entry["run_openmp"](self.openmp, self.openmp_job.ctypes.data, plan.tasks_address,
+                                          plan.records_address, plan.n_tasks, x_address, out_address, y_address,
+                                          threads)
+                return
             self._grow(threads - 1)
             asleep = self._entry["post"](self.job.ctypes.data, self.states.ctypes.data, len(self.threads),
                                          plan.tasks_address, plan.records_address, plan.n_tasks, x_address, out_address,
@@ -264,8 +316,9 @@ def _shutdown() -> None:
 
 
 def _forget_pool_in_child() -> None:
-    global _pool, _pool_lock
+    global _pool, _pool_lock, _forked
     _pool, _pool_lock = None, threading.Lock()  # the child has none of the parent's threads
+    _forked = True
 
 
 atexit.register(_shutdown)
