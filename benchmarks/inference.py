@@ -9,18 +9,17 @@ comparison of Deep Compression's shared weights (5 bits, as Han's FC layers) on 
 shapes: dense torch, the fp32 CSR kernel (SparseLinear) and the kernel reading codebook indices (QuantizedLinear),
 on one and on all threads, interleaved; writes inference_quantized[_quick].{json,md} there.
 
-Sets OMP_WAIT_POLICY=PASSIVE unless already set: torch's OpenMP threads otherwise spin after each dense call and
-take the cores from the sparse kernels' threads on a 2-core machine (see docs/deploy.md).
+Runs under torch's OpenMP settings as the user has them (OMP_WAIT_POLICY is recorded): the kernels run on
+torch's own OpenMP team (magprune.kernels.pool), so torch's threads spinning after an op no longer take the
+cores from them; results before 2026-12-03 were measured with OMP_WAIT_POLICY=PASSIVE, which slowed the
+dense steps (see docs/deploy.md).
 """
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -195,8 +194,7 @@ def table(rows: list[dict]) -> str:
 
 
 def machine() -> dict:
-    return {**machine_info(), "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),
-            "scipy": scipy.__version__, "load_average_start": os.getloadavg()}
+    return {**machine_info(), "scipy": scipy.__version__, "load_average_start": os.getloadavg()}
 
 
 def write_results(args, info: dict, stem: str, rounds: int, rows: list[dict], heading: str, text: str) -> None:

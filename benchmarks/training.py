@@ -11,19 +11,18 @@ taken within one round is far less noisy than a time).
     python benchmarks/training.py --threads 1 --network lenet-300-100   # as the pipeline's LeNet configs train
     python benchmarks/training.py --convs    # single convolutions: forward + both gradients, dense against sparse
 
-Writes benchmarks/results/<LLVM host CPU>/training[_quick].{json,md} with the machine (magprune.environment). Sets
-OMP_WAIT_POLICY=PASSIVE unless set: torch's OpenMP threads otherwise spin after each op and take the cores from
-the sparse kernels' threads (see docs/deploy.md).
+Writes benchmarks/results/<LLVM host CPU>/training[_quick].{json,md} with the machine (magprune.environment).
+Runs under torch's OpenMP settings as the user has them (OMP_WAIT_POLICY is recorded): the kernels run on
+torch's own OpenMP team (magprune.kernels.pool), so torch's threads spinning after an op no longer take the
+cores from them; results before 2026-12-03 were measured with OMP_WAIT_POLICY=PASSIVE, which slowed the
+dense steps (see docs/deploy.md).
 """
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -182,8 +181,7 @@ def table(rows: list[dict]) -> str:
 
 
 def machine() -> dict:
-    return {**machine_info(), "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),
-            "load_average_start": os.getloadavg()}
+    return {**machine_info(), "load_average_start": os.getloadavg()}
 
 
 def main() -> None:

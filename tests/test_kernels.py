@@ -60,6 +60,18 @@ def test_torchs_openmp_team_runs_the_plans_where_torch_has_one():
         assert done.stdout.strip() == expected
 
 
+def test_machine_info_records_where_the_kernels_threads_come_from(monkeypatch):
+    from magprune.environment import describe, machine_info
+
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    info = machine_info()
+    assert info["kernel_threads"] == ("openmp" if pool.OPENMP and pool.openmp_parallel() is not None else "own")
+    assert info["OMP_WAIT_POLICY"] == "PASSIVE"
+    monkeypatch.setattr(pool, "OPENMP", False)
+    assert machine_info()["kernel_threads"] == "own"
+    assert describe(machine_info()).endswith("kernels on own threads (OMP_WAIT_POLICY PASSIVE)")
+
+
 @pytest.mark.parametrize("threads", [2, 3])
 def test_an_openmp_plan_is_shared_by_the_team_and_matches_dense(parallel_always, backend, threads):
     product, weight = _product(300, 500, 4)

@@ -21,13 +21,15 @@ def cpu_model() -> str:
 
 
 def machine_info() -> dict[str, Any]:
-    """CPU (model, LLVM host name and vector features), cores, memory, torch threads, versions and load average."""
+    """CPU (model, LLVM host name and vector features), cores, memory, torch threads, where the kernels' threads come
+    from, versions and load average."""
     from importlib.metadata import PackageNotFoundError, version
 
     import llvmlite
     import numpy
     import torch
 
+    from magprune.kernels import pool
     from magprune.kernels.jit import host_cpu
 
     try:
@@ -40,6 +42,9 @@ def machine_info() -> dict[str, Any]:
             "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
             "python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__,
             "llvmlite": llvmlite.__version__, "magprune": magprune_version,
+            # where the kernels' plans run: torch's OpenMP team or magprune's own workers (kernels.pool)
+            "kernel_threads": "openmp" if pool.OPENMP and pool.openmp_parallel() is not None else "own",
+            "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),
             "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
 
 
@@ -55,4 +60,7 @@ def describe(info: dict[str, Any]) -> str:
         parts.append(f"{info['memory_gib']} GiB")
     parts.append(f"torch {info.get('torch')} ({info.get('torch_threads')} threads)")
     parts += [f"{k.capitalize() if k == 'python' else k} {info[k]}" for k in ("python", "llvmlite") if k in info]
+    if "kernel_threads" in info:
+        team = "torch's OpenMP team" if info["kernel_threads"] == "openmp" else "own threads"
+        parts.append(f"kernels on {team} (OMP_WAIT_POLICY {info.get('OMP_WAIT_POLICY') or 'unset'})")
     return ", ".join(parts)
