@@ -74,9 +74,11 @@ def build(network: str, variant: str, optimizer_name: str):
     return model, optimizer
 
 
-def interleaved(step, variants: tuple[str, ...], rounds: int) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
-    """(ms per round, per-round ratio to "dense") of ``step(variant)`` for each variant, after two warm-up calls each
-    (the first compile kernels, build plans, create optimizer state), in ``rounds`` rounds in a rotating order."""
+def interleaved(step, variants: tuple[str, ...], rounds: int, reference: str = "dense") \
+        -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """(ms per round, per-round ratio to ``reference``) of ``step(variant)`` for each variant, after two warm-up calls
+    each (the first compile kernels, build plans, create optimizer state), in ``rounds`` rounds in a rotating
+    order."""
     for variant in variants:
         step(variant)
         step(variant)
@@ -85,7 +87,7 @@ def interleaved(step, variants: tuple[str, ...], rounds: int) -> tuple[dict[str,
         shift = r % len(variants)
         for variant in variants[shift:] + variants[:shift]:
             times[variant].append(step(variant))
-    ratios = {v: [t / d for t, d in zip(times[v], times["dense"], strict=True)] for v in variants if v != "dense"}
+    ratios = {v: [t / d for t, d in zip(times[v], times[reference], strict=True)] for v in variants if v != reference}
     return times, ratios
 
 
@@ -155,6 +157,52 @@ def bench_conv(case: tuple, rounds: int) -> dict:
             "ratio_median": statistics.median(ratios), "ratio_range": [min(ratios), max(ratios)]}
 
 
+TILE_CASES = [("lenet-300-100", 64), ("lenet-300-100", 256), ("alexnet-mlp", 64), ("alexnet-mlp", 256)]
+
+
+def bench_tiles(network: str, batch: int, rounds: int) -> dict:
+    """The sparse-compute SGD-momentum step with the batched products walking L1-sized input tiles (AVX-512's
+    default, ``CSRProduct._row_major_tiles``) against the product's own L2-sized tiles, interleaved in one process:
+    the second model's plans are built while the tiles choice is patched to the L2 ones (plans are cached)."""
+    from magprune.kernels import csr
+
+    shape = {"lenet-300-100": (784,), "alexnet-mlp": (9216,)}[network]
+    generator = torch.Generator().manual_seed(1)
+    x, y = torch.randn(batch, *shape, generator=generator), torch.randint(0, 10, (batch,), generator=generator)
+    repeat = STEPS_PER_ROUND[network]
+
+    def steps(built) -> float:
+        model, optimizer = built
+        start = time.perf_counter()
+        for _ in range(repeat):
+            optimizer.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x), y).backward()
+            optimizer.step()
+        return (time.perf_counter() - start) * 1e3 / repeat
+
+    small = build(network, "sparse", "sgd-momentum")
+    chosen = csr.CSRProduct._row_major_tiles
+    csr.CSRProduct._row_major_tiles = lambda self, width: self.tiles
+    try:
+        large = build(network, "sparse", "sgd-momentum")
+        steps(large)  # its plans, with the L2 tiles
+    finally:
+        csr.CSRProduct._row_major_tiles = chosen
+    built = {"l2-tiles": large, "l1-tiles": small}
+    times, ratios = interleaved(lambda v: steps(built[v]), ("l2-tiles", "l1-tiles"), rounds, "l2-tiles")
+    ratio = ratios["l1-tiles"]
+    return {"network": network, "batch": batch, "rounds": rounds, "steps_per_round": repeat,
+            "ms_median": {v: statistics.median(t) for v, t in times.items()},
+            "ratio_median": statistics.median(ratio), "ratio_range": [min(ratio), max(ratio)]}
+
+
+def tiles_table(rows: list[dict]) -> str:
+    lines = ["| network | batch | L2 tiles ms | L1 tiles ms | L1 / L2 (median, range) |", "|---|---:|---:|---:|---:|"]
+    lines += [f"| {r['network']} | {r['batch']} | {r['ms_median']['l2-tiles']:.2f} | {r['ms_median']['l1-tiles']:.2f} "
+              f"| **{r['ratio_median']:.3f}** ({r['ratio_range'][0]:.2f}-{r['ratio_range'][1]:.2f}) |" for r in rows]
+    return "\n".join(lines)
+
+
 def conv_table(rows: list[dict]) -> str:
     lines = ["| layer | shape | input | density | dense ms | sparse ms | sparse / dense (median, range) |",
              "|---|---|---|---:|---:|---:|---:|"]
@@ -192,6 +240,9 @@ def main() -> None:
     parser.add_argument("--convs", action="store_true",
                         help="single convolutions instead (LeNet-5's conv2, VGG-16's 3x3 layers): forward and both "
                         "gradients, dense against sparse compute")
+    parser.add_argument("--tiles", action="store_true",
+                        help="the sparse-compute step with L1-sized input tiles (AVX-512 default) against L2-sized "
+                        "ones, interleaved")
     parser.add_argument("--threads", type=int, default=None,
                         help="intra-op threads for torch and the kernels (default: torch's, the cores); the pipeline's "
                         "LeNet configs train at 1 (train.threads)")
@@ -205,6 +256,9 @@ def main() -> None:
     info = machine()
     if args.convs:
         main_convs(args, info)
+        return
+    if args.tiles:
+        main_tiles(args, info)
         return
     cases = [(net, opt, 64) for net in ("lenet-300-100", "lenet-5") for opt in OPTIMIZERS]
     cases += [("alexnet-mlp", opt, batch) for opt in OPTIMIZERS for batch in (64, 256)]
@@ -254,6 +308,29 @@ def main_convs(args: argparse.Namespace, info: dict) -> None:
         "weight), dense (oneDNN, the weight masked) against sparse compute (stride 1: the direct flat products), "
         "interleaved; ms are medians over rounds, ratios per-round sparse / dense time (median and range; lower is "
         f"better).\n\nMachine: {describe(info)}\n\n{json.dumps(info)}\n\n{text}\n").encode())
+
+
+def main_tiles(args: argparse.Namespace, info: dict) -> None:
+    rows = []
+    for network, batch in TILE_CASES[:1] if args.quick else TILE_CASES:
+        rounds = args.rounds or (3 if args.quick else 10 if network == "alexnet-mlp" else 40)
+        rows.append(bench_tiles(network, batch, rounds))
+        print(tiles_table(rows[-1:]).splitlines()[-1], flush=True)
+    info["load_average_end"] = os.getloadavg()
+    text = tiles_table(rows)
+    print(f"\n{text}\n\n{describe(info)}")
+    out = args.out or RESULTS / info["llvm_host_cpu"]
+    out.mkdir(parents=True, exist_ok=True)
+    stem = "training_tiles" + ("_quick" if args.quick else "") + (f"_{args.threads}thread" if args.threads else "")
+    write_atomic(out / f"{stem}.json", json.dumps({"machine": info, "rows": rows}, indent=1).encode())
+    cmd = "python benchmarks/training.py --tiles" + (" --quick" if args.quick else "") + \
+        (f" --threads {args.threads}" if args.threads else "")
+    write_atomic(out / f"{stem}.md", (
+        f"# Input tiles of the sparse-compute products\n\n`{cmd}` — whole sparse-compute SGD-momentum steps with "
+        "the batched products walking L1-sized input tiles (per-tile row pointers over the row-major values; the "
+        "AVX-512 default) against the product's own L2-sized tiles, interleaved in one process; ms are medians "
+        "over rounds, ratios per-round L1 / L2 time (median and range; lower means the L1 tiles are faster)."
+        f"\n\nMachine: {describe(info)}\n\n{json.dumps(info)}\n\n{text}\n").encode())
 
 
 if __name__ == "__main__":

@@ -259,6 +259,34 @@ def test_products_of_both_vector_widths_match_dense(lanes, m):
     assert _close(out, weight @ x + 1.0)
 
 
+@pytest.mark.parametrize("lanes", [8, 16])
+@pytest.mark.parametrize("m", [16, 64, 136])
+def test_row_major_products_walk_l1_sized_tiles_on_avx512_and_match_dense(lanes, m):
+    # sparse compute's layout (values row-major, stepped in place): on AVX-512 the batched products walk the input
+    # in the tile-major layout's small tiles through per-tile row pointers; AVX2 and a caller's tiles keep theirs
+    rng = np.random.default_rng(m + lanes)
+    weight = (rng.standard_normal((70, 1000)) * (rng.random((70, 1000)) < 0.08)).astype(np.float32)
+    weight[3], weight[:, 500:700] = 0.0, 0.0  # an empty row and two empty tiles
+    indptr = np.concatenate([[0], np.cumsum((weight != 0).sum(axis=1))]).astype(np.int32)
+    args = (indptr, np.nonzero(weight)[1].astype(np.uint16), weight[weight != 0], 1000)
+    product = CSRProduct(*args, lanes=lanes, tile_major=False)
+    width = min(m, 64)
+    tiles = product._row_major_tiles(width)
+    expected_tiles = -(-1000 // csr.major_tile_rows(width)) if lanes == 16 else product.tiles.shape[0] - 1
+    assert tiles.shape == (expected_tiles + 1, 70)
+    assert CSRProduct(*args, tile_rows=2048, lanes=lanes, tile_major=False)._row_major_tiles(width).shape[0] == 2
+    x = rng.standard_normal((2, 1000, m)).astype(np.float32)
+    for p in (product, pickle.loads(pickle.dumps(product))):
+        out = np.ones((2, 70, m), np.float32)
+        p.matmul(x, out, 2, widest=64)
+        assert _close(out, weight @ x + 1.0)
+    values = weight[weight != 0] * 2.0  # the optimizer's storage, updated in place
+    product.rebind_values(values)
+    out = np.zeros((2, 70, m), np.float32)
+    product.matmul(x, out, 1, widest=64)
+    assert _close(out, 2.0 * weight @ x)
+
+
 @pytest.mark.parametrize("lanes", [8, 16])  # the scalar-load (AVX2) and the gather (AVX-512) batch-1 kernels
 @pytest.mark.parametrize("index", [np.uint8, np.uint16, np.uint32])
 @pytest.mark.parametrize("threads", [1, 2])
