@@ -240,6 +240,8 @@ def main() -> None:
     parser.add_argument("--convs", action="store_true",
                         help="single convolutions instead (LeNet-5's conv2, VGG-16's 3x3 layers): forward and both "
                         "gradients, dense against sparse compute")
+    parser.add_argument("--batch", type=int, default=None, help="this batch size for every case (default 64, the "
+                        "MLP also 256)")
     parser.add_argument("--tiles", action="store_true",
                         help="the sparse-compute step with L1-sized input tiles (AVX-512 default) against L2-sized "
                         "ones, interleaved")
@@ -249,6 +251,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None,
                         help="directory for the JSON and Markdown results (default: results/<LLVM host CPU>/)")
     args = parser.parse_args()
+    if args.batch is not None and args.batch < 1:
+        parser.error(f"--batch must be >= 1, got {args.batch}")
     if args.threads is not None:
         if args.threads < 1:
             parser.error(f"--threads must be >= 1, got {args.threads}")
@@ -266,6 +270,8 @@ def main() -> None:
         cases = [c for c in cases if c[0] != "alexnet-mlp" or c[2] == 64]
     if args.network:
         cases = [c for c in cases if c[0] in args.network]
+    if args.batch is not None:
+        cases = list(dict.fromkeys((net, opt, args.batch) for net, opt, _ in cases))
     rows = []
     for network, optimizer_name, batch in cases:
         rounds = args.rounds or (3 if args.quick else 6 if network == "alexnet-mlp" else 20)
@@ -277,10 +283,12 @@ def main() -> None:
           f"{info['load_average_end']}")
     out = args.out or RESULTS / info["llvm_host_cpu"]
     out.mkdir(parents=True, exist_ok=True)
-    stem = ("training_quick" if args.quick else "training") + (f"_{args.threads}thread" if args.threads else "")
+    stem = ("training_quick" if args.quick else "training") + (f"_{args.threads}thread" if args.threads else "") \
+        + (f"_batch{args.batch}" if args.batch else "")
     write_atomic(out / f"{stem}.json", json.dumps({"machine": info, "rows": rows}, indent=1).encode())
     cmd = "python benchmarks/training.py" + (" --quick" if args.quick else "") + \
-        (f" --threads {args.threads}" if args.threads else "") + "".join(f" --network {n}" for n in args.network or ())
+        (f" --threads {args.threads}" if args.threads else "") + \
+        "".join(f" --network {n}" for n in args.network or ()) + (f" --batch {args.batch}" if args.batch else "")
     write_atomic(out / f"{stem}.md", (
         f"# Retraining step benchmark\n\n`{cmd}` — whole steps (zero_grad, forward, loss, backward, optimizer step), "
         "variants interleaved; ms are medians over rounds, ratios are per-round time / the same round's dense time "

@@ -1,0 +1,145 @@
+"""Where a LeNet-300-100 retraining step's time goes: zero_grad, forward + loss, backward and optimizer step of the
+dense, masked-dense and sparse-compute variants, and of a "free layers" model whose fc1 and fc2 cost nothing (an
+autograd function returning a precomputed output and no gradients): the floor that no kernel can go below, the rest
+of the network (ReLU, fc3, the loss, their gradients, the optimizer over fc3) and torch's per-op cost.
+
+    python benchmarks/step_breakdown.py                  # SGD-momentum and Adam, batch 64, 15 rounds
+    python benchmarks/step_breakdown.py --quick          # 3 rounds, SGD-momentum only
+
+Variants are timed in interleaved rounds (50 steps of each per round, in a rotating order); each phase is the
+median over rounds of its mean per step. Writes benchmarks/results/<LLVM host CPU>/step_breakdown[_quick].{json,md}
+with the machine (magprune.environment).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from training import OPTIMIZERS, RESULTS, build
+
+from magprune.environment import describe, machine_info
+from magprune.fileio import write_atomic
+
+PHASES = ("zero_grad", "forward", "backward", "step")
+VARIANTS = ("dense", "masked", "sparse", "free layers")
+STEPS = 50
+
+
+class _Free(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return None, None, None
+
+
+class FreeLinear(nn.Module):
+    """A Linear layer that costs nothing: its output is fixed, its weight gets no gradient."""
+
+    def __init__(self, batch: int, n_out: int, kept: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(kept))
+        self.out = torch.randn(batch, n_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _Free.apply(x, self.weight, self.out)
+
+
+def free_layers(optimizer_name: str, batch: int):
+    model, _ = build("lenet-300-100", "dense", optimizer_name)
+    model.fc1, model.fc2 = FreeLinear(batch, 300, 18816), FreeLinear(batch, 100, 2700)
+    return model, OPTIMIZERS[optimizer_name](model.parameters())
+
+
+def breakdown(optimizer_name: str, batch: int, rounds: int) -> dict:
+    generator = torch.Generator().manual_seed(1)
+    x, y = torch.randn(batch, 784, generator=generator), torch.randint(0, 10, (batch,), generator=generator)
+    built = {v: build("lenet-300-100", v, optimizer_name) for v in VARIANTS[:3]}
+    built["free layers"] = free_layers(optimizer_name, batch)
+
+    def run(variant: str, steps: int) -> list[float]:
+        model, optimizer = built[variant]
+        total = [0.0] * len(PHASES)
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            optimizer.zero_grad(set_to_none=True)
+            t1 = time.perf_counter()
+            loss = F.cross_entropy(model(x), y)
+            t2 = time.perf_counter()
+            loss.backward()
+            t3 = time.perf_counter()
+            optimizer.step()
+            t4 = time.perf_counter()
+            for i, (a, b) in enumerate(((t0, t1), (t1, t2), (t2, t3), (t3, t4))):
+                total[i] += (b - a) * 1e6 / steps
+        return total
+
+    for variant in VARIANTS:
+        run(variant, 10)
+    per_round: dict[str, list[list[float]]] = {v: [] for v in VARIANTS}
+    for r in range(rounds):
+        shift = r % len(VARIANTS)
+        for variant in VARIANTS[shift:] + VARIANTS[:shift]:
+            per_round[variant].append(run(variant, STEPS))
+    us = {v: {p: statistics.median(t[i] for t in per_round[v]) for i, p in enumerate(PHASES)} for v in VARIANTS}
+    for v in VARIANTS:
+        us[v]["total"] = statistics.median(sum(t) for t in per_round[v])
+    return {"optimizer": optimizer_name, "batch": batch, "rounds": rounds, "steps_per_round": STEPS, "us": us}
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| optimizer | variant | zero_grad us | forward + loss us | backward us | step us | total us | "
+             "total / dense |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        dense = r["us"]["dense"]["total"]
+        for v in VARIANTS:
+            u = r["us"][v]
+            lines.append(f"| {r['optimizer']} | {v} | {u['zero_grad']:.0f} | {u['forward']:.0f} | {u['backward']:.0f} "
+                         f"| {u['step']:.0f} | {u['total']:.0f} | {u['total'] / dense:.2f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="3 rounds, SGD-momentum only")
+    parser.add_argument("--rounds", type=int, default=None, help="timed rounds (default 15)")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--out", type=Path, default=None,
+                        help="directory for the JSON and Markdown results (default: results/<LLVM host CPU>/)")
+    args = parser.parse_args()
+    if args.batch < 1:
+        parser.error(f"--batch must be >= 1, got {args.batch}")
+    info = {**machine_info(), "load_average_start": os.getloadavg()}
+    rounds = args.rounds or (3 if args.quick else 15)
+    rows = [breakdown(name, args.batch, rounds) for name in (("sgd-momentum",) if args.quick else OPTIMIZERS)]
+    info["load_average_end"] = os.getloadavg()
+    text = table(rows)
+    print(f"{text}\n\n{describe(info)}")
+    out = args.out or RESULTS / info["llvm_host_cpu"]
+    stem = "step_breakdown" + ("_quick" if args.quick else "")
+    write_atomic(out / f"{stem}.json", json.dumps({"machine": info, "rows": rows}, indent=1).encode())
+    cmd = "python benchmarks/step_breakdown.py" + (" --quick" if args.quick else "") + \
+        (f" --batch {args.batch}" if args.batch != 64 else "")
+    write_atomic(out / f"{stem}.md", (
+        f"# Where a LeNet-300-100 retraining step goes\n\n`{cmd}` — per phase, median over {rounds} interleaved "
+        f"rounds of the mean of {STEPS} steps, microseconds; \"free layers\": fc1 and fc2 cost nothing (a fixed "
+        "output, no gradients), the floor for any sparse kernel.\n\n"
+        f"Machine: {describe(info)}\n\n{json.dumps(info)}\n\n{text}\n").encode())
+
+
+if __name__ == "__main__":
+    main()
