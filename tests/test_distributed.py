@@ -4,7 +4,7 @@ import socket
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from gloo_workers import finished, spawn
 
 import magprune
 
@@ -26,12 +26,13 @@ def _prune_on_rank(rank: int, world: int, port: int, out: str) -> None:
         torch.save({"masks": pruner.masks, "weights": {n: p.detach() for n, p in pruner.params.items()}},
                    f"{out}/rank{rank}.pt")
         dist.barrier()  # see _fit
+        finished(out, rank)
     finally:
         dist.destroy_process_group()
 
 
 def test_masks_are_broadcast_from_rank_0(tmp_path):
-    mp.spawn(_prune_on_rank, args=(2, _free_port(), str(tmp_path)), nprocs=2)
+    spawn(_prune_on_rank, (2, _free_port(), str(tmp_path)), 2, str(tmp_path))
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     torch.manual_seed(1)
@@ -158,6 +159,7 @@ def _fit(rank: int, world: int, port: int, out: str, examples: int) -> None:
             # destroy_process_group ("terminate called without an active exception") in about 1 run of 3 on the
             # rocketlake Intel host when rank 0 left first (as cli.py's barrier before cleanup)
             dist.barrier()
+            finished(out, rank)
     finally:
         if world > 1:
             dist.destroy_process_group()
@@ -167,7 +169,7 @@ def test_uneven_last_batch_gives_the_single_process_gradient(tmp_path):
     """11 examples in batches of 4: the last batch of 3 splits 2 + 1 over two ranks; the weights after DDP training
     are those of one process, not those of the mean of two unequal shards' mean losses."""
     _fit(0, 1, 0, str(tmp_path), 11)
-    mp.spawn(_fit, args=(2, _free_port(), str(tmp_path), 11), nprocs=2)
+    spawn(_fit, (2, _free_port(), str(tmp_path), 11), 2, str(tmp_path))
     single = torch.load(tmp_path / "world1.pt", weights_only=True)
     ddp = torch.load(tmp_path / "world2.pt", weights_only=True)
     for name in single:
@@ -184,3 +186,19 @@ def test_a_last_batch_smaller_than_the_world_is_refused_before_training(monkeypa
     with pytest.raises(ConfigError, match="last batch of 2 of the 18 training examples, fewer than the 4 processes"):
         distributed.check_batch_size(8, 18)
     assert distributed.loss_scale(1, 3) == pytest.approx(4 / 3)
+
+
+def _abort_on_rank_0(rank: int, out: str, mark: bool) -> None:
+    if mark:
+        finished(out, rank)
+    if rank == 0:
+        os.abort()
+
+
+def test_spawn_tolerates_only_an_abort_after_the_workers_finished(tmp_path):
+    (tmp_path / "before").mkdir()
+    with pytest.raises(torch.multiprocessing.ProcessExitedException, match="SIGABRT"):
+        spawn(_abort_on_rank_0, (str(tmp_path / "before"), False), 2, str(tmp_path / "before"))
+    (tmp_path / "after").mkdir()
+    with pytest.warns(RuntimeWarning, match="gloo teardown aborted rank 0 after every rank finished"):
+        spawn(_abort_on_rank_0, (str(tmp_path / "after"), True), 2, str(tmp_path / "after"))

@@ -13,7 +13,7 @@ import traceback
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from gloo_workers import finished, spawn
 from torch import nn
 
 import magprune
@@ -202,6 +202,7 @@ def _worker(rank: int, port: int, tmp: str) -> None:
                 result = {"error": traceback.format_exc()}
             torch.save(result, f"{tmp}/{name}-rank{rank}.pt")
         dist.barrier()  # see tests/test_distributed.py::_fit
+        finished(tmp, rank)
     finally:
         dist.destroy_process_group()
 
@@ -209,7 +210,7 @@ def _worker(rank: int, port: int, tmp: str) -> None:
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fsdp")
-    mp.spawn(_worker, args=(_free_port(), str(tmp)), nprocs=WORLD)
+    spawn(_worker, (_free_port(), str(tmp)), WORLD, str(tmp))
 
     def load(name: str, rank: int = 0) -> dict:
         result = torch.load(tmp / f"{name}-rank{rank}.pt", weights_only=True)

@@ -218,6 +218,49 @@ def test_resume_refuses_a_checkpoint_written_for_other_stages(tmp_path):
         run_experiment(fewer, tmp_path, progress=False, echo=lambda _: None, resume=True)
 
 
+def test_each_network_is_evaluated_once_at_the_end_of_its_training(tmp_path, monkeypatch):
+    # the last epoch's test and validation errors are the stage's: no second pass over either split
+    from magprune.experiment import stages, train
+
+    sizes: list[int] = []
+
+    def counting(model, x, y, batch_size=2000):
+        sizes.append(len(y))
+        return real(model, x, y, batch_size)
+
+    real = train.evaluate
+    monkeypatch.setattr(train, "evaluate", counting)
+    monkeypatch.setattr(stages, "evaluate", counting)
+    raw = yaml_of(TINY)
+    raw["train"]["epochs"] = 2
+    raw["prune"] = raw["prune"][:1]
+    raw["prune"][0]["retrain"]["epochs"] = 2
+    raw["data"]["validation"] = 150
+    summary = run_experiment(from_dict(raw), tmp_path / "run", progress=False, echo=lambda _: None)
+    assert sizes.count(150) == 4  # validation: once per epoch (2 dense + 2 retraining), was 6
+    assert sizes.count(449) == 5  # test: once per epoch and once right after the prune, was 7
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    last = [r for r in rows if r["epoch"] is not None][-1]
+    assert summary["error_after"] == last["test_error"]
+    assert summary["validation_error_after"] == last["validation_error"]
+
+    class Scramble(stages.Stage):  # a stage after the last training that changes the model: evaluated again
+        name = "scramble"
+
+        def run(self, ctx, state):
+            with torch.no_grad():
+                for p in ctx.model.parameters():
+                    p.mul_(-1.0)
+
+    from magprune.experiment import pipeline
+
+    monkeypatch.setattr(pipeline, "build_stages", lambda config: [*stages.build_stages(config), Scramble()])
+    sizes.clear()
+    scrambled = run_experiment(from_dict(raw), tmp_path / "scrambled", progress=False, echo=lambda _: None)
+    assert sizes.count(150) == 5 and sizes.count(449) == 6
+    assert scrambled["error_after"] > summary["error_after"] + 0.3  # the scrambled network's, not the last epoch's
+
+
 def test_validation_split_is_held_out_and_reported(tmp_path):
     raw = yaml_of(TINY)
     raw["train"]["epochs"] = 1

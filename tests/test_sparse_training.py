@@ -6,6 +6,7 @@ import copy
 import numpy as np
 import pytest
 import torch
+from gloo_workers import finished, spawn
 from torch import nn
 
 import magprune
@@ -388,6 +389,7 @@ def _ddp_rank(rank: int, world: int, port: int, out: str) -> None:
             optimizer.step()
         torch.save(model.state_dict(), f"{out}/rank{rank}.pt")
         dist.barrier()  # see tests/test_distributed.py::_fit
+        finished(out, rank)
     finally:
         dist.destroy_process_group()
 
@@ -395,12 +397,11 @@ def _ddp_rank(rank: int, world: int, port: int, out: str) -> None:
 def test_ddp_all_reduces_the_compact_gradients(tmp_path):
     import socket
 
-    import torch.multiprocessing as mp
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_ddp_rank, args=(2, port, str(tmp_path)), nprocs=2)
+    spawn(_ddp_rank, (2, port, str(tmp_path)), 2, str(tmp_path))
     model, pruner = _small()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     pruner.attach(optimizer)

@@ -87,6 +87,8 @@ def run_experiment(config: ExperimentConfig, run_dir: str | Path, *, data_dir: s
         position = ctx.resume() if resume else Position()
         for index in range(position.stage, len(stages)):
             ctx.stage = index
+            ctx.results.pop("final_errors", None)  # set by a stage that trains (its last epoch's); any other may
+            # change the model, and then the errors are evaluated again at the end
             stages[index].run(ctx, position.state if index == position.stage else None)
             ctx.save(Position(index + 1))  # a finished stage is never repeated
         return finish_run(ctx, start)
@@ -145,7 +147,8 @@ def open_run(config: ExperimentConfig, run_dir: Path, stages: list[Stage], *, da
 def finish_run(ctx: RunContext, start: float) -> dict[str, Any]:
     """After the last stage: the histograms, model.safetensors, masks.safetensors, summary.json and report.md."""
     config, pruner, run_dir = ctx.config, ctx.pruner, ctx.run_dir
-    final_error = ctx.evaluate()
+    # the last training stage's errors (its last epoch's), else (no stage trained: nothing to prune) evaluated now
+    final_error, final_validation = ctx.results.get("final_errors") or (ctx.evaluate(), ctx.validation_error())
     whole = ctx.whole_model()  # under FSDP2 a plain copy: the files hold whole tensors, as from one process
     # Weights for the histograms (Han's Fig. 7): dense, right after the last prune, after the last retraining.
     snapshots = dict(ctx.snapshots)
@@ -180,7 +183,7 @@ def finish_run(ctx: RunContext, start: float) -> dict[str, Any]:
         "error_after": final_error,
         "validation": config.data.validation,
         "validation_error_before": ctx.results.get("dense_validation_error"),
-        "validation_error_after": ctx.validation_error(),
+        "validation_error_after": final_validation,
         "params_before": report.params_total,
         "params_after": report.params_nonzero,
         "weights_before": report.weights,

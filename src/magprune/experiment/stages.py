@@ -97,6 +97,15 @@ class RunContext:
         """The model's test error."""
         return evaluate(self.model, *self.test, batch_size=self.config.train.eval_batch_size)[1]
 
+    def final_errors(self, rows: list[dict[str, Any]]) -> tuple[float, float | None]:
+        """(test error, validation error) of the model as a stage's training left it: its last epoch's, evaluated
+        then on these weights (``rows`` from ``Trainer.fit``), or evaluated now where no epoch ran in this process
+        (resumed after the last one). Evaluating again gave the same numbers at the cost of two more passes."""
+        errors = (rows[-1]["test_error"], rows[-1]["validation_error"]) if rows else \
+            (self.evaluate(), self.validation_error())
+        self.results["final_errors"] = list(errors)  # the run's, unless a later stage trains again
+        return errors
+
     def validation_error(self) -> float | None:
         """The model's error on the held-out validation split (None without one)."""
         if self.validation is None or not len(self.validation[1]):
@@ -205,9 +214,10 @@ class DenseTraining(Stage):
         cfg = ctx.config.train
         trainer = ctx.trainer("dense", lr=cfg.lr, epochs=cfg.epochs, seed=ctx.config.seed,
                               state=state["train"] if state else None)
-        trainer.fit(on_epoch=ctx.log_epoch(0), on_checkpoint=lambda t: ctx.checkpoint({"train": t.as_dict()}))
-        error = ctx.results["dense_error"] = ctx.evaluate()
-        validation = ctx.results["dense_validation_error"] = ctx.validation_error()
+        rows = trainer.fit(on_epoch=ctx.log_epoch(0),
+                           on_checkpoint=lambda t: ctx.checkpoint({"train": t.as_dict()}))
+        error, validation = ctx.final_errors(rows)
+        ctx.results["dense_error"], ctx.results["dense_validation_error"] = error, validation
         ctx.echo(f"dense: test error {100 * error:.2f}%"
                  + (f", validation error {100 * validation:.2f}%" if validation is not None else ""))
         whole = ctx.whole_model()
@@ -244,8 +254,8 @@ class PruneRetrain(Stage):
                               seed=ctx.config.seed + i, state=state["train"], compute=compute)
         handle = ctx.pruner.attach(trainer.optimizer)
         try:
-            trainer.fit(on_epoch=ctx.log_epoch(i),
-                        on_checkpoint=lambda t: ctx.checkpoint({**state, "train": t.as_dict()}))
+            rows = trainer.fit(on_epoch=ctx.log_epoch(i),
+                               on_checkpoint=lambda t: ctx.checkpoint({**state, "train": t.as_dict()}))
         finally:
             if compute is not None:
                 compute.remove()
@@ -253,12 +263,12 @@ class PruneRetrain(Stage):
             if frozen is not None:
                 frozen.remove()
         ctx.pruner.check()
-        error = ctx.evaluate()
+        error, validation = ctx.final_errors(rows)
         ctx.results["steps"].append({"step": i, "criterion": self.step.criterion,
                                      "densities": state["pruned"]["densities"], "sparsity": ctx.pruner.sparsity(),
                                      "compression": ctx.compression(),
                                      "error_pruned": state["pruned"]["pruned_error"], "error_retrained": error,
-                                     "validation_error": ctx.validation_error()})
+                                     "validation_error": validation})
         ctx.writer.checkpoint(self.name, ctx.whole_model(), ctx.whole_masks(),
                               {"stage": self.name, **ctx.results["steps"][-1]})
         ctx.echo(f"retrain {i}: test error {100 * error:.2f}%")
@@ -320,14 +330,14 @@ class Quantize(Stage):
         handles = [ctx.pruner.attach(trainer.optimizer),
                    sharing.attach(trainer.optimizer, reset_state=state["train"] is None)]
         try:
-            trainer.fit(on_epoch=ctx.log_epoch(self.step),
-                        on_checkpoint=lambda t: ctx.checkpoint({**state, "train": t.as_dict()}))
+            rows = trainer.fit(on_epoch=ctx.log_epoch(self.step),
+                               on_checkpoint=lambda t: ctx.checkpoint({**state, "train": t.as_dict()}))
         finally:
             for handle in handles:
                 handle.remove()
         sharing.check()
         ctx.pruner.check()
-        error = ctx.evaluate()
+        error = ctx.final_errors(rows)[0]
         ctx.echo(f"quantize: test error after {q.epochs} fine-tuning epochs {100 * error:.2f}%")
         ctx.results["quantize"] = {"bits": sharing.bits, "init": q.init, "epochs": q.epochs,
                                    "error_shared": state["shared_error"], "error_fine_tuned": error,
