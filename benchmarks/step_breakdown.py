@@ -101,6 +101,90 @@ def breakdown(optimizer_name: str, batch: int, rounds: int) -> dict:
     return {"optimizer": optimizer_name, "batch": batch, "rounds": rounds, "steps_per_round": STEPS, "us": us}
 
 
+class _Stopwatch:
+    """Forward hooks recording each child module's forward time."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.times: dict[str, list[float]] = {}
+        self.started: dict[str, float] = {}
+        for name, module in model.named_children():
+            module.register_forward_pre_hook(self.pre(name))
+            module.register_forward_hook(self.post(name))
+
+    def pre(self, name: str):
+        return lambda module, args: self.started.__setitem__(name, time.perf_counter())
+
+    def post(self, name: str):
+        return lambda module, args, out: self.times.setdefault(name, []).append(
+            time.perf_counter() - self.started[name])
+
+
+def layer_times(optimizer_name: str, batch: int, steps: int = 300) -> dict[str, dict[str, float]]:
+    """Median forward time (us) of each child module inside whole steps (forward hooks), dense and sparse."""
+    generator = torch.Generator().manual_seed(1)
+    x, y = torch.randn(batch, 784, generator=generator), torch.randint(0, 10, (batch,), generator=generator)
+    found = {}
+    for variant in ("dense", "sparse"):
+        model, optimizer = build("lenet-300-100", variant, optimizer_name)
+        watch = _Stopwatch(model)
+        for i in range(steps + 20):
+            if i == 20:
+                watch.times.clear()
+            optimizer.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x), y).backward()
+            optimizer.step()
+        found[variant] = {n: statistics.median(t) * 1e6 for n, t in watch.times.items()}
+    return found
+
+
+def kernel_times(batch: int, repeat: int = 300) -> dict[str, dict[str, float]]:
+    """Median time (us) of each sparse layer's three kernel plans alone, inputs in cache: forward, input gradient
+    (W^T dy) and weight gradient (SDDMM), at this batch."""
+    import numpy as np
+
+    from magprune.sparse_training import _columns, _lead
+
+    model, _ = build("lenet-300-100", "sparse", "sgd-momentum")
+    m = _columns(batch)
+    found = {}
+    for name, module in model.named_children():
+        layer = getattr(module, "_magprune_sparse", None)
+        if layer is None:
+            continue
+        structure = layer.structure
+        n_out, n_in = structure.shape
+        forward, transposed, sampled = structure.plans(m, torch.get_num_threads())
+        rng = np.random.default_rng(0)
+        xt = rng.standard_normal((n_in, _lead(m))).astype(np.float32)
+        dyt = rng.standard_normal((n_out, _lead(m))).astype(np.float32)
+        out, gx = np.zeros((n_out, _lead(m)), np.float32), np.zeros((n_in, _lead(m)), np.float32)
+        gv = np.zeros(structure.nnz, np.float32)
+        calls = {"forward": (forward, (xt.ctypes.data, out.ctypes.data)),
+                 "input gradient": (transposed, (dyt.ctypes.data, gx.ctypes.data)),
+                 "weight gradient": (sampled, (xt.ctypes.data, gv.ctypes.data, dyt.ctypes.data))}
+        found[name] = {}
+        for what, (plan, addresses) in calls.items():
+            samples = []
+            for i in range(repeat + 20):
+                start = time.perf_counter()
+                plan.run(*addresses)
+                if i >= 20:
+                    samples.append(time.perf_counter() - start)
+            found[name][what] = statistics.median(samples) * 1e6
+    return found
+
+
+def layers_table(layers: dict[str, dict[str, float]], kernels: dict[str, dict[str, float]]) -> str:
+    names = list(layers["dense"])
+    lines = ["| module | dense forward us | sparse forward us | sparse kernels alone: forward / input gradient / "
+             "weight gradient us |", "|---|---:|---:|---:|"]
+    for n in names:
+        k = kernels.get(n)
+        alone = "" if k is None else " / ".join(f"{k[w]:.0f}" for w in ("forward", "input gradient", "weight gradient"))
+        lines.append(f"| {n} | {layers['dense'][n]:.1f} | {layers['sparse'][n]:.1f} | {alone} |")
+    return "\n".join(lines)
+
+
 def table(rows: list[dict]) -> str:
     lines = ["| optimizer | variant | zero_grad us | forward + loss us | backward us | step us | total us | "
              "total / dense |", "|---|---|---:|---:|---:|---:|---:|---:|"]
@@ -126,12 +210,16 @@ def main() -> None:
     info = {**machine_info(), "load_average_start": os.getloadavg()}
     rounds = args.rounds or (3 if args.quick else 15)
     rows = [breakdown(name, args.batch, rounds) for name in (("sgd-momentum",) if args.quick else OPTIMIZERS)]
+    layers, kernels = layer_times("sgd-momentum", args.batch), kernel_times(args.batch)
     info["load_average_end"] = os.getloadavg()
-    text = table(rows)
+    text = table(rows) + "\n\nForward time of each module inside whole SGD-momentum steps (forward hooks, median of " \
+        "300 steps), and the sparse layers' kernel plans timed alone with their inputs in cache (median of 300):\n\n" \
+        + layers_table(layers, kernels)
     print(f"{text}\n\n{describe(info)}")
     out = args.out or RESULTS / info["llvm_host_cpu"]
     stem = "step_breakdown" + ("_quick" if args.quick else "")
-    write_atomic(out / f"{stem}.json", json.dumps({"machine": info, "rows": rows}, indent=1).encode())
+    write_atomic(out / f"{stem}.json", json.dumps({"machine": info, "rows": rows, "layer_forward_us": layers,
+                                                   "kernel_us": kernels}, indent=1).encode())
     cmd = "python benchmarks/step_breakdown.py" + (" --quick" if args.quick else "") + \
         (f" --batch {args.batch}" if args.batch != 64 else "")
     write_atomic(out / f"{stem}.md", (
