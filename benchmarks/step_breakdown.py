@@ -142,10 +142,9 @@ def kernel_times(batch: int, repeat: int = 300) -> dict[str, dict[str, float]]:
     (W^T dy) and weight gradient (SDDMM), at this batch."""
     import numpy as np
 
-    from magprune.sparse_training import _columns, _lead
-
     model, _ = build("lenet-300-100", "sparse", "sgd-momentum")
-    m = _columns(batch)
+    m = -(-batch // 8) * 8  # the kernels' columns: the batch rounded up to 8
+    lead = m + 16  # at least the floats per row the layer's arrays have (m, or m + 16 past 64): room enough
     found = {}
     for name, module in model.named_children():
         layer = getattr(module, "_magprune_sparse", None)
@@ -155,9 +154,9 @@ def kernel_times(batch: int, repeat: int = 300) -> dict[str, dict[str, float]]:
         n_out, n_in = structure.shape
         forward, transposed, sampled = structure.plans(m, torch.get_num_threads())
         rng = np.random.default_rng(0)
-        xt = rng.standard_normal((n_in, _lead(m))).astype(np.float32)
-        dyt = rng.standard_normal((n_out, _lead(m))).astype(np.float32)
-        out, gx = np.zeros((n_out, _lead(m)), np.float32), np.zeros((n_in, _lead(m)), np.float32)
+        xt = rng.standard_normal((n_in, lead)).astype(np.float32)
+        dyt = rng.standard_normal((n_out, lead)).astype(np.float32)
+        out, gx = np.zeros((n_out, lead), np.float32), np.zeros((n_in, lead), np.float32)
         gv = np.zeros(structure.nnz, np.float32)
         calls = {"forward": (forward, (xt.ctypes.data, out.ctypes.data)),
                  "input gradient": (transposed, (dyt.ctypes.data, gx.ctypes.data)),
