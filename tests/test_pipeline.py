@@ -237,8 +237,8 @@ def test_each_network_is_evaluated_once_at_the_end_of_its_training(tmp_path, mon
     raw["prune"][0]["retrain"]["epochs"] = 2
     raw["data"]["validation"] = 150
     summary = run_experiment(from_dict(raw), tmp_path / "run", progress=False, echo=lambda _: None)
-    assert sizes.count(150) == 4  # validation: once per epoch (2 dense + 2 retraining), was 6
-    assert sizes.count(449) == 5  # test: once per epoch and once right after the prune, was 7
+    assert sizes.count(150) == 4  # validation: once per epoch (2 dense + 2 retraining), was 7
+    assert sizes.count(449) == 5  # test: once per epoch and once right after the prune, was 8
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     last = [r for r in rows if r["epoch"] is not None][-1]
     assert summary["error_after"] == last["test_error"]
