@@ -27,7 +27,7 @@ from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from training import OPTIMIZERS, RESULTS, build
+from training import OPTIMIZERS, RESULTS, build, timed_steps
 
 from magprune.environment import describe, machine_info
 from magprune.fileio import write_atomic
@@ -127,12 +127,9 @@ def layer_times(optimizer_name: str, batch: int, steps: int = 300) -> dict[str, 
     for variant in ("dense", "sparse"):
         model, optimizer = build("lenet-300-100", variant, optimizer_name)
         watch = _Stopwatch(model)
-        for i in range(steps + 20):
-            if i == 20:
-                watch.times.clear()
-            optimizer.zero_grad(set_to_none=True)
-            F.cross_entropy(model(x), y).backward()
-            optimizer.step()
+        timed_steps(model, optimizer, x, y, 20)  # warm-up: kernels compiled, plans built, optimizer state made
+        watch.times.clear()
+        timed_steps(model, optimizer, x, y, steps)
         found[variant] = {n: statistics.median(t) * 1e6 for n, t in watch.times.items()}
     return found
 

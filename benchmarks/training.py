@@ -91,6 +91,18 @@ def interleaved(step, variants: tuple[str, ...], rounds: int, reference: str = "
     return times, ratios
 
 
+def timed_steps(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+                repeat: int) -> float:
+    """ms per step, averaged over ``repeat`` back-to-back steps (one 2-5 ms step alone jitters by +-50% on the
+    2-core machine)."""
+    start = time.perf_counter()
+    for _ in range(repeat):
+        optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    return (time.perf_counter() - start) * 1e3 / repeat
+
+
 def bench_case(network: str, optimizer_name: str, batch: int, rounds: int) -> dict:
     shape = {"lenet-300-100": (784,), "lenet-5": (1, 28, 28), "alexnet-mlp": (9216,)}[network]
     generator = torch.Generator().manual_seed(1)
@@ -99,19 +111,7 @@ def bench_case(network: str, optimizer_name: str, batch: int, rounds: int) -> di
     built = {v: build(network, v, optimizer_name) for v in variants}
 
     repeat = STEPS_PER_ROUND[network]
-
-    def step(variant: str) -> float:
-        """ms per step, averaged over the round's ``repeat`` back-to-back steps (one 2-5 ms step alone jitters by
-        +-50% on the 2-core machine)."""
-        model, optimizer = built[variant]
-        start = time.perf_counter()
-        for _ in range(repeat):
-            optimizer.zero_grad(set_to_none=True)
-            F.cross_entropy(model(x), y).backward()
-            optimizer.step()
-        return (time.perf_counter() - start) * 1e3 / repeat
-
-    times, ratios = interleaved(step, variants, rounds)
+    times, ratios = interleaved(lambda v: timed_steps(*built[v], x, y, repeat), variants, rounds)
     return {"network": network, "optimizer": optimizer_name, "batch": batch, "rounds": rounds,
             "steps_per_round": repeat,
             "ms_min": {v: min(t) for v, t in times.items()},
@@ -170,26 +170,17 @@ def bench_tiles(network: str, batch: int, rounds: int) -> dict:
     generator = torch.Generator().manual_seed(1)
     x, y = torch.randn(batch, *shape, generator=generator), torch.randint(0, 10, (batch,), generator=generator)
     repeat = STEPS_PER_ROUND[network]
-
-    def steps(built) -> float:
-        model, optimizer = built
-        start = time.perf_counter()
-        for _ in range(repeat):
-            optimizer.zero_grad(set_to_none=True)
-            F.cross_entropy(model(x), y).backward()
-            optimizer.step()
-        return (time.perf_counter() - start) * 1e3 / repeat
-
     small = build(network, "sparse", "sgd-momentum")
     chosen = csr.CSRProduct._row_major_tiles
     csr.CSRProduct._row_major_tiles = lambda self, width: self.tiles
     try:
         large = build(network, "sparse", "sgd-momentum")
-        steps(large)  # its plans, with the L2 tiles
+        timed_steps(*large, x, y, 1)  # its plans, with the L2 tiles
     finally:
         csr.CSRProduct._row_major_tiles = chosen
     built = {"l2-tiles": large, "l1-tiles": small}
-    times, ratios = interleaved(lambda v: steps(built[v]), ("l2-tiles", "l1-tiles"), rounds, "l2-tiles")
+    times, ratios = interleaved(lambda v: timed_steps(*built[v], x, y, repeat), ("l2-tiles", "l1-tiles"), rounds,
+                                "l2-tiles")
     ratio = ratios["l1-tiles"]
     return {"network": network, "batch": batch, "rounds": rounds, "steps_per_round": repeat,
             "ms_median": {v: statistics.median(t) for v, t in times.items()},
@@ -226,6 +217,17 @@ def table(rows: list[dict]) -> str:
                      + (f"{med[CONV_VARIANT]:.2f} ({rng[CONV_VARIANT][0]:.2f}-{rng[CONV_VARIANT][1]:.2f}) |"
                         if CONV_VARIANT in med else "– |"))
     return "\n".join(lines)
+
+
+def write_results(args: argparse.Namespace, info: dict, stem: str, rows: list[dict], cmd: str, heading: str,
+                  description: str, text: str) -> None:
+    """results/<LLVM host CPU>/ (or --out) <stem>.json with the machine and rows, <stem>.md: heading, command,
+    description, machine and table."""
+    out = args.out or RESULTS / info["llvm_host_cpu"]
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(out / f"{stem}.json", json.dumps({"machine": info, "rows": rows}, indent=1).encode())
+    write_atomic(out / f"{stem}.md", (f"# {heading}\n\n`{cmd}` — {description}\n\nMachine: {describe(info)}\n\n"
+                                      f"{json.dumps(info)}\n\n{text}\n").encode())
 
 
 def machine() -> dict:
@@ -281,20 +283,16 @@ def main() -> None:
     text = table(rows)
     print(f"\n{text}\n\n{describe(info)}; load average start {info['load_average_start']}, end "
           f"{info['load_average_end']}")
-    out = args.out or RESULTS / info["llvm_host_cpu"]
-    out.mkdir(parents=True, exist_ok=True)
     stem = ("training_quick" if args.quick else "training") + (f"_{args.threads}thread" if args.threads else "") \
         + (f"_batch{args.batch}" if args.batch else "")
-    write_atomic(out / f"{stem}.json", json.dumps({"machine": info, "rows": rows}, indent=1).encode())
     cmd = "python benchmarks/training.py" + (" --quick" if args.quick else "") + \
         (f" --threads {args.threads}" if args.threads else "") + \
         "".join(f" --network {n}" for n in args.network or ()) + (f" --batch {args.batch}" if args.batch else "")
-    write_atomic(out / f"{stem}.md", (
-        f"# Retraining step benchmark\n\n`{cmd}` — whole steps (zero_grad, forward, loss, backward, optimizer step), "
-        "variants interleaved; ms are medians over rounds, ratios are per-round time / the same round's dense time "
-        "(median and range over rounds; a round is 10 steps of each LeNet-300-100 variant, 3 of LeNet-5, 1 of the "
-        f"MLP; lower is better).\n\nMachine: {describe(info)}\n\n{json.dumps(info)}\n\n"
-        f"{text}\n").encode())
+    write_results(args, info, stem, rows, cmd, "Retraining step benchmark",
+                  "whole steps (zero_grad, forward, loss, backward, optimizer step), variants interleaved; ms are "
+                  "medians over rounds, ratios are per-round time / the same round's dense time (median and range "
+                  "over rounds; a round is 10 steps of each LeNet-300-100 variant, 3 of LeNet-5, 1 of the MLP; lower "
+                  "is better).", text)
 
 
 def main_convs(args: argparse.Namespace, info: dict) -> None:
@@ -305,17 +303,13 @@ def main_convs(args: argparse.Namespace, info: dict) -> None:
     info["load_average_end"] = os.getloadavg()
     text = conv_table(rows)
     print(f"\n{text}\n\n{describe(info)}")
-    out = args.out or RESULTS / info["llvm_host_cpu"]
-    out.mkdir(parents=True, exist_ok=True)
     stem = "training_convs" + ("_quick" if args.quick else "") + (f"_{args.threads}thread" if args.threads else "")
-    write_atomic(out / f"{stem}.json", json.dumps({"machine": info, "rows": rows}, indent=1).encode())
     cmd = "python benchmarks/training.py --convs" + (" --quick" if args.quick else "") + \
         (f" --threads {args.threads}" if args.threads else "")
-    write_atomic(out / f"{stem}.md", (
-        f"# Sparse convolution benchmark\n\n`{cmd}` — one convolution's forward and both gradients (input and "
-        "weight), dense (oneDNN, the weight masked) against sparse compute (stride 1: the direct flat products), "
-        "interleaved; ms are medians over rounds, ratios per-round sparse / dense time (median and range; lower is "
-        f"better).\n\nMachine: {describe(info)}\n\n{json.dumps(info)}\n\n{text}\n").encode())
+    write_results(args, info, stem, rows, cmd, "Sparse convolution benchmark",
+                  "one convolution's forward and both gradients (input and weight), dense (oneDNN, the weight "
+                  "masked) against sparse compute (stride 1: the direct flat products), interleaved; ms are medians "
+                  "over rounds, ratios per-round sparse / dense time (median and range; lower is better).", text)
 
 
 def main_tiles(args: argparse.Namespace, info: dict) -> None:
@@ -327,18 +321,14 @@ def main_tiles(args: argparse.Namespace, info: dict) -> None:
     info["load_average_end"] = os.getloadavg()
     text = tiles_table(rows)
     print(f"\n{text}\n\n{describe(info)}")
-    out = args.out or RESULTS / info["llvm_host_cpu"]
-    out.mkdir(parents=True, exist_ok=True)
     stem = "training_tiles" + ("_quick" if args.quick else "") + (f"_{args.threads}thread" if args.threads else "")
-    write_atomic(out / f"{stem}.json", json.dumps({"machine": info, "rows": rows}, indent=1).encode())
     cmd = "python benchmarks/training.py --tiles" + (" --quick" if args.quick else "") + \
         (f" --threads {args.threads}" if args.threads else "")
-    write_atomic(out / f"{stem}.md", (
-        f"# Input tiles of the sparse-compute products\n\n`{cmd}` — whole sparse-compute SGD-momentum steps with "
-        "the batched products walking L1-sized input tiles (per-tile row pointers over the row-major values; the "
-        "AVX-512 default) against the product's own L2-sized tiles, interleaved in one process; ms are medians "
-        "over rounds, ratios per-round L1 / L2 time (median and range; lower means the L1 tiles are faster)."
-        f"\n\nMachine: {describe(info)}\n\n{json.dumps(info)}\n\n{text}\n").encode())
+    write_results(args, info, stem, rows, cmd, "Input tiles of the sparse-compute products",
+                  "whole sparse-compute SGD-momentum steps with the batched products walking L1-sized input tiles "
+                  "(per-tile row pointers over the row-major values; the AVX-512 default) against the product's own "
+                  "L2-sized tiles, interleaved in one process; ms are medians over rounds, ratios per-round L1 / L2 "
+                  "time (median and range; lower means the L1 tiles are faster).", text)
 
 
 if __name__ == "__main__":
