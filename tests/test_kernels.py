@@ -287,6 +287,32 @@ def test_row_major_products_walk_l1_sized_tiles_on_avx512_and_match_dense(lanes,
     assert _close(out, 2.0 * weight @ x)
 
 
+@pytest.mark.parametrize("lanes", [8, 16])
+@pytest.mark.parametrize("m", [8, 40, 64, 136])
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("tile_major", [False, True])
+def test_overwriting_products_write_every_row_whatever_out_held(parallel_always, lanes, m, threads, tile_major):
+    # sparse compute's Linear layers write their products into fresh (uninitialised) memory: the first input tile's
+    # calls write each row, empty rows and rows empty in the first tile included, the later tiles add
+    rng = np.random.default_rng(m + lanes)
+    weight = (rng.standard_normal((50, 300)) * (rng.random((50, 300)) < 0.2)).astype(np.float32)
+    weight[7] = 0.0  # an empty row
+    weight[11, :64] = 0.0  # a row with nothing in the first tile
+    indptr = np.concatenate([[0], np.cumsum((weight != 0).sum(axis=1))]).astype(np.int32)
+    args = (indptr, np.nonzero(weight)[1].astype(np.uint16), weight[weight != 0], 300)
+    for product in (CSRProduct(*args, tile_rows=64, lanes=lanes, tile_major=tile_major),
+                    CSRProduct(*args, lanes=lanes, tile_major=tile_major)):  # several tiles, and the default tiles
+        x = rng.standard_normal((2, 300, m)).astype(np.float32)
+        out = np.full((2, 50, m), np.nan, np.float32)
+        product.matmul_plan(2, m, threads, 64, overwrite=True).run(x.ctypes.data, out.ctypes.data)
+        assert _close(out, weight @ x)
+        out = np.ones((2, 50, m), np.float32)  # the adding plan of the same shape is still its own
+        product.matmul_plan(2, m, threads, 64).run(x.ctypes.data, out.ctypes.data)
+        assert _close(out, weight @ x + 1.0)
+    with pytest.raises(ValueError, match="only adds"):
+        csr.kernel(1, np.uint16, lanes, overwrite=True)
+
+
 @pytest.mark.parametrize("lanes", [8, 16])  # the scalar-load (AVX2) and the gather (AVX-512) batch-1 kernels
 @pytest.mark.parametrize("index", [np.uint8, np.uint16, np.uint32])
 @pytest.mark.parametrize("threads", [1, 2])

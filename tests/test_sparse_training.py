@@ -278,6 +278,35 @@ def test_unsupported_uses_are_refused_clearly():
         magprune.sparse_compute(model, pruner, layers=["nope.weight"])
 
 
+def test_a_linear_layer_follows_its_bias_replaced_removed_or_stepped_in_place():
+    # the forward adds the bias (and the backward sums its gradient) through products over the bias's storage,
+    # cached per batch size: a replaced storage, a removed bias and an in-place step must all be seen
+    model, pruner = _pruned()
+    magprune.sparse_compute(model, pruner)
+    x = torch.randn(5, 784)
+    fc1 = model.fc1
+
+    def expected() -> torch.Tensor:
+        return torch.nn.functional.linear(x, fc1.weight, fc1.bias)
+
+    torch.testing.assert_close(fc1(x), expected(), rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        fc1.bias.add_(1.0)  # in place, as the optimizer steps it
+    torch.testing.assert_close(fc1(x), expected(), rtol=1e-5, atol=1e-5)
+    fc1.bias.data = torch.randn(300)  # new storage
+    torch.testing.assert_close(fc1(x), expected(), rtol=1e-5, atol=1e-5)
+    bias = fc1.bias
+    fc1.bias = None
+    torch.testing.assert_close(fc1(x), torch.nn.functional.linear(x, fc1.weight), rtol=1e-5, atol=1e-5)
+    fc1.bias = bias
+    y = fc1(x.requires_grad_())
+    y.sum().backward()
+    torch.testing.assert_close(fc1.bias.grad, torch.full((300,), 5.0))
+    fc1.bias = nn.Parameter(torch.zeros(300, dtype=torch.float64))
+    with pytest.raises(TypeError, match="contiguous float32 bias"):
+        fc1(x)
+
+
 DIRECT = ({}, {"padding": 1}, {"padding": (2, 0), "kernel_size": (3, 2)}, {"kernel_size": 1})
 IM2COL = ({"stride": 2, "padding": 1}, {"dilation": 2, "padding": 2})
 

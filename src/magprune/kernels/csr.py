@@ -49,14 +49,16 @@ def _unroll(vectors: int, lanes: int) -> int:
     return 2 if vectors <= 4 else 1
 
 
-def _function_ir(width: int, index: str, lanes: int = 8, unroll: int | None = None) -> str:
+def _function_ir(width: int, index: str, lanes: int = 8, unroll: int | None = None, overwrite: bool = False) -> str:
     """IR of one kernel over vectors of ``lanes`` floats (8: AVX2, 16: AVX-512); nonzeros taken ``unroll`` at a time
-    into as many accumulator sets (more FMA chains)."""
+    into as many accumulator sets (more FMA chains). ``overwrite``: ``spmmw_*``, which writes the rows' sums instead
+    of adding them to what ``out`` holds (no zeroing pass before it)."""
     lanes = min(lanes, width)
     _VEC = f"<{lanes} x float>"
     vectors = width // lanes
     unroll = unroll or _unroll(vectors, lanes)
-    lines = [f"define void @spmm_{width}_{index}(ptr noalias %starts, ptr noalias %ends, ptr noalias %cols, "
+    name = f"spmm{'w' if overwrite else ''}_{width}_{index}"
+    lines = [f"define void @{name}(ptr noalias %starts, ptr noalias %ends, ptr noalias %cols, "
              "ptr noalias %vals, ptr noalias %x, i64 %ldx, ptr noalias %out, i64 %ldo, i64 %r0, i64 %r1, "
              "i64 %chunks, i64 %blocks, i64 %xstep, i64 %ostep) nounwind {",
              # for each block b < blocks (x and out advance by xstep/ostep floats) and each of ``chunks`` column
@@ -75,12 +77,13 @@ def _function_ir(width: int, index: str, lanes: int = 8, unroll: int | None = No
              "  %s = zext i32 %s32 to i64", "  %e = zext i32 %e32 to i64",
              "  %ooff = mul nuw i64 %o, %ldo", "  %orow = getelementptr float, ptr %oc, i64 %ooff"]
     for i in range(vectors):
-        lines += [f"  %op{i} = getelementptr float, ptr %orow, i64 {lanes * i}",
-                  f"  %init{i} = load {_VEC}, ptr %op{i}, align 4"]
+        lines.append(f"  %op{i} = getelementptr float, ptr %orow, i64 {lanes * i}")
+        if not overwrite:
+            lines.append(f"  %init{i} = load {_VEC}, ptr %op{i}, align 4")
     lines += ["  br label %loop", "loop:", "  %k = phi i64 [%s, %row], [%k.next, %body]"]
     for u in range(unroll):
         for i in range(vectors):
-            start = f"%init{i}" if u == 0 else "zeroinitializer"
+            start = f"%init{i}" if u == 0 and not overwrite else "zeroinitializer"
             lines.append(f"  %acc{u}.{i} = phi {_VEC} [{start}, %row], [%new{u}.{i}, %body]")
     lines += [f"  %k.next = add nuw i64 %k, {unroll}", "  %more = icmp ule i64 %k.next, %e",
               "  br i1 %more, label %body, label %tail", "body:"]
@@ -263,25 +266,31 @@ def _products_ir(lanes: int) -> str:
         ["declare float @llvm.vector.reduce.fadd.v4f32(float, <4 x float>)",
          "declare void @llvm.prefetch.p0(ptr, i32, i32, i32)"]
         + (gather_decls if lanes == 16 else [])
-        + [_function_ir(w, t, lanes) for w in WIDTHS for t in _INDEX_TYPES.values()]
+        + [_function_ir(w, t, lanes, overwrite=o) for w in WIDTHS for t in _INDEX_TYPES.values() for o in (False, True)]
         + [matvec(t) for t in _INDEX_TYPES.values()])
 
 
 def _addresses(engine) -> dict[tuple[int, str], int]:
     found = {(width, index): engine.get_function_address(f"spmm_{width}_{index}")
              for width in WIDTHS for index in _INDEX_TYPES.values()}
+    found.update({(-width, index): engine.get_function_address(f"spmmw_{width}_{index}")
+                  for width in WIDTHS for index in _INDEX_TYPES.values()})
     found.update({(1, index): engine.get_function_address(f"spmv_{index}") for index in _INDEX_TYPES.values()})
     return found
 
 
-def kernel(width: int, index_dtype: np.dtype, lanes: int | None = None) -> int:
+def kernel(width: int, index_dtype: np.dtype, lanes: int | None = None, overwrite: bool = False) -> int:
     """Address of the compiled kernel for a block ``width`` (one of WIDTHS, or 1 for the matrix-vector product)
     and a column-index dtype (uint8/16/32), over vectors of ``lanes`` floats (default: the host's widest, see
-    :func:`.jit.vector_lanes`); the products compile on first use (~0.4 s)."""
+    :func:`.jit.vector_lanes`); ``overwrite``: the batched kernel that writes its sums instead of adding them to
+    ``out``. The products compile on first use (~0.6 s)."""
     lanes = lanes or vector_lanes()
     if lanes not in (8, 16):
         raise ValueError(f"lanes must be 8 (AVX2) or 16 (AVX-512), got {lanes}")
-    return compiled(f"csr{lanes}", lambda: _products_ir(lanes), _addresses)[width, _INDEX_TYPES[np.dtype(index_dtype)]]
+    if overwrite and width == 1:
+        raise ValueError("the matrix-vector kernel only adds into out")
+    return compiled(f"csr{lanes}", lambda: _products_ir(lanes), _addresses)[
+        -width if overwrite else width, _INDEX_TYPES[np.dtype(index_dtype)]]
 
 
 def row_splits(indptr: np.ndarray, parts: int) -> list[tuple[int, int]]:
@@ -514,20 +523,24 @@ class CSRProduct:
             return
         self.matmul_plan(batches, m, threads, widest).run(x.ctypes.data, out.ctypes.data)
 
-    def matmul_plan(self, batches: int, m: int, threads: int, widest: int | None = None, ld: int | None = None) \
-            -> Plan:
+    def matmul_plan(self, batches: int, m: int, threads: int, widest: int | None = None, ld: int | None = None,
+                    overwrite: bool = False) -> Plan:
         """The plan of :meth:`matmul` for C-contiguous x (batches, n_in, ld) and out (batches, n_rows, ld) of which
         the first m > 0 columns (a multiple of 8) count (``ld`` defaults to m): ``plan.run(x_address, out_address)``
-        runs it (the caller vouches for the arrays; sparse compute calls it directly, a layer's checks done once)."""
+        runs it (the caller vouches for the arrays; sparse compute calls it directly, a layer's checks done once).
+        ``overwrite``: the product is written into out's m columns (whatever they held) instead of added to them:
+        the first input tile's calls write every row, the later ones add."""
         threads = threads if self.vals.size * batches * m >= PARALLEL_MIN_WORK else 1
         widest = widest or block_width()
         ld = ld or m
         x_step, o_step = self.n_in * ld, self.n_rows * ld
-        key = ("matmul", threads, batches, m, widest, ld)
+        key = ("matmul", threads, batches, m, widest, ld, overwrite)
         plan = self._plans.get(key)
         if plan is None:
-            runs = [(offset * 4, count, kernel(width, self.cols.dtype, self.lanes))
-                    for offset, width, count in column_chunks(m, widest)]
+            chunks = column_chunks(m, widest)
+            runs = [(offset * 4, count, kernel(width, self.cols.dtype, self.lanes)) for offset, width, count in chunks]
+            first = [(offset * 4, count, kernel(width, self.cols.dtype, self.lanes, overwrite))
+                     for offset, width, count in chunks]
             data = self._data
             keep = None
             if self.tile_major and self.vals.size:  # AVX-512: small tiles, their nonzeros in order (tile-major)
@@ -547,7 +560,7 @@ class CSRProduct:
             parts = threads * max(min(CHUNKS_PER_THREAD, weight_bytes // max(x_bytes * threads, 1)), 1)
             plan = self._plan(key, threads, [
                 [[SPMM, fn, starts, ends, *data, offset, ld, offset, ld, *rows, count, batches, x_step, o_step]
-                 for starts, ends in pairs for offset, count, fn in runs]
+                 for t, (starts, ends) in enumerate(pairs) for offset, count, fn in (runs if t else first)]
                 for rows in self._ranges(parts)], keep)
         return plan
 

@@ -5,13 +5,13 @@ The weight gradient of a pruned Linear is needed only at its kept connections: f
 layer's input and output gradient with the batch as the fast dimension (the layout sparse compute keeps its
 activations in). Per nonzero, one dot product of two contiguous rows of m floats.
 
-``sddmm_{L}_{index}`` adds into ``out`` the rows ``r0 <= r < r1`` of each block of x and dy (a convolution's
+``sddmm_{L}_{index}`` writes into ``out`` the rows ``r0 <= r < r1`` summed over the blocks of x and dy (a convolution's
 im2col columns come as one block per image, so that a block stays in cache) for vectors of L floats (8: AVX2,
 16: AVX-512; m a multiple of L) and column-index width uint8/16/32, as :data:`.pool.SDDMM` records. It takes the
 nonzeros of a row :data:`GROUP` at a time: that many independent multiply-add chains, one ``<L x float>``
-accumulator each, and one transposing reduction tree that sums them into ``GROUP`` results added with one vector
-load and store (the first kernel, a horizontal sum per nonzero, two at a time, took 2x as long on LeNet-300-100's
-fc1 at batch 64 on AMD Zen 3: 0.18 ms against 0.10 ms).
+accumulator each, and one transposing reduction tree that sums them into ``GROUP`` results written (first block)
+or added with one vector load and store (the first kernel, a horizontal sum per nonzero, two at a time, took 2x as
+long on LeNet-300-100's fc1 at batch 64 on AMD Zen 3: 0.18 ms against 0.10 ms).
 """
 
 from __future__ import annotations
@@ -90,11 +90,12 @@ def _sddmm_ir(lanes: int, index: str) -> str:
              "i64 %m, i64 %blocks, i64 %xstep, i64 %dstep) nounwind {",
              "entry:", "  %any = icmp ult i64 %r0, %r1", "  %cols.any = icmp ugt i64 %m, 0",
              "  %go = and i1 %any, %cols.any", "  br i1 %go, label %block, label %exit",
-             # blocks outermost (each block's x stays in cache for all the rows), the sums added into gv
+             # blocks outermost (each block's x stays in cache for all the rows), the sums written into gv (the first
+             # block: nothing to zero before), then added
              "block:", "  %bk = phi i64 [0, %entry], [%bk.next, %block.end]",
              "  %xboff = mul nuw i64 %bk, %xstep", "  %x = getelementptr float, ptr %x0, i64 %xboff",
              "  %dboff = mul nuw i64 %bk, %dstep", "  %dy = getelementptr float, ptr %dy0, i64 %dboff",
-             "  br label %row",
+             "  %first = icmp eq i64 %bk, 0", "  br label %row",
              "row:", "  %o = phi i64 [%r0, %block], [%o.next, %row.end]",
              "  %sp = getelementptr i32, ptr %starts, i64 %o", "  %s32 = load i32, ptr %sp",
              "  %ep = getelementptr i32, ptr %ends, i64 %o", "  %e32 = load i32, ptr %ep",
@@ -125,7 +126,8 @@ def _sddmm_ir(lanes: int, index: str) -> str:
     lines += [f"  %j.next = add nuw i64 %j, {lanes}", "  %jmore = icmp ult i64 %j.next, %m",
               "  br i1 %jmore, label %gcol, label %group.store", "group.store:"]
     result = _reduce_tree([f"%gnew{g}" for g in range(GROUP)], lanes, lines)
-    lines += ["  %gp = getelementptr float, ptr %gv, i64 %k", f"  %gold = load <{GROUP} x float>, ptr %gp, align 4",
+    lines += ["  %gp = getelementptr float, ptr %gv, i64 %k", f"  %gload = load <{GROUP} x float>, ptr %gp, align 4",
+              f"  %gold = select i1 %first, <{GROUP} x float> zeroinitializer, <{GROUP} x float> %gload",
               f"  %gsum = fadd <{GROUP} x float> %gold, {result}",
               f"  store <{GROUP} x float> %gsum, ptr %gp, align 4",
               "  br label %group",
@@ -141,7 +143,8 @@ def _sddmm_ir(lanes: int, index: str) -> str:
               "  br i1 %sjmore, label %scol, label %single.store",
               "single.store:",
               f"  %ssum = call reassoc float @llvm.vector.reduce.fadd.v{lanes}f32(float 0.0, {vec} %snew)",
-              "  %sgp = getelementptr float, ptr %gv, i64 %k1", "  %sold = load float, ptr %sgp",
+              "  %sgp = getelementptr float, ptr %gv, i64 %k1", "  %sload = load float, ptr %sgp",
+              "  %sold = select i1 %first, float 0.0, float %sload",
               "  %snext = fadd float %sold, %ssum", "  store float %snext, ptr %sgp",
               "  %k1.next = add nuw i64 %k1, 1", "  br label %single",
               "row.end:", "  %o.next = add nuw i64 %o, 1", "  %rows.left = icmp ult i64 %o.next, %r1",
@@ -202,17 +205,17 @@ class SampledProduct:
             raise ValueError(f"SampledProduct.run wants C-contiguous float32 x ([B,] {self.n_in}, m), dy "
                              f"([B,] {self.n_rows}, m) with m a multiple of 8 and out ({self.nnz},), got {x.dtype} "
                              f"{x.shape}, {dy.dtype} {dy.shape}, {out.dtype} {out.shape}")
-        out[:] = 0.0
         blocks, _, m = x3.shape
         if self.nnz == 0 or m == 0 or blocks == 0:
+            out[:] = 0.0
             return
         self.plan(m, threads, blocks=blocks).run(x3.ctypes.data, out.ctypes.data, dy3.ctypes.data)
 
     def plan(self, m: int, threads: int, ld: int | None = None, blocks: int = 1, *, ldx: int | None = None,
              ldd: int | None = None, x_step: int | None = None, d_step: int | None = None, d_offset: int = 0) -> Plan:
         """The plan of :meth:`run` for ``blocks`` blocks of m > 0 columns (a multiple of 8) of x and dy, rows
-        ``ld`` floats apart (default m), nnz > 0: ``plan.run(x_address, out_address, dy_address)`` *adds* the
-        products into out (zero it first; the caller vouches for the arrays).
+        ``ld`` floats apart (default m), nnz > 0: ``plan.run(x_address, out_address, dy_address)`` *writes* the
+        products into out (whatever it held; the caller vouches for the arrays).
 
         ``ldx``, ``ldd`` (floats from one row of x, dy to the next; default ld), ``x_step``, ``d_step`` (floats from
         one block to the next; default n_in * ldx, n_rows * ldd) and ``d_offset`` (floats from dy's address to its
