@@ -1,7 +1,9 @@
 """Where a LeNet-300-100 retraining step's time goes: zero_grad, forward + loss, backward and optimizer step of the
-dense, masked-dense and sparse-compute variants, and of a "free layers" model whose fc1 and fc2 cost nothing (an
-autograd function returning a precomputed output and no gradients): the floor that no kernel can go below, the rest
-of the network (ReLU, fc3, the loss, their gradients, the optimizer over fc3) and torch's per-op cost.
+dense, masked-dense and sparse-compute variants, of a "free kernels" model whose fc1 and fc2 are sparse-compute
+layers without kernels (an autograd function over a compact weight and a bias, outputs in the batch-minor layout,
+fresh gradients for both, nothing computed): the floor that no kernel of this design can go below, and of a "free
+layers" model whose fc1 and fc2 cost nothing at all (a fixed output, no parameters to step): the rest of the network
+(ReLU, fc3, the loss, their gradients, the optimizer over fc3) and torch's per-op cost.
 
     python benchmarks/step_breakdown.py                  # SGD-momentum and Adam, batch 64, 15 rounds
     python benchmarks/step_breakdown.py --quick          # 3 rounds, SGD-momentum only
@@ -33,7 +35,7 @@ from magprune.environment import describe, machine_info
 from magprune.fileio import write_atomic
 
 PHASES = ("zero_grad", "forward", "backward", "step")
-VARIANTS = ("dense", "masked", "sparse", "free layers")
+VARIANTS = ("dense", "masked", "sparse", "free kernels", "free layers")
 STEPS = 50
 
 
@@ -65,10 +67,44 @@ def free_layers(optimizer_name: str, batch: int):
     return model, OPTIMIZERS[optimizer_name](model.parameters())
 
 
+class _FreeKernels(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, values: torch.Tensor, bias: torch.Tensor, layer: FreeKernelsLinear):
+        ctx.layer = layer
+        return layer.out.t()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        layer = ctx.layer
+        grad_x = layer.grad_x.t() if ctx.needs_input_grad[0] else None
+        return grad_x, torch.empty(layer.values.shape[0]), torch.empty(layer.bias.shape[0]), None
+
+
+class FreeKernelsLinear(nn.Module):
+    """A sparse-compute Linear layer without its kernels: an autograd function over a compact weight of the kept
+    entries and a bias, returning its output in the batch-minor layout and fresh gradients for both parameters,
+    computing nothing. What the sparse layer costs besides its kernels and their Python: the floor of this design."""
+
+    def __init__(self, batch: int, n_in: int, n_out: int, kept: int) -> None:
+        super().__init__()
+        self.values, self.bias = nn.Parameter(torch.randn(kept) * 0.01), nn.Parameter(torch.zeros(n_out))
+        self.out, self.grad_x = torch.randn(n_out, batch), torch.randn(n_in, batch)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _FreeKernels.apply(x, self.values, self.bias, self)
+
+
+def free_kernels(optimizer_name: str, batch: int):
+    model, _ = build("lenet-300-100", "dense", optimizer_name)
+    model.fc1, model.fc2 = FreeKernelsLinear(batch, 784, 300, 18816), FreeKernelsLinear(batch, 300, 100, 2700)
+    return model, OPTIMIZERS[optimizer_name](model.parameters())
+
+
 def breakdown(optimizer_name: str, batch: int, rounds: int) -> dict:
     generator = torch.Generator().manual_seed(1)
     x, y = torch.randn(batch, 784, generator=generator), torch.randint(0, 10, (batch,), generator=generator)
     built = {v: build("lenet-300-100", v, optimizer_name) for v in VARIANTS[:3]}
+    built["free kernels"] = free_kernels(optimizer_name, batch)
     built["free layers"] = free_layers(optimizer_name, batch)
 
     def run(variant: str, steps: int) -> list[float]:
@@ -220,8 +256,10 @@ def main() -> None:
         (f" --batch {args.batch}" if args.batch != 64 else "")
     write_atomic(out / f"{stem}.md", (
         f"# Where a LeNet-300-100 retraining step goes\n\n`{cmd}` — per phase, median over {rounds} interleaved "
-        f"rounds of the mean of {STEPS} steps, microseconds; \"free layers\": fc1 and fc2 cost nothing (a fixed "
-        "output, no gradients), the floor for any sparse kernel.\n\n"
+        f"rounds of the mean of {STEPS} steps, microseconds; \"free kernels\": fc1 and fc2 are sparse-compute layers "
+        "without their kernels (an autograd function over compact weights and a bias, batch-minor outputs, fresh "
+        "gradients, nothing computed): the floor of this design for any kernel; \"free layers\": fc1 and fc2 cost "
+        "nothing at all (a fixed output, no parameters to step).\n\n"
         f"Machine: {describe(info)}\n\n{json.dumps(info)}\n\n{text}\n").encode())
 
 

@@ -447,7 +447,7 @@ def test_ddp_all_reduces_the_compact_gradients(tmp_path):
 
 
 def test_layers_hand_each_other_the_batch_minor_layout_without_copies_and_guard_it():
-    from magprune.sparse_training import _transposed
+    from magprune.sparse_training import _batch_minor
 
     model, pruner = _small()
     magprune.sparse_compute(model, pruner)
@@ -456,11 +456,11 @@ def test_layers_hand_each_other_the_batch_minor_layout_without_copies_and_guard_
     # the first layer's output, through tanh, is the transpose of a (48, 16) row-major array: the next layer
     # reads it where it is
     assert hidden.stride() == (1, 16)
-    assert _transposed(hidden, 16)[1]
-    assert not _transposed(torch.randn(16, 48), 16)[1]  # a plain batch is copied
-    assert not _transposed(hidden[:15], 16)[1]  # so is a batch that is not a multiple of 8 (padded)
+    assert _batch_minor(hidden, 16) == (hidden.data_ptr(), None)
+    assert _batch_minor(torch.randn(16, 48), 16)[1] is not None  # a plain batch is copied
+    assert _batch_minor(hidden[:15], 16)[1] is not None  # so is a batch that is not a multiple of 8 (padded)
     shifted = model[0](x) + 1.0  # an op that saves nothing for its backward (tanh saves its output)
-    assert _transposed(shifted, 16)[1]
+    assert _batch_minor(shifted, 16)[1] is None
     out = model[2](shifted)
     shifted.mul_(2)  # the second layer reads the memory of its input: an in-place change is caught, as for nn.Linear
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):

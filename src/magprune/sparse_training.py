@@ -58,16 +58,16 @@ def _widest(m: int) -> int | None:
     return 64 if m <= 64 else None
 
 
-# Below this many floats the layout copies run in numpy on the calling thread: torch would wake its OpenMP threads
+# Below this many floats the strided layout copies run in numpy on the calling thread: torch wakes its OpenMP threads
 # for them (from 32K entries), which costs more than the copy on a busy machine (LeNet-300-100 at batch 64: 0.3 ms
 # per copy through torch, with OMP_WAIT_POLICY=PASSIVE, on the shared 2-core machine); above it torch's blocked
 # transpose is 2-3x faster than numpy's (64 x 9216: 0.9 ms against 2.7 ms on AMD Zen 3).
 SERIAL_COPY_MAX = 1 << 16
 
 
-def _transposed(a: Tensor, m: int) -> tuple[np.ndarray, bool]:
-    """(a^T as an (f, _lead(m)) float32 array of which the first m columns count, whether it is a's own memory)
-    for a (n, f), m = _columns(n).
+def _batch_minor(a: Tensor, m: int) -> tuple[int, Tensor | None]:
+    """(address, copy) of a^T as an (f, _lead(m)) float32 array of which the first m columns count, for a (n, f),
+    m = _columns(n): copy is None where that is a's own memory, else the copy that holds it (keep it alive).
 
     The layers here return their outputs in that layout (the batch as the fast dimension: ``out[:, :n].t()``), and
     elementwise ops (ReLU, dropout) and their gradients keep it where the rows are not padded (m <= 64), so between
@@ -76,22 +76,17 @@ def _transposed(a: Tensor, m: int) -> tuple[np.ndarray, bool]:
     n, f = a.shape
     ld = _lead(m)
     if m == n and a.stride() == (1, ld) and f > 1:
-        return a.detach().t().numpy(), True  # (f, n) with rows ld apart: the kernels need only its address
-    out = np.empty((f, ld), np.float32)
+        return a.data_ptr(), None  # (f, n) with rows ld apart: the kernels need only its address
+    out = torch.empty(f, ld)
     if m != n:
         out[:, n:m] = 0.0
-    if a.dtype == torch.float32 and a.stride(1) == 1 and a.stride(0) >= f:  # contiguous rows: the transpose kernel
-        transpose(a.detach().numpy()[None], out[None, :, :n], torch.get_num_threads())
+    if a.stride(1) == 1 and a.stride(0) >= f:  # contiguous rows: the transpose kernel
+        transpose(a.detach().numpy()[None], out.numpy()[None, :, :n], torch.get_num_threads())
     elif a.numel() <= SERIAL_COPY_MAX:
-        np.copyto(out[:, :n], a.detach().numpy().T)
+        np.copyto(out.numpy()[:, :n], a.detach().numpy().T)
     else:
-        torch.from_numpy(out)[:, :n].copy_(a.detach().t())
-    return out, False
-
-
-def _rows_view(out: np.ndarray, n: int) -> Tensor:
-    """The (n, rows) tensor whose transpose is ``out[:, :n]`` (no copy)."""
-    return torch.from_numpy(out)[:, :n].t()
+        out[:, :n].copy_(a.detach().t())
+    return out.data_ptr(), out
 
 
 class _Structure:
@@ -206,6 +201,7 @@ class _LinearCalls:
             self.bias_grad = sampled.plan(m, threads, ld) if n_out else None
             self.keep = (product, sampled)  # what the plans point into
         self.ones = _ones(ld)
+        self.ones_address = self.ones.ctypes.data
 
 
 class _DirectConv:
@@ -319,45 +315,51 @@ def _check_backward(ctx: Any) -> None:
 
 
 class _SparseLinearFunction(torch.autograd.Function):
+    """A Linear layer over its kept connections: forward y^T = W x^T, input gradient W^T dy^T and the weight
+    gradient at the kept positions, with x, y and their gradients in the batch-minor layout (:func:`_batch_minor`).
+    Each call allocates its outputs with torch and hands the kernels addresses only (every numpy view, ``ctypes``
+    address and torch op costs microseconds, several times more inside a step than alone)."""
+
     @staticmethod
     def forward(ctx: Any, x: Tensor, values: Tensor, bias: Tensor | None, layer: SparseComputeLayer) -> Tensor:
         structure = layer.structure
         n = x.shape[0]
         calls = structure.linear(n, torch.get_num_threads(), bias)
-        xt, shared = _transposed(x, calls.m)
-        out = np.empty((structure.shape[0], calls.ld), np.float32)
-        address = out.ctypes.data
-        calls.forward.run(xt.ctypes.data, address)
+        x_address, xt = _batch_minor(x, calls.m)
+        n_out, ld = structure.shape[0], calls.ld
+        out = torch.empty(n_out, ld)
+        address = out.data_ptr()
+        calls.forward.run(x_address, address)
         if calls.bias_forward is not None:
-            calls.bias_forward.run(calls.ones.ctypes.data, address)
+            calls.bias_forward.run(calls.ones_address, address)
         # x's own memory is saved through autograd (which then notices an in-place change of it), a copy here
-        ctx.save_for_backward(values, x if shared else None)
-        ctx.layer, ctx.structure, ctx.calls, ctx.xt = layer, structure, calls, None if shared else xt
-        return _rows_view(out, n)
+        ctx.save_for_backward(values, x if xt is None else None)
+        ctx.layer, ctx.structure, ctx.calls, ctx.xt = layer, structure, calls, xt
+        return out.as_strided((n, n_out), (1, ld))
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         _check_backward(ctx)
         values, x = ctx.saved_tensors
         structure, calls = ctx.structure, ctx.calls
-        n, m = grad.shape[0], calls.m
-        dyt, _ = _transposed(grad, m)
-        dy_address = dyt.ctypes.data
+        dy_address, dyt = _batch_minor(grad, calls.m)  # dyt (a copy, or None) holds the memory while it is read
         grad_x = grad_values = grad_bias = None
         needs = ctx.needs_input_grad
         if needs[0]:
             torch.index_select(values.detach(), 0, structure.perm, out=structure.values_t)
-            gx = np.empty((structure.shape[1], calls.ld), np.float32)
-            calls.transposed.run(dy_address, gx.ctypes.data)
-            grad_x = _rows_view(gx, n)
+            n_in, ld = structure.shape[1], calls.ld
+            gx = torch.empty(n_in, ld)
+            calls.transposed.run(dy_address, gx.data_ptr())
+            grad_x = gx.as_strided((grad.shape[0], n_in), (1, ld))
         if needs[1]:
             grad_values = torch.empty(structure.nnz)
             if calls.sampled is not None:
-                xt = ctx.xt if x is None else _transposed(x, m)[0]
-                calls.sampled.run(xt.ctypes.data, grad_values.data_ptr(), dy_address)
+                x_address = ctx.xt.data_ptr() if x is None else x.data_ptr()
+                calls.sampled.run(x_address, grad_values.data_ptr(), dy_address)
         if calls.bias_grad is not None and needs[2]:
             grad_bias = torch.empty(structure.shape[0])
-            calls.bias_grad.run(calls.ones.ctypes.data, grad_bias.data_ptr(), dy_address)
+            calls.bias_grad.run(calls.ones_address, grad_bias.data_ptr(), dy_address)
+        del dyt
         return grad_x, grad_values, grad_bias, None
 
 
@@ -484,7 +486,8 @@ class SparseComputeLayer:
             return self._conv(x)
         if x.shape[-1] != n_in:
             raise ValueError(f"{self.name} expects last dim {n_in}, got shape {list(x.shape)}")
-        values, bias = self.module.weight_values, self.module.bias
+        params = self.module._parameters  # what module.weight_values / .bias read, without nn.Module.__getattr__
+        values, bias = params["weight_values"], params.get("bias")
         self._check_values(values)
         if bias is not None and (bias.dtype != torch.float32 or bias.dim() != 1 or not bias.is_contiguous()):
             raise TypeError(f"sparse compute ({self.name}) needs a contiguous float32 bias, got {bias.dtype} of shape "

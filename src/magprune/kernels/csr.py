@@ -36,8 +36,11 @@ GATHER_PREFETCH_AHEAD = 1024
 
 # Below these sizes one thread does it all: waking a sleeping worker costs ~50 us, more than it saves (measured on
 # 2 cores with the first, Python pool, whose threads slept the same way: a 300x784 layer at 8% is faster serial up
-# to batch 32, a 4096x4096 one at 9% parallel from batch 1).
-PARALLEL_MIN_WORK = 1 << 22  # multiply-adds of a batched product (nonzeros x columns)
+# to batch 32, a 4096x4096 one at 9% parallel from batch 1). Batched products from 1M multiply-adds run parallel
+# (4M until 2026-12-03): LeNet-300-100's fc1 at batch 64 (1.2M) on both threads of torch's OpenMP team made the
+# whole sparse retraining step 0.80-0.83x the dense one against 0.89x serial, SGD-momentum, interleaved on this
+# project's Intel Xeon (docs/training.md); serial, the team's other thread idles and torch's next op waits for it.
+PARALLEL_MIN_WORK = 1 << 20  # multiply-adds of a batched product (nonzeros x columns)
 PARALLEL_MIN_NONZEROS = 1 << 19  # nonzeros of a matrix-vector product (batch 1)
 
 

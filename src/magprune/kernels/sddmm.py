@@ -25,8 +25,8 @@ from magprune.kernels.pool import CHUNKS_PER_THREAD, SDDMM, Plan
 LANES = (8, 16)
 GROUP = 8  # nonzeros per pass: 8 accumulators + the dy vector fit AVX2's 16 registers
 _INDEX_TYPES = {np.dtype(np.uint8): "i8", np.dtype(np.uint16): "i16", np.dtype(np.uint32): "i32"}
-PARALLEL_MIN_WORK = 1 << 22  # multiply-adds (nonzeros x batch columns) from which the rows are split over threads, as
-# for the products (LeNet-300-100's fc1 at batch 64, 1.2M, is faster on the calling thread alone)
+PARALLEL_MIN_WORK = 1 << 20  # multiply-adds (nonzeros x batch columns) from which the rows are split over threads, as
+# for the products (csr.PARALLEL_MIN_WORK: LeNet-300-100's fc1 at batch 64, 1.2M, now runs on both threads)
 
 
 def _reduce_tree(accs: list[str], lanes: int, out: list[str]) -> str:

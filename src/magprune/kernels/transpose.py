@@ -20,7 +20,8 @@ import numpy as np
 from magprune.kernels.jit import compiled
 from magprune.kernels.pool import CHUNKS_PER_THREAD, SPMM, Plan
 
-PARALLEL_MIN_FLOATS = 1 << 17  # smaller transposes run on the calling thread (waking a worker costs ~50 us)
+PARALLEL_MIN_FLOATS = 1 << 15  # smaller transposes run on the calling thread (waking a worker costs ~50 us); a
+# LeNet-300-100 data batch (64 x 784, 50K floats) runs on both threads of torch's team (see csr.PARALLEL_MIN_WORK)
 _plans: dict[tuple, Plan] = {}
 
 
