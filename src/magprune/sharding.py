@@ -24,9 +24,15 @@ if TYPE_CHECKING:
 _MASKS_PREFIX = "pruner.masks."
 
 
+_PLAIN = frozenset({torch.Tensor, nn.Parameter})
+
+
 def is_sharded(tensor: object) -> bool:
     """Whether ``tensor`` is a ``DTensor`` (an FSDP2 parameter, its gradient, optimizer state or mask)."""
-    # The gradient hook asks this at every step: a type test, no import (a DTensor exists only once imported).
+    # The gradient hook asks this at every step: a type test, no import (a DTensor exists only once imported); plain
+    # tensors first (the isinstance test against DTensor took 2-4 us inside a LeNet-300-100 step)
+    if type(tensor) in _PLAIN:
+        return False
     dtensor = _dtensor_type()
     return dtensor is not None and isinstance(tensor, dtensor)
 
