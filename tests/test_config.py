@@ -130,3 +130,11 @@ def test_data_validation_is_validated_and_held_out_from_the_end():
     assert len(hold_out((x, y), 0)[1][1]) == 0
     with pytest.raises(ValueError, match="data.validation: must hold out fewer than the 10"):
         hold_out((x, y), 10)
+
+
+def test_sparse_compute_under_fsdp_is_refused_at_load_not_after_the_dense_training():
+    steps = [{"criterion": "std", "q": 1.0, "retrain": {"epochs": 1, "compute": "sparse"}}]
+    with pytest.raises(ConfigError, match=r"prune\[0\]\.retrain\.compute: 'sparse' does not run under "
+                                          r"train\.distributed 'fsdp'"):
+        from_dict({"train": {"distributed": "fsdp"}, "prune": steps})
+    assert from_dict({"train": {"distributed": "ddp"}, "prune": steps}).prune[0].retrain.compute == "sparse"

@@ -185,9 +185,20 @@ def _scenario_check_all_ranks(tmp: str) -> dict:
     return {}
 
 
+def _scenario_sparse_compute_refused(tmp: str) -> dict:
+    model = _shard(_model("lenet"), "per-layer")
+    pruner = magprune.Pruner(model)
+    pruner.prune(magprune.han2015("lenet-300-100"))
+    try:
+        magprune.sparse_compute(model, pruner, min_weights=0)
+    except ValueError as error:
+        return {"message": torch.tensor(list(str(error).encode()), dtype=torch.uint8)}
+    return {}
+
+
 SCENARIOS = {f.__name__.removeprefix("_scenario_"): f for f in (
     _scenario_criteria, _scenario_adamw, _scenario_pruned_then_sharded, _scenario_dcp, _scenario_regression,
-    _scenario_check_all_ranks)}
+    _scenario_check_all_ranks, _scenario_sparse_compute_refused)}
 
 
 def _worker(rank: int, port: int, tmp: str) -> None:
@@ -333,3 +344,10 @@ def test_plain_tensors_pass_through_sharding_helpers():
     assert sharding.count_nonzero(torch.tensor([True, False, True])) == 2
     with pytest.raises(ValueError, match="tie_budgets is for sharded tensors"):
         sharding.tie_budgets([tensor], [1], 1)
+
+
+def test_sparse_compute_refuses_sharded_weights_clearly(results):
+    # the compact values, their kernels and the optimizer swap are per whole layer: FSDP's shards are refused
+    for rank in range(WORLD):
+        message = bytes(results("sparse_compute_refused", rank)["message"].tolist()).decode()
+        assert "FSDP-sharded" in message and "DDP" in message

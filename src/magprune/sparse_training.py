@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from magprune import sharding
 from magprune.kernels.csr import CSRProduct, padded_images, tap_offsets
 from magprune.kernels.sddmm import SampledProduct
 from magprune.kernels.transpose import transpose
@@ -725,6 +726,10 @@ def sparse_compute(model: nn.Module, pruner: Pruner, layers: Iterable[str] | Non
                 raise ValueError(f"{name}: sparse compute supports nn.Linear and nn.Conv2d weights (groups 1, zero "
                                  "padding given as numbers) only")
             continue
+        if sharding.is_sharded(param):
+            raise ValueError(f"{name}: sparse compute does not support FSDP-sharded (DTensor) weights; wrap the "
+                             "model in DDP after sparse_compute (the compact gradients are all-reduced) or retrain "
+                             "masked")
         if param.device.type != "cpu":
             raise ValueError(f"{name}: sparse compute runs on CPU, the weight is on {param.device}")
         if param.dtype != torch.float32:

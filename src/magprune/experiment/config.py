@@ -337,13 +337,20 @@ def from_dict(raw: Any) -> ExperimentConfig:
     if not isinstance(name, str) or not name:
         raise ConfigError(f"name: must be a non-empty string, got {name!r}")
     model = _model(raw.get("model"))
+    train, steps = _train(raw.get("train")), _steps(raw.get("prune"), model.name)
+    sparse = [i for i, step in enumerate(steps) if step.retrain.compute == "sparse"]
+    if train.distributed == "fsdp" and sparse:
+        # refused here, not after the dense training: sparse compute keeps whole compact weights on every rank
+        raise ConfigError(f"prune[{sparse[0]}].retrain.compute: 'sparse' does not run under train.distributed "
+                          "'fsdp' (sharded weights); use train.distributed 'ddp' (the compact gradients are "
+                          "all-reduced) or compute 'dense'")
     return ExperimentConfig(
         name=name,
         seed=_number(raw.get("seed", 0), "seed", 0, 2**63 - 1, integer=True),
         model=model,
         data=_data(raw.get("data")),
-        train=_train(raw.get("train")),
-        prune=_steps(raw.get("prune"), model.name),
+        train=train,
+        prune=steps,
         output=_output(raw.get("output")),
         quantize=_quantize(raw.get("quantize")) if raw.get("quantize") is not None else None,
     )
