@@ -230,6 +230,32 @@ def write_results(args: argparse.Namespace, info: dict, stem: str, rows: list[di
                                       f"{json.dumps(info)}\n\n{text}\n").encode())
 
 
+def run_cases(args: argparse.Namespace, info: dict, cases: list, bench, rows_table, default_rounds, mode: str,
+              heading: str, description: str) -> None:
+    """Each case's ``bench(case, rounds)`` row, printed as it comes, then the table and the machine, written by
+    :func:`write_results` under the mode's stem with the command that reproduces it (``mode``: "" for whole steps,
+    "convs", "tiles")."""
+    rows = []
+    for case in cases:
+        rows.append(bench(case, args.rounds or default_rounds(case)))
+        print(rows_table(rows[-1:]).splitlines()[-1], flush=True)
+    info["load_average_end"] = os.getloadavg()
+    text = rows_table(rows)
+    print(f"\n{text}\n\n{describe(info)}; load average start {info['load_average_start']}, end "
+          f"{info['load_average_end']}")
+    threads = f"_{args.threads}thread" if args.threads else ""
+    flags = (" --quick" if args.quick else "") + (f" --rounds {args.rounds}" if args.rounds else "") + \
+        (f" --threads {args.threads}" if args.threads else "")
+    if mode:  # single layers: --network and --batch do not apply
+        stem, flags = f"training_{mode}" + ("_quick" if args.quick else "") + threads, f" --{mode}" + flags
+    else:
+        batch = f"_batch{args.batch}" if args.batch else ""
+        stem = ("training_quick" if args.quick else "training") + threads + batch
+        flags += "".join(f" --network {n}" for n in args.network or ()) + \
+            (f" --batch {args.batch}" if args.batch else "")
+    write_results(args, info, stem, rows, "python benchmarks/training.py" + flags, heading, description, text)
+
+
 def machine() -> dict:
     return {**machine_info(), "load_average_start": os.getloadavg()}
 
@@ -274,61 +300,32 @@ def main() -> None:
         cases = [c for c in cases if c[0] in args.network]
     if args.batch is not None:
         cases = list(dict.fromkeys((net, opt, args.batch) for net, opt, _ in cases))
-    rows = []
-    for network, optimizer_name, batch in cases:
-        rounds = args.rounds or (3 if args.quick else 6 if network == "alexnet-mlp" else 20)
-        rows.append(bench_case(network, optimizer_name, batch, rounds))
-        print(table(rows[-1:]).splitlines()[-1], flush=True)
-    info["load_average_end"] = os.getloadavg()
-    text = table(rows)
-    print(f"\n{text}\n\n{describe(info)}; load average start {info['load_average_start']}, end "
-          f"{info['load_average_end']}")
-    stem = ("training_quick" if args.quick else "training") + (f"_{args.threads}thread" if args.threads else "") \
-        + (f"_batch{args.batch}" if args.batch else "")
-    cmd = "python benchmarks/training.py" + (" --quick" if args.quick else "") + \
-        (f" --threads {args.threads}" if args.threads else "") + \
-        "".join(f" --network {n}" for n in args.network or ()) + (f" --batch {args.batch}" if args.batch else "")
-    write_results(args, info, stem, rows, cmd, "Retraining step benchmark",
-                  "whole steps (zero_grad, forward, loss, backward, optimizer step), variants interleaved; ms are "
-                  "medians over rounds, ratios are per-round time / the same round's dense time (median and range "
-                  "over rounds; a round is 10 steps of each LeNet-300-100 variant, 3 of LeNet-5, 1 of the MLP; lower "
-                  "is better).", text)
+    run_cases(args, info, cases, lambda case, rounds: bench_case(*case, rounds), table,
+              lambda case: 3 if args.quick else 6 if case[0] == "alexnet-mlp" else 20, "",
+              "Retraining step benchmark",
+              "whole steps (zero_grad, forward, loss, backward, optimizer step), variants interleaved; ms are "
+              "medians over rounds, ratios are per-round time / the same round's dense time (median and range "
+              "over rounds; a round is 10 steps of each LeNet-300-100 variant, 3 of LeNet-5, 1 of the MLP; lower "
+              "is better).")
 
 
 def main_convs(args: argparse.Namespace, info: dict) -> None:
-    rows = []
-    for case in CONV_CASES[:3] if args.quick else CONV_CASES:
-        rows.append(bench_conv(case, args.rounds or (3 if args.quick else 10)))
-        print(conv_table(rows[-1:]).splitlines()[-1], flush=True)
-    info["load_average_end"] = os.getloadavg()
-    text = conv_table(rows)
-    print(f"\n{text}\n\n{describe(info)}")
-    stem = "training_convs" + ("_quick" if args.quick else "") + (f"_{args.threads}thread" if args.threads else "")
-    cmd = "python benchmarks/training.py --convs" + (" --quick" if args.quick else "") + \
-        (f" --threads {args.threads}" if args.threads else "")
-    write_results(args, info, stem, rows, cmd, "Sparse convolution benchmark",
-                  "one convolution's forward and both gradients (input and weight), dense (oneDNN, the weight "
-                  "masked) against sparse compute (stride 1: the direct flat products), interleaved; ms are medians "
-                  "over rounds, ratios per-round sparse / dense time (median and range; lower is better).", text)
+    run_cases(args, info, CONV_CASES[:3] if args.quick else CONV_CASES, bench_conv, conv_table,
+              lambda case: 3 if args.quick else 10, "convs", "Sparse convolution benchmark",
+              "one convolution's forward and both gradients (input and weight), dense (oneDNN, the weight "
+              "masked) against sparse compute (stride 1: the direct flat products), interleaved; ms are medians "
+              "over rounds, ratios per-round sparse / dense time (median and range; lower is better).")
 
 
 def main_tiles(args: argparse.Namespace, info: dict) -> None:
-    rows = []
-    for network, batch in TILE_CASES[:1] if args.quick else TILE_CASES:
-        rounds = args.rounds or (3 if args.quick else 10 if network == "alexnet-mlp" else 40)
-        rows.append(bench_tiles(network, batch, rounds))
-        print(tiles_table(rows[-1:]).splitlines()[-1], flush=True)
-    info["load_average_end"] = os.getloadavg()
-    text = tiles_table(rows)
-    print(f"\n{text}\n\n{describe(info)}")
-    stem = "training_tiles" + ("_quick" if args.quick else "") + (f"_{args.threads}thread" if args.threads else "")
-    cmd = "python benchmarks/training.py --tiles" + (" --quick" if args.quick else "") + \
-        (f" --threads {args.threads}" if args.threads else "")
-    write_results(args, info, stem, rows, cmd, "Input tiles of the sparse-compute products",
-                  "whole sparse-compute SGD-momentum steps with the batched products walking L1-sized input tiles "
-                  "(per-tile row pointers over the row-major values; the AVX-512 default) against the product's own "
-                  "L2-sized tiles, interleaved in one process; ms are medians over rounds, ratios per-round L1 / L2 "
-                  "time (median and range; lower means the L1 tiles are faster).", text)
+    run_cases(args, info, TILE_CASES[:1] if args.quick else TILE_CASES,
+              lambda case, rounds: bench_tiles(*case, rounds), tiles_table,
+              lambda case: 3 if args.quick else 10 if case[0] == "alexnet-mlp" else 40, "tiles",
+              "Input tiles of the sparse-compute products",
+              "whole sparse-compute SGD-momentum steps with the batched products walking L1-sized input tiles "
+              "(per-tile row pointers over the row-major values; the AVX-512 default) against the product's own "
+              "L2-sized tiles, interleaved in one process; ms are medians over rounds, ratios per-round L1 / L2 "
+              "time (median and range; lower means the L1 tiles are faster).")
 
 
 if __name__ == "__main__":
