@@ -204,6 +204,75 @@ def test_optimizer_made_before_is_switched_with_its_state_and_back():
     pruner.check(optimizer)
 
 
+class _ReadsTheWeight(nn.Module):
+    """Code that reads a layer's weight instead of calling the layer (a weight tied by hand, custom attention)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(64, 48), nn.Linear(48, 10)
+
+    def forward(self, x):
+        h = torch.tanh(self.fc1(x)) + torch.tanh(nn.functional.linear(x, self.fc1.weight))
+        return nn.functional.linear(h, self.fc2.weight, self.fc2.bias)
+
+
+class _Attention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(48, 128)
+        self.attn = nn.MultiheadAttention(32, 4, batch_first=True)
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x):
+        h = torch.tanh(self.embed(x)).view(x.shape[0], 4, 32)
+        return self.head(self.attn(h, h, h, need_weights=False)[0].mean(1))
+
+
+@pytest.mark.parametrize("make", [_ReadsTheWeight, _Attention], ids=["weight-read-directly", "multihead-attention"])
+def test_a_weight_read_as_a_tensor_still_trains(make):
+    """Before: ``weight`` read a detached copy, so a layer used that way got no gradient and silently never trained
+    (nn.MultiheadAttention's out_proj, which F.multi_head_attention_forward reads as a tensor)."""
+    runs = []
+    for sparse in (False, True):
+        torch.manual_seed(0)
+        model = make()
+        pruner = magprune.Pruner(model)
+        pruner.prune(magprune.LayerSparsity(0.9))
+        handle = magprune.sparse_compute(model, pruner) if sparse else None
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        pruner.attach(optimizer)
+        _train(model, optimizer, 20)
+        if handle is not None:
+            assert "attn.out_proj.weight" not in handle.names  # never called: it stays masked dense
+            handle.remove()
+        pruner.check(optimizer)
+        runs.append(model.state_dict())
+    dense, sparse = runs
+    torch.manual_seed(0)
+    start = make().state_dict()  # every weight must have moved, else equal runs prove nothing
+    for key in dense:
+        assert not torch.equal(dense[key], start[key]), key
+        torch.testing.assert_close(sparse[key], dense[key], rtol=1e-4, atol=2e-5)
+
+
+def test_multihead_attention_out_proj_named_is_refused():
+    model = _Attention()
+    pruner = magprune.Pruner(model)
+    pruner.prune(magprune.LayerSparsity(0.9))
+    with pytest.raises(ValueError, match="out_proj weight as a tensor"):
+        magprune.sparse_compute(model, pruner, layers=["attn.out_proj.weight"])
+
+
+def test_a_weight_read_under_no_grad_is_a_plain_copy():
+    model, pruner = _pruned()
+    magprune.sparse_compute(model, pruner)
+    assert model.fc1.weight.grad_fn is not None  # grad mode: a function of weight_values
+    with torch.no_grad():
+        weight = model.fc1.weight
+    assert weight.grad_fn is None and not weight.requires_grad
+    torch.testing.assert_close(weight, model.fc1.weight.detach())
+
+
 def test_clipping_and_accumulation_match_masked_dense():
     reference, reference_pruner = _pruned()
     reference_opt = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
@@ -239,7 +308,7 @@ def test_deeper_prune_rebuilds_the_structure_and_keeps_optimizer_state_aligned()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     pruner.attach(optimizer)
     _train(model, optimizer, 3)
-    before = model.fc1.weight.clone()
+    before = model.fc1.weight.detach().clone()  # read under grad mode and kept, it would pin the old shape
     param = model.fc1.weight_values
     pruner.prune(magprune.LayerSparsity({"fc1.weight": 0.95}))
     assert model.fc1.weight_values is param and param.numel() == int(pruner.masks["fc1.weight"].sum())

@@ -11,6 +11,7 @@ construction. ``state_dict`` keys and shapes stay the plain ones (the dense ``we
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -447,7 +448,12 @@ class SparseComputeLayer:
             self.structure.product.vals[:] = dense.detach().reshape(-1)[self.structure.positions_t].numpy()
         self.values = nn.Parameter(torch.from_numpy(self.structure.product.vals), requires_grad=dense.requires_grad)
 
-    def dense_from(self, values: Tensor) -> Tensor:
+    def dense_from(self, values: Tensor, differentiable: bool = False) -> Tensor:
+        """The dense weight, pruned entries zero: detached, or (``differentiable``) a function of ``values`` that
+        autograd takes back to them (the dense gradient read at the kept positions)."""
+        if differentiable:
+            flat = torch.zeros(math.prod(self.weight_shape), dtype=values.dtype)
+            return flat.index_put((self.structure.positions_t,), values).view(self.weight_shape)
         out = torch.zeros(self.weight_shape, dtype=values.dtype)
         out.view(-1)[self.structure.positions_t] = values.detach()
         return out
@@ -509,9 +515,11 @@ def _sparse_forward(self: nn.Linear, x: Tensor) -> Tensor:
 
 
 def _dense_weight(self: nn.Linear) -> Tensor:
-    """A dense copy of the weight (detached; pruned entries zero): what ``weight`` reads while sparse compute is on."""
-    layer = self._magprune_sparse
-    return layer.dense_from(self.weight_values)
+    """What ``weight`` reads while sparse compute is on: a dense copy, pruned entries zero. Under grad mode it is a
+    function of ``weight_values``, so code that reads the weight instead of calling the module (``F.linear(x,
+    fc.weight)``, a weight tied by hand) still trains the layer, at dense cost; detached otherwise."""
+    layer, values = self._magprune_sparse, self._parameters["weight_values"]
+    return layer.dense_from(values, differentiable=torch.is_grad_enabled() and values.requires_grad)
 
 
 _CLASSES: dict[type, type] = {}
@@ -694,7 +702,9 @@ def sparse_compute(model: nn.Module, pruner: Pruner, layers: Iterable[str] | Non
     parameter ``weight_values`` in place of ``weight`` and runs forward, input gradient and weight gradient
     through the sparse kernels. Optimizers attached to the pruner (:meth:`Pruner.attach`) are switched to the
     compact parameters with their state; create other optimizers (and wrap the model in DDP) after this call.
-    ``model.fc.weight`` reads a dense copy; ``state_dict`` writes and loads the plain keys and shapes; a later
+    ``model.fc.weight`` reads a dense copy (under grad mode one that autograd takes back to ``weight_values``: code
+    that reads the weight instead of calling the layer still trains it; ``nn.MultiheadAttention``'s ``out_proj``,
+    read that way, stays masked dense); ``state_dict`` writes and loads the plain keys and shapes; a later
     ``pruner.prune`` (deeper only) rebuilds the layers. Returns a handle whose ``remove()`` switches back.
 
     Not supported (clear errors): regrowing prunes, double backward, non-float32 or CUDA weights or inputs.
@@ -712,6 +722,8 @@ def sparse_compute(model: nn.Module, pruner: Pruner, layers: Iterable[str] | Non
     if not 0.0 <= conv_max_density <= 1.0:
         raise ValueError(f"conv_max_density must be in [0, 1], got {conv_max_density}")
     modules = dict(model.named_modules())
+    # nn.MultiheadAttention passes out_proj.weight to F.multi_head_attention_forward and never calls out_proj
+    read_as_tensor = {id(m.out_proj) for m in modules.values() if isinstance(m, nn.MultiheadAttention)}
     wanted = set(layers) if layers is not None else None
     if wanted is not None and (unknown := sorted(wanted - set(pruner.masks))):
         raise ValueError(f"layers {unknown} are not pruned weights of this pruner; pruned: {sorted(pruner.masks)}")
@@ -725,6 +737,11 @@ def sparse_compute(model: nn.Module, pruner: Pruner, layers: Iterable[str] | Non
             if wanted is not None:
                 raise ValueError(f"{name}: sparse compute supports nn.Linear and nn.Conv2d weights (groups 1, zero "
                                  "padding given as numbers) only")
+            continue
+        if id(module) in read_as_tensor:
+            if wanted is not None:
+                raise ValueError(f"{name}: nn.MultiheadAttention reads its out_proj weight as a tensor and never calls "
+                                 "the layer, so it cannot compute sparse; it retrains masked dense")
             continue
         if sharding.is_sharded(param):
             raise ValueError(f"{name}: sparse compute does not support FSDP-sharded (DTensor) weights; wrap the "
