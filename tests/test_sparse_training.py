@@ -263,6 +263,45 @@ def test_multihead_attention_out_proj_named_is_refused():
         magprune.sparse_compute(model, pruner, layers=["attn.out_proj.weight"])
 
 
+class _Tied(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.body = nn.Embedding(100, 32), nn.Linear(32, 64)
+        self.head = nn.Linear(32, 100, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids):
+        return self.head(self.emb(ids).mean(1) + torch.tanh(self.body(self.emb(ids)))[..., :32].mean(1))
+
+
+def test_a_tied_weight_stays_masked_dense_and_tied():
+    """Before: the tied head computed sparse from its own compact copy while the embedding kept the dense
+    parameter, each stepped apart by the optimizer: the tie was broken silently."""
+    torch.manual_seed(0)
+    model = _Tied()
+    pruner = magprune.Pruner(model, ["head", "body"])
+    pruner.prune(magprune.LayerSparsity(0.9))
+    handle = magprune.sparse_compute(model, pruner)
+    assert handle.names == ["body.weight"]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    pruner.attach(optimizer)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        optimizer.zero_grad()
+        ids = torch.randint(0, 100, (8, 5), generator=generator)
+        nn.functional.cross_entropy(model(ids), torch.randint(0, 100, (8,), generator=generator)).backward()
+        optimizer.step()
+    assert model.head.weight is model.emb.weight
+    pruner.check(optimizer)
+    handle.remove()
+    with pytest.raises(ValueError, match=r"head.weight is tied \(emb.weight, head.weight\)"):
+        magprune.sparse_compute(model, pruner, layers=["head.weight"])
+    only_head = magprune.Pruner(_Tied(), ["head"])
+    only_head.prune(magprune.LayerSparsity(0.9))
+    with pytest.raises(ValueError, match="among.*head.weight is tied"):  # the only candidate: the error says why
+        magprune.sparse_compute(only_head.model, only_head)
+
+
 def test_a_weight_read_under_no_grad_is_a_plain_copy():
     model, pruner = _pruned()
     magprune.sparse_compute(model, pruner)

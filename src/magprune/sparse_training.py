@@ -703,9 +703,10 @@ def sparse_compute(model: nn.Module, pruner: Pruner, layers: Iterable[str] | Non
     through the sparse kernels. Optimizers attached to the pruner (:meth:`Pruner.attach`) are switched to the
     compact parameters with their state; create other optimizers (and wrap the model in DDP) after this call.
     ``model.fc.weight`` reads a dense copy (under grad mode one that autograd takes back to ``weight_values``: code
-    that reads the weight instead of calling the layer still trains it; ``nn.MultiheadAttention``'s ``out_proj``,
-    read that way, stays masked dense); ``state_dict`` writes and loads the plain keys and shapes; a later
-    ``pruner.prune`` (deeper only) rebuilds the layers. Returns a handle whose ``remove()`` switches back.
+    that reads the weight instead of calling the layer still trains it); ``nn.MultiheadAttention``'s ``out_proj``
+    (read that way) and weights tied to another parameter name stay masked dense; ``state_dict`` writes and loads
+    the plain keys and shapes; a later ``pruner.prune`` (deeper only) rebuilds the layers. Returns a handle whose
+    ``remove()`` switches back.
 
     Not supported (clear errors): regrowing prunes, double backward, non-float32 or CUDA weights or inputs.
     Layers above those densities, grouped or padding-mode convolutions and other layer types stay dense under the
@@ -724,10 +725,14 @@ def sparse_compute(model: nn.Module, pruner: Pruner, layers: Iterable[str] | Non
     modules = dict(model.named_modules())
     # nn.MultiheadAttention passes out_proj.weight to F.multi_head_attention_forward and never calls out_proj
     read_as_tensor = {id(m.out_proj) for m in modules.values() if isinstance(m, nn.MultiheadAttention)}
+    shared: dict[int, list[str]] = {}  # a parameter's names in the model: more than one if tied
+    for key, p in model.named_parameters(remove_duplicate=False):
+        shared.setdefault(id(p), []).append(key)
     wanted = set(layers) if layers is not None else None
     if wanted is not None and (unknown := sorted(wanted - set(pruner.masks))):
         raise ValueError(f"layers {unknown} are not pruned weights of this pruner; pruned: {sorted(pruner.masks)}")
     chosen: dict[str, SparseComputeLayer] = {}
+    left_dense: list[str] = []  # why a layer that could otherwise compute sparse stays dense
     for name, param in pruner.params.items():
         if name not in pruner.masks or (wanted is not None and name not in wanted) or not name.endswith("weight"):
             continue
@@ -738,10 +743,18 @@ def sparse_compute(model: nn.Module, pruner: Pruner, layers: Iterable[str] | Non
                 raise ValueError(f"{name}: sparse compute supports nn.Linear and nn.Conv2d weights (groups 1, zero "
                                  "padding given as numbers) only")
             continue
-        if id(module) in read_as_tensor:
+        if len(tied := shared.get(id(param), [])) > 1:
+            why = (f"{name} is tied ({', '.join(tied)}): computing it sparse would untie it (the other users keep "
+                   "the dense parameter); it retrains masked dense")
+        elif id(module) in read_as_tensor:
+            why = (f"{name}: nn.MultiheadAttention reads its out_proj weight as a tensor and never calls the layer, "
+                   "so it cannot compute sparse; it retrains masked dense")
+        else:
+            why = None
+        if why is not None:
             if wanted is not None:
-                raise ValueError(f"{name}: nn.MultiheadAttention reads its out_proj weight as a tensor and never calls "
-                                 "the layer, so it cannot compute sparse; it retrains masked dense")
+                raise ValueError(why)
+            left_dense.append(why)
             continue
         if sharding.is_sharded(param):
             raise ValueError(f"{name}: sparse compute does not support FSDP-sharded (DTensor) weights; wrap the "
@@ -759,7 +772,7 @@ def sparse_compute(model: nn.Module, pruner: Pruner, layers: Iterable[str] | Non
         chosen[name] = SparseComputeLayer(name, module, param, mask)
     if not chosen:
         raise ValueError(f"no pruned nn.Linear weight at density <= {max_density} (nn.Conv2d: <= {conv_max_density}) "
-                         f"among {sorted(pruner.masks)}")
+                         f"among {sorted(pruner.masks)}" + "".join(f"; {why}" for why in left_dense))
     handle = SparseCompute(model, pruner, chosen)
     handle._install()
     pruner.compute_handles.append(handle)
