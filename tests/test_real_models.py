@@ -322,3 +322,22 @@ def test_sparse_compute_retrains_like_masked_dense(name):
         if key in pruner.masks:
             assert not torch.equal(value, start[key]), f"{key} did not train"
         torch.testing.assert_close(sparse[key], value, rtol=1e-4, atol=2e-5, msg=lambda m, key=key: f"{key}: {m}")
+
+
+@pytest.mark.parametrize("name", ["bert", "vit", "residual-cnn"])
+def test_sparse_compute_trains_under_autocast(name):
+    """bf16 autocast, as these models are often trained: the sparse layers compute in float32 (an attention output
+    in bf16 reached them and was refused before)."""
+    case = CASES[name]
+    model = _build(case, 0)
+    pruner = Pruner(model)
+    pruner.prune(LayerSparsity(0.9))
+    handle = magprune.sparse_compute(model, pruner, min_weights=0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    pruner.attach(optimizer)
+    before = {name: layer.values.detach().clone() for name, layer in handle.layers.items()}
+    _train(model, optimizer, case, 0, 2, autocast=True)
+    for key, layer in handle.layers.items():
+        assert torch.isfinite(layer.values).all() and not torch.equal(layer.values, before[key]), key
+    handle.remove()
+    _assert_pruned_and_clean(model, pruner.masks, optimizer)

@@ -302,6 +302,27 @@ def test_a_tied_weight_stays_masked_dense_and_tied():
         magprune.sparse_compute(only_head.model, only_head)
 
 
+def test_autocast_computes_the_sparse_layers_in_float32():
+    model, pruner = _small()
+    reference = copy.deepcopy(model)  # masked dense, float32
+    magprune.sparse_compute(model, pruner, max_density=1.0)  # every layer sparse: the whole model stays float32
+    x = torch.randn(16, 64)
+    for given in (x, x.bfloat16()):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(given)
+        assert out.dtype == torch.float32
+        want = reference(given.float())
+        torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+        out.square().sum().backward()
+        want.square().sum().backward()
+        grad = reference[0].weight.grad.reshape(-1)[model[0]._magprune_sparse.structure.positions_t]
+        torch.testing.assert_close(model[0].weight_values.grad, grad, rtol=1e-4, atol=1e-5)
+        model.zero_grad()
+        reference.zero_grad()
+    with pytest.raises(TypeError, match="float32 CPU tensors"):  # without autocast a bf16 input is an error
+        model(x.bfloat16())
+
+
 def test_a_weight_read_under_no_grad_is_a_plain_copy():
     model, pruner = _pruned()
     magprune.sparse_compute(model, pruner)

@@ -433,6 +433,9 @@ class _SparseConvFunction(torch.autograd.Function):
         return grad_x, grad_values, grad_bias, None
 
 
+_AUTOCAST_INPUTS = (torch.float32, torch.bfloat16, torch.float16)
+
+
 class SparseComputeLayer:
     """The sparse-compute state of one ``nn.Linear`` or ``nn.Conv2d``: its dense parameter (held by the pruner,
     refreshed on demand), its compact ``weight_values`` parameter and the kernels' structure (a convolution's
@@ -486,6 +489,12 @@ class SparseComputeLayer:
         return dense.detach().reshape(-1)[self.structure.positions_t].contiguous()
 
     def __call__(self, x: Tensor) -> Tensor:
+        if torch.is_autocast_enabled("cpu") and x.is_cpu and x.dtype in _AUTOCAST_INPUTS:
+            # mixed precision: the layer computes in float32 (its weights are float32) and returns float32, as a
+            # torch.amp.custom_fwd(cast_inputs=torch.float32) op does; autocast is off inside, so no op of ours
+            # (a dense fallback, the bias) is cast down
+            with torch.autocast("cpu", enabled=False):
+                return self(x.float())
         n_out, n_in = self.structure.shape
         if x.dtype != torch.float32 or not x.is_cpu:
             raise TypeError(f"sparse compute ({self.name}) runs on float32 CPU tensors, got {x.dtype} on {x.device}")
@@ -708,7 +717,8 @@ def sparse_compute(model: nn.Module, pruner: Pruner, layers: Iterable[str] | Non
     the plain keys and shapes; a later ``pruner.prune`` (deeper only) rebuilds the layers. Returns a handle whose
     ``remove()`` switches back.
 
-    Not supported (clear errors): regrowing prunes, double backward, non-float32 or CUDA weights or inputs.
+    Not supported (clear errors): regrowing prunes, double backward, non-float32 or CUDA weights, CUDA inputs,
+    non-float32 inputs outside autocast (under CPU autocast the layers compute and return float32).
     Layers above those densities, grouped or padding-mode convolutions and other layer types stay dense under the
     pruner's masks.
     """
