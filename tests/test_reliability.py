@@ -215,6 +215,22 @@ def test_step_checkpoints_resume_mid_epoch(target, reference, tmp_path):
     assert order(at) >= order(target) and at[2] > 0  # resumed mid-epoch
 
 
+SPARSE = ["--set", "prune.0.retrain.compute=sparse", "--set", "prune.1.retrain.compute=sparse"]
+
+
+def test_sparse_retraining_killed_mid_epoch_resumes_exactly(tmp_path):
+    """Retraining with sparse compute: a kill between two 5-step checkpoints resumes to the uninterrupted sparse
+    run's weights, masks and metrics, bit for bit (the checkpoints hold the plain model and the optimizer state of
+    the compact weights)."""
+    done = magprune(["run", str(CONFIG), "--out", "ref", "--no-progress", *SPARSE], tmp_path)
+    assert done.returncode == 0, done.stderr
+    reference = outcome(tmp_path / "ref")
+    killed = kill_when([*RUN, *SPARSE, "--set", "output.checkpoint_every=5"], tmp_path, tmp_path / "run",
+                       reached(("step-1", 1, 10)))
+    at = assert_resume_gives_the_reference(tmp_path, reference, killed)
+    assert order(at) >= order(("step-1", 1, 10)) and at[0] in ("step-1", "step-2")
+
+
 def test_a_second_run_on_the_same_directory_is_refused(tmp_path):
     from magprune.experiment.pipeline import lock_run_dir
 
