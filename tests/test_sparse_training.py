@@ -323,6 +323,26 @@ def test_autocast_computes_the_sparse_layers_in_float32():
         model(x.bfloat16())
 
 
+@pytest.mark.parametrize("shape", [(0, 64), (2, 0, 64), (0, 1, 12, 12)], ids=["linear", "linear-3d", "conv"])
+def test_an_empty_batch_gives_zero_gradients_like_dense(shape):
+    """Before: an empty batch returned zeros plus the bias, so the input and the compact weight got no gradient at
+    all (None: under DDP a rank with an empty batch would then hold no gradient to all-reduce)."""
+    torch.manual_seed(0)
+    conv = len(shape) == 4
+    model = nn.Sequential(nn.Conv2d(1, 20, 5) if conv else nn.Linear(64, 48))
+    pruner = magprune.Pruner(model)
+    pruner.prune(magprune.LayerSparsity(0.9))
+    magprune.sparse_compute(model, pruner)
+    x = torch.zeros(shape, requires_grad=True)
+    out = model(x)
+    assert out.shape == ((0, 20, 8, 8) if conv else (*shape[:-1], 48))
+    out.sum().backward()
+    assert x.grad is not None and x.grad.shape == x.shape
+    values = model[0].weight_values
+    assert values.grad is not None and values.grad.shape == values.shape and not values.grad.any()
+    assert model[0].bias.grad is not None and not model[0].bias.grad.any()
+
+
 def test_a_weight_read_under_no_grad_is_a_plain_copy():
     model, pruner = _pruned()
     magprune.sparse_compute(model, pruner)

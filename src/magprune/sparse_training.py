@@ -470,8 +470,8 @@ class SparseComputeLayer:
         if x.dim() == 3:
             return self._conv(x[None])[0]
         if x.shape[0] == 0:
-            return nn.functional.conv2d(x, self.dense_from(values), bias, self.module.stride, self.module.padding,
-                                        self.module.dilation)
+            weight = self.dense_from(values, differentiable=values.requires_grad)  # zero gradients, not none
+            return F.conv2d(x, weight, bias, self.module.stride, self.module.padding, self.module.dilation)
         if self.module.stride == (1, 1) and self.module.dilation == (1, 1):
             return _DirectConvFunction.apply(x, values, bias, self)
         return _SparseConvFunction.apply(x, values, bias, self)
@@ -508,15 +508,12 @@ class SparseComputeLayer:
         if bias is not None and (bias.dtype != torch.float32 or bias.dim() != 1 or not bias.is_contiguous()):
             raise TypeError(f"sparse compute ({self.name}) needs a contiguous float32 bias, got {bias.dtype} of shape "
                             f"{list(bias.shape)}")
+        if x.numel() == 0:  # an empty batch: dense, so that input, weight and bias still get (zero) gradients
+            return F.linear(x, self.dense_from(values, differentiable=values.requires_grad), bias)
         if x.dim() == 2:
-            if x.shape[0] == 0:
-                return x.new_zeros(0, n_out) + (bias if bias is not None else 0)
             return _SparseLinearFunction.apply(x, values, bias, self)
         lead = x.shape[:-1]
-        x2d = x.reshape(-1, n_in)
-        if x2d.shape[0] == 0:
-            return x.new_zeros(*lead, n_out) + (bias if bias is not None else 0)
-        return _SparseLinearFunction.apply(x2d, values, bias, self).reshape(*lead, n_out)
+        return _SparseLinearFunction.apply(x.reshape(-1, n_in), values, bias, self).reshape(*lead, n_out)
 
 
 def _sparse_forward(self: nn.Linear, x: Tensor) -> Tensor:
