@@ -333,6 +333,45 @@ def test_matvec_kernels_of_both_builds_match_dense_for_every_row_length(parallel
     np.testing.assert_allclose(out, weight.astype(np.float64) @ x + 0.5, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_delta_column_matvec_matches_dense_and_falls_back_past_a_gap_of_255(parallel_always, threads):
+    """AVX-512's batch-1 product over 1-byte column gaps: rows of every length up to 40 and long ones, gaps of 1 to
+    exactly 255, a first column past 255 (the row's own start), empty rows; a gap of 256 keeps absolute columns."""
+    n_in = 2000
+    rng = np.random.default_rng(7)
+    weight = np.zeros((48, n_in), np.float32)
+    for row, length in enumerate([*range(41), 300, 600]):
+        weight[row, 1000 + np.sort(rng.choice(250, size=min(length, 250), replace=False))] = 1.0
+        if length > 250:  # a long row: columns 255 apart and every column of a stretch
+            weight[row, np.arange(0, n_in, 255)] = 1.0
+            weight[row, 300:300 + length] = 1.0
+    weight[45, [3, 258, 513]] = 1.0  # gaps of exactly 255
+    weight[46, n_in - 1] = 1.0  # one nonzero, far from column 0
+    weight *= rng.standard_normal(weight.shape).astype(np.float32)
+    indptr = np.concatenate([[0], np.cumsum((weight != 0).sum(axis=1))]).astype(np.int32)
+    cols = np.nonzero(weight)[1]
+    x = rng.standard_normal(n_in).astype(np.float32)
+    expected = weight.astype(np.float64) @ x + 0.5
+    product = CSRProduct(indptr, cols.astype(np.uint16), weight[weight != 0], n_in, lanes=16)
+    assert product.delta_form() is not None and product.delta_form()[1].max() == 255
+    out = np.full(48, 0.5, np.float32)
+    product.matvec(x, out, threads)
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+    product.rebind_values(weight[weight != 0] * 2.0)  # values stepped elsewhere: read from there
+    out = np.full(48, 0.5, np.float32)
+    product.matvec(x, out, threads)
+    np.testing.assert_allclose(out, 2.0 * (expected - 0.5) + 0.5, rtol=1e-5, atol=1e-5)
+    weight[45, 513], weight[45, 514] = 0.0, 1.0  # a gap of 256
+    indptr = np.concatenate([[0], np.cumsum((weight != 0).sum(axis=1))]).astype(np.int32)
+    wide = CSRProduct(indptr, np.nonzero(weight)[1].astype(np.uint16), weight[weight != 0], n_in, lanes=16)
+    assert wide.delta_form() is None
+    out = np.full(48, 0.5, np.float32)
+    wide.matvec(x, out, threads)
+    np.testing.assert_allclose(out, weight.astype(np.float64) @ x + 0.5, rtol=1e-5, atol=1e-5)
+    assert CSRProduct(indptr, np.nonzero(weight)[1].astype(np.uint16), weight[weight != 0], n_in,
+                      lanes=8).delta_form() is None  # AVX2: absolute columns
+
+
 def test_kernels_are_built_for_the_hosts_vector_width():
     import llvmlite.binding as llvm
 
