@@ -1,8 +1,14 @@
-"""Shared test fixtures: small models with Linear and Conv layers."""
+"""Shared test fixtures: small models with Linear and Conv layers; compiled kernels cached in a directory of this
+test session (inherited by the CLI and gloo subprocesses), not in the user's cache."""
+
+import os
+import tempfile
 
 import pytest
 import torch
 from torch import nn
+
+os.environ.setdefault("MAGPRUNE_KERNEL_CACHE", tempfile.mkdtemp(prefix="magprune-test-kernels-"))
 
 
 class SmallConvNet(nn.Module):

@@ -372,6 +372,42 @@ def test_the_delta_column_matvec_matches_dense_and_falls_back_past_a_gap_of_255(
                       lanes=8).delta_form() is None  # AVX2: absolute columns
 
 
+_ADD_IR = "define i64 @add3(i64 %a) {\n  %b = add i64 %a, 3\n  ret i64 %b\n}"
+
+
+def _add3(engine) -> int:
+    import ctypes
+
+    return ctypes.CFUNCTYPE(ctypes.c_int64, ctypes.c_int64)(engine.get_function_address("add3"))(39)
+
+
+def test_compiled_kernels_are_cached_checked_and_replaced_when_damaged(tmp_path, monkeypatch):
+    import llvmlite.binding as llvm
+
+    from magprune.kernels import jit
+
+    monkeypatch.setenv(jit.CACHE_ENV, str(tmp_path / "kernels"))
+    assert _add3(jit._jit(_ADD_IR)) == 42
+    (stored,) = (tmp_path / "kernels").glob("*.o")
+    optimized = []
+    real = llvm.create_pass_builder
+    monkeypatch.setattr(llvm, "create_pass_builder", lambda *a: optimized.append(1) or real(*a))
+    assert _add3(jit._jit(_ADD_IR)) == 42 and not optimized  # loaded, not compiled
+    data = bytearray(stored.read_bytes())
+    data[-1] ^= 0xFF  # a damaged object: its digest fails, so it is compiled again and replaced
+    stored.write_bytes(bytes(data))
+    assert _add3(jit._jit(_ADD_IR)) == 42 and optimized == [1]
+    assert jit._read_cached(stored) is not None
+    assert _add3(jit._jit(_ADD_IR.replace("3", "5").replace("add5", "add3"))) == 44  # other IR, other entry
+    assert len(list((tmp_path / "kernels").glob("*.o"))) == 2
+    monkeypatch.setenv(jit.CACHE_ENV, "off")
+    assert jit.cache_dir() is None and _add3(jit._jit(_ADD_IR)) == 42
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv(jit.CACHE_ENV, str(tmp_path / "a-file" / "kernels"))  # cannot be created: no cache, no error
+    assert _add3(jit._jit(_ADD_IR)) == 42
+    assert not list(tmp_path.glob("**/.*.tmp"))
+
+
 def test_kernels_are_built_for_the_hosts_vector_width():
     import llvmlite.binding as llvm
 
