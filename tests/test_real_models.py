@@ -290,8 +290,8 @@ def test_gpt2_keeps_its_tie_and_the_tied_head_is_targeted_by_name():
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_sparse_compute_retrains_like_masked_dense(name):
     """Retraining with sparse compute gives masked-dense training's weights within rounding on every model here
-    (dropout off: its mask is drawn in memory order, see docs/training.md); GPT-2's Conv1D layers are refused by
-    name. This is how nn.MultiheadAttention's out_proj was found never training under sparse compute."""
+    (dropout off: its mask is drawn in memory order, see docs/training.md), GPT-2's transformers Conv1D layers
+    included. This is how nn.MultiheadAttention's out_proj was found never training under sparse compute."""
     case = CASES[name]
     runs = []
     for sparse in (False, True):
@@ -303,11 +303,9 @@ def test_sparse_compute_retrains_like_masked_dense(name):
         pruner.prune(LayerSparsity(0.9))
         handle = None
         if sparse:
-            if name == "gpt2-tied":
-                with pytest.raises(ValueError, match="no pruned nn.Linear weight"):
-                    magprune.sparse_compute(model, pruner, min_weights=0)
-                return
             handle = magprune.sparse_compute(model, pruner, min_weights=0)
+            if name == "gpt2-tied":
+                assert len(handle.names) == 8 and all(".h." in n for n in handle.names)  # every Conv1D
         optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
         pruner.attach(optimizer)
         _train(model, optimizer, case, 0, 4)
@@ -324,7 +322,7 @@ def test_sparse_compute_retrains_like_masked_dense(name):
         torch.testing.assert_close(sparse[key], value, rtol=1e-4, atol=2e-5, msg=lambda m, key=key: f"{key}: {m}")
 
 
-@pytest.mark.parametrize("name", ["bert", "vit", "residual-cnn"])
+@pytest.mark.parametrize("name", ["bert", "gpt2-tied", "vit", "residual-cnn"])
 def test_sparse_compute_trains_under_autocast(name):
     """bf16 autocast, as these models are often trained: the sparse layers compute in float32 (an attention output
     in bf16 reached them and was refused before)."""
@@ -341,3 +339,35 @@ def test_sparse_compute_trains_under_autocast(name):
         assert torch.isfinite(layer.values).all() and not torch.equal(layer.values, before[key]), key
     handle.remove()
     _assert_pruned_and_clean(model, pruner.masks, optimizer)
+
+
+def test_gpt2_conv1d_computes_sparse_with_plain_state_dict_and_follows_a_deeper_prune():
+    """transformers' Conv1D stores its weight (in, out): the compact values map to that layout in the state_dict,
+    in a deeper prune (which keeps the optimizer state aligned) and back in the dense weight on remove()."""
+    case = CASES["gpt2-tied"]
+    model = _build(case, 0)
+    pruner = Pruner(model)
+    pruner.prune(LayerSparsity(0.8))
+    handle = magprune.sparse_compute(model, pruner, min_weights=0)
+    layer = model.transformer.h[0].mlp.c_fc
+    assert "transformer.h.0.mlp.c_fc.weight" in handle.names and layer.weight.shape == (32, 128)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    pruner.attach(optimizer)
+    _train(model, optimizer, case, 0, 2)
+    state = model.state_dict()
+    assert state["transformer.h.0.mlp.c_fc.weight"].shape == (32, 128)
+    plain = _build(case, 1)
+    plain.load_state_dict(state, strict=True)
+    x, _ = case.batch(5)
+    model.eval()
+    plain.eval()
+    torch.testing.assert_close(_outputs(model, x)[0], _outputs(plain, x)[0], rtol=1e-4, atol=1e-5)
+    pruner.prune(LayerSparsity(0.9))  # deeper: the structure is rebuilt in the transposed layout
+    assert layer.weight_values.numel() == int(pruner.masks["transformer.h.0.mlp.c_fc.weight"].sum())
+    model.train()
+    _train(model, optimizer, case, 10, 2)
+    dense_view = layer.weight.detach().clone()
+    handle.remove()
+    assert torch.equal(layer.weight.detach(), dense_view)
+    pruner.check(optimizer)
+    assert pruner.sparsity() == pytest.approx(0.9, abs=0.01)

@@ -437,28 +437,43 @@ _AUTOCAST_INPUTS = (torch.float32, torch.bfloat16, torch.float16)
 
 
 class SparseComputeLayer:
-    """The sparse-compute state of one ``nn.Linear`` or ``nn.Conv2d``: its dense parameter (held by the pruner,
-    refreshed on demand), its compact ``weight_values`` parameter and the kernels' structure (a convolution's
-    weight as the (out_channels, in_channels * kh * kw) matrix of its im2col product)."""
+    """The sparse-compute state of one ``nn.Linear``, ``Conv1D`` or ``nn.Conv2d``: its dense parameter (held by the
+    pruner, refreshed on demand), its compact ``weight_values`` parameter and the kernels' structure (a convolution's
+    weight as the (out_channels, in_channels * kh * kw) matrix of its im2col product, a Conv1D's transposed)."""
 
-    def __init__(self, name: str, module: nn.Linear | nn.Conv2d, dense: nn.Parameter, keep: Tensor) -> None:
+    def __init__(self, name: str, module: nn.Module, dense: nn.Parameter, keep: Tensor) -> None:
         self.name, self.module, self.dense, self.original_class = name, module, dense, type(module)
         self.weight_shape = tuple(dense.shape)
         self.conv = isinstance(module, nn.Conv2d)
-        self.structure = _Structure(keep.cpu().numpy().reshape(self.weight_shape[0], -1),
-                                    np.zeros(int(keep.count_nonzero()), np.float32))
+        self.transposed = _is_conv1d(module)  # transformers' Conv1D: y = x @ W + b, W (in, out)
+        self.set_structure(_Structure(self.kernel_keep(keep), np.zeros(int(keep.count_nonzero()), np.float32)))
         with torch.no_grad():
-            self.structure.product.vals[:] = dense.detach().reshape(-1)[self.structure.positions_t].numpy()
+            self.structure.product.vals[:] = dense.detach().reshape(-1)[self.dense_index].numpy()
         self.values = nn.Parameter(torch.from_numpy(self.structure.product.vals), requires_grad=dense.requires_grad)
+
+    def kernel_keep(self, keep: Tensor) -> np.ndarray:
+        """The kept connections as the kernels' (outputs, inputs) matrix."""
+        keep = keep.cpu().numpy()
+        return np.ascontiguousarray(keep.T) if self.transposed else keep.reshape(self.weight_shape[0], -1)
+
+    def set_structure(self, structure: _Structure) -> None:
+        """Use ``structure``; ``dense_index``: where its nonzeros (the compact order) lie in the flat dense weight."""
+        self.structure = structure
+        if self.transposed:
+            n_out, n_in = structure.shape
+            rows, cols = np.divmod(structure.positions, n_in)
+            self.dense_index = torch.from_numpy(cols * n_out + rows)
+        else:
+            self.dense_index = structure.positions_t
 
     def dense_from(self, values: Tensor, differentiable: bool = False) -> Tensor:
         """The dense weight, pruned entries zero: detached, or (``differentiable``) a function of ``values`` that
         autograd takes back to them (the dense gradient read at the kept positions)."""
         if differentiable:
             flat = torch.zeros(math.prod(self.weight_shape), dtype=values.dtype)
-            return flat.index_put((self.structure.positions_t,), values).view(self.weight_shape)
+            return flat.index_put((self.dense_index,), values).view(self.weight_shape)
         out = torch.zeros(self.weight_shape, dtype=values.dtype)
-        out.view(-1)[self.structure.positions_t] = values.detach()
+        out.view(-1)[self.dense_index] = values.detach()
         return out
 
     def _conv(self, x: Tensor) -> Tensor:
@@ -486,7 +501,7 @@ class SparseComputeLayer:
             structure.values_rebound()  # plans and direct products hold the old values' address
 
     def compact_from(self, dense: Tensor) -> Tensor:
-        return dense.detach().reshape(-1)[self.structure.positions_t].contiguous()
+        return dense.detach().reshape(-1)[self.dense_index].contiguous()
 
     def __call__(self, x: Tensor) -> Tensor:
         if torch.is_autocast_enabled("cpu") and x.is_cpu and x.dtype in _AUTOCAST_INPUTS:
@@ -622,13 +637,13 @@ class SparseCompute:
             return
         with torch.no_grad():
             for layer in self.layers.values():
-                layer.dense.view(-1)[layer.structure.positions_t] = layer.values.detach()
+                layer.dense.view(-1)[layer.dense_index] = layer.values.detach()
 
     def rebuild(self) -> None:
         """Follow a deeper prune: keep the entries the pruner's masks still keep (weights, gradients, the attached
         optimizers' state), in the same parameter objects, with the kernels' structure built anew."""
         for name, layer in self.layers.items():
-            keep = self.pruner.masks[name].cpu().numpy().reshape(layer.weight_shape[0], -1)
+            keep = layer.kernel_keep(self.pruner.masks[name])
             new_positions = np.flatnonzero(keep)
             old_positions = layer.structure.positions
             if np.array_equal(new_positions, old_positions):
@@ -642,7 +657,7 @@ class SparseCompute:
             index_t = torch.from_numpy(index)
             values = layer.values
             structure = _Structure(keep, values.detach()[index_t].numpy())
-            layer.structure = structure
+            layer.set_structure(structure)
             values.data = torch.from_numpy(structure.product.vals)
             if values.grad is not None:
                 values.grad = values.grad[index_t].contiguous()
@@ -677,7 +692,7 @@ class SparseCompute:
             def expand(v: Tensor, key: str, layer: SparseComputeLayer = layer) -> Tensor:
                 out = torch.full(layer.weight_shape, SECOND_MOMENT_FILL if key in SECOND_MOMENT_KEYS else 0.0,
                                  dtype=v.dtype)
-                out.view(-1)[layer.structure.positions_t] = v
+                out.view(-1)[layer.dense_index] = v
                 return out
 
             for optimizer in self._optimizers():
@@ -691,6 +706,15 @@ class SparseCompute:
         return f"{type(self).__name__}({self.names}, active={self._active})"
 
 
+def _is_conv1d(module: nn.Module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2's layers): a Linear with its weight stored (in, out), by its class's name and
+    module, so that transformers is not imported here; a subclass with its own forward is not one."""
+    cls = type(module)
+    return cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers") and hasattr(module, "nf") \
+        and isinstance(getattr(module, "weight", None), Tensor) and module.weight.dim() == 2 \
+        and module.weight.shape[1] == module.nf
+
+
 def _sparse_conv_ok(module: nn.Module) -> bool:
     return isinstance(module, nn.Conv2d) and type(module).forward is nn.Conv2d.forward and module.groups == 1 \
         and module.padding_mode == "zeros" and not isinstance(module.padding, str)
@@ -699,8 +723,8 @@ def _sparse_conv_ok(module: nn.Module) -> bool:
 def sparse_compute(model: nn.Module, pruner: Pruner, layers: Iterable[str] | None = None, *,
                    max_density: float = MAX_DENSITY, conv_max_density: float = CONV_MAX_DENSITY,
                    min_weights: int | None = None) -> SparseCompute:
-    """Compute only the kept connections of the pruner's pruned ``nn.Linear`` (and sparse enough ``nn.Conv2d``)
-    weights while retraining.
+    """Compute only the kept connections of the pruner's pruned ``nn.Linear`` (transformers' ``Conv1D`` too, and
+    sparse enough ``nn.Conv2d``) weights while retraining.
 
     Each such layer (of ``layers``, pruner parameter names, if given; density at most ``max_density``, for a
     convolution at most ``conv_max_density``: a denser one is faster dense, see :data:`CONV_MAX_DENSITY`; at least
@@ -744,11 +768,11 @@ def sparse_compute(model: nn.Module, pruner: Pruner, layers: Iterable[str] | Non
         if name not in pruner.masks or (wanted is not None and name not in wanted) or not name.endswith("weight"):
             continue
         module = modules.get(module_name(name) if "." in name else "")
-        linear = isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
+        linear = (isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward) or _is_conv1d(module)
         if not (linear or _sparse_conv_ok(module)) or module.weight is not param:
             if wanted is not None:
-                raise ValueError(f"{name}: sparse compute supports nn.Linear and nn.Conv2d weights (groups 1, zero "
-                                 "padding given as numbers) only")
+                raise ValueError(f"{name}: sparse compute supports nn.Linear, transformers' Conv1D and nn.Conv2d "
+                                 "weights (groups 1, zero padding given as numbers) only")
             continue
         if len(tied := shared.get(id(param), [])) > 1:
             why = (f"{name} is tied ({', '.join(tied)}): computing it sparse would untie it (the other users keep "
