@@ -8,7 +8,7 @@ A step is zero_grad, forward with the language-model loss, backward, Adam step. 
 in/out projections, MLP) are pruned to 10% kept (LayerSparsity 0.9) and, in the sparse run, computed sparse; the
 token embedding (tied to the head) stays dense. Dropout is off, so both models take the same steps. The two models
 run in alternating order each round; ratio = the sparse step's median / the masked step's median. Writes
-results/<LLVM host CPU>/gpt2_step.{json,md} (or --out) with the machine (magprune.environment).
+results/<LLVM host CPU>/gpt2_step[_<N>thread].{json,md} (or --out) with the machine (magprune.environment).
 """
 
 from __future__ import annotations
@@ -112,10 +112,11 @@ def main() -> None:
               "computed sparse.")
     print(f"{text}\n\n{describe(info)}")
     out = args.out or RESULTS / info["llvm_host_cpu"]
-    write_atomic(out / "gpt2_step.json", json.dumps({"machine": info, "command": cmd, "times_ms": times,
+    stem = "gpt2_step" if args.threads is None else f"gpt2_step_{args.threads}thread"
+    write_atomic(out / f"{stem}.json", json.dumps({"machine": info, "command": cmd, "times_ms": times,
                                                      "median_ms": medians, "ratio": ratio, "losses": losses,
                                                      "sparse_layers": sparse_layers}, indent=1).encode())
-    write_atomic(out / "gpt2_step.md", (
+    write_atomic(out / f"{stem}.md", (
         f"# GPT-2-width training steps at 90% pruned: masked-dense against sparse compute\n\n`{cmd}` — "
         f"n_embd {args.width}, {args.blocks} blocks, {args.batch} x {args.tokens} tokens, vocabulary {args.vocab}, "
         f"Adam; the two models in alternating order each round.\n\nMachine: {describe(info)}\n\n{json.dumps(info)}"
