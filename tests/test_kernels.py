@@ -406,6 +406,10 @@ def test_compiled_kernels_are_cached_checked_and_replaced_when_damaged(tmp_path,
     monkeypatch.setenv(jit.CACHE_ENV, str(tmp_path / "a-file" / "kernels"))  # cannot be created: no cache, no error
     assert _add3(jit._jit(_ADD_IR)) == 42
     assert not list(tmp_path.glob("**/.*.tmp"))
+    monkeypatch.delenv(jit.CACHE_ENV)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setattr(jit.Path, "home", classmethod(lambda cls: (_ for _ in ()).throw(RuntimeError("no home"))))
+    assert jit.cache_dir() is None and _add3(jit._jit(_ADD_IR)) == 42  # no home directory: no cache, no error
 
 
 def test_kernels_are_built_for_the_hosts_vector_width():

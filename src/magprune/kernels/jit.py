@@ -33,9 +33,12 @@ def cache_dir() -> Path | None:
     given = os.environ.get(CACHE_ENV, "")
     if given.strip().lower() in ("0", "off", "false", "no"):
         return None
-    if given:
-        return Path(given).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "magprune" / "kernels"
+    try:
+        if given:
+            return Path(given).expanduser()
+        return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "magprune" / "kernels"
+    except RuntimeError:  # no home directory to be found (HOME unset, no passwd entry): compile every time
+        return None
 
 
 def _cache_path(ir: str, cpu: str, features: str, triple: str) -> Path | None:
