@@ -214,36 +214,76 @@ def _matvec_ir(index: str) -> str:
     return "\n".join(lines)
 
 
+def _prefix_sum_ir(src: str, tag: str) -> tuple[list[str], str]:
+    """IR of the inclusive prefix sum of a <16 x i32> (four shift-and-add steps); returns (lines, result)."""
+    lines, cur = [], src
+    for n in (1, 2, 4, 8):
+        shift = ", ".join(f"i32 {i - n}" if i >= n else "i32 16" for i in range(16))  # lanes up by n, zeros in
+        lines += [f"  %sh{tag}{n} = shufflevector <16 x i32> {cur}, <16 x i32> zeroinitializer, <16 x i32> <{shift}>",
+                  f"  %ps{tag}{n} = add <16 x i32> {cur}, %sh{tag}{n}"]
+        cur = f"%ps{tag}{n}"
+    return lines, cur
+
+
 def _matvec_gather_ir(index: str) -> str:
     """IR of the batch-1 product of the AVX-512 build: sixteen column indices widened to i32, one gather of x,
     one load of values and one multiply-add per sixteen nonzeros; the last up to fifteen of a row by masked loads
     and a masked gather (nothing is read past the row). One accumulator: the gathers, not the multiply-add chain,
-    set the pace (two or four accumulators measured no faster)."""
-    vec, ind, i32 = "<16 x float>", f"<16 x {index}>", "<16 x i32>"
-    widen = (lambda a, b: f"  {a} = bitcast {ind} {b} to {i32}") if index == "i32" else \
-        (lambda a, b: f"  {a} = zext {ind} {b} to {i32}")
+    set the pace (two or four accumulators measured no faster).
+
+    ``index`` "delta" builds ``spmv_delta``: the columns come as 1-byte gaps from the row's previous nonzero (0 for
+    its first) and ``info`` holds (start, end, first column) per row; per sixteen nonzeros one 16-byte load, a
+    prefix sum (four shuffles and adds) plus the running column. Five bytes a nonzero instead of six (uint16
+    columns): the product is read from memory when other layers have evicted it."""
+    delta = index == "delta"
+    vec, i32 = "<16 x float>", "<16 x i32>"
+    elem = "i8" if delta else index
+    ind = f"<16 x {elem}>"
     gather = f"call {vec} @llvm.masked.gather.v16f32.v16p0"
     lanes = ", ".join(f"i32 {i}" for i in range(16))
+
+    def columns(out: str, loaded: str, tag: str) -> list[str]:
+        """The sixteen columns ``out`` from the loaded indices (absolute: widened; delta: summed onto the carry)."""
+        if not delta:
+            op = "bitcast" if index == "i32" else "zext"
+            return [f"  {out} = {op} {ind} {loaded} to {i32}"]
+        lines, summed = _prefix_sum_ir(f"%d{tag}", tag)
+        return [f"  %d{tag} = zext {ind} {loaded} to {i32}", *lines, f"  {out} = add {i32} {summed}, %carry"]
+
+    if delta:
+        params, data = "ptr noalias %info, ptr noalias %unused, ptr noalias %deltas", "%deltas"
+        bounds = ["  %o3 = mul i64 %o, 3", "  %sp = getelementptr i32, ptr %info, i64 %o3",
+                  "  %s32 = load i32, ptr %sp", "  %ep = getelementptr i32, ptr %sp, i64 1",
+                  "  %e32 = load i32, ptr %ep", "  %bp = getelementptr i32, ptr %sp, i64 2",
+                  "  %b32 = load i32, ptr %bp"]
+        base = [f"  %b0 = insertelement {i32} poison, i32 %b32, i32 0",
+                f"  %base = shufflevector {i32} %b0, {i32} poison, <16 x i32> zeroinitializer"]
+        carry = [f"  %carry = phi {i32} [%base, %row], [%carry.next, %body]"]
+        carry_next = [f"  %carry.next = shufflevector {i32} %ci, {i32} poison, <16 x i32> <"
+                      + ", ".join("i32 15" for _ in range(16)) + ">"]
+    else:
+        params, data = "ptr noalias %starts, ptr noalias %ends, ptr noalias %cols", "%cols"
+        bounds = ["  %sp = getelementptr i32, ptr %starts, i64 %o", "  %s32 = load i32, ptr %sp",
+                  "  %ep = getelementptr i32, ptr %ends, i64 %o", "  %e32 = load i32, ptr %ep"]
+        base, carry, carry_next = [], [], []
     return "\n".join([
-        f"define void @spmv_{index}(ptr noalias %starts, ptr noalias %ends, ptr noalias %cols, "
+        f"define void @spmv_{index}({params}, "
         "ptr noalias %vals, ptr noalias %x, ptr noalias %out, i64 %r0, i64 %r1) nounwind {",
         "entry:", "  %any = icmp ult i64 %r0, %r1", "  br i1 %any, label %row, label %exit",
-        "row:", "  %o = phi i64 [%r0, %entry], [%o.next, %store]",
-        "  %sp = getelementptr i32, ptr %starts, i64 %o", "  %s32 = load i32, ptr %sp",
-        "  %ep = getelementptr i32, ptr %ends, i64 %o", "  %e32 = load i32, ptr %ep",
-        "  %s = zext i32 %s32 to i64", "  %e = zext i32 %e32 to i64",
+        "row:", "  %o = phi i64 [%r0, %entry], [%o.next, %store]", *bounds,
+        "  %s = zext i32 %s32 to i64", "  %e = zext i32 %e32 to i64", *base,
         "  %outp = getelementptr float, ptr %out, i64 %o", "  %init = load float, ptr %outp",
         "  br label %loop",
         "loop:", "  %k = phi i64 [%s, %row], [%k.next, %body]",
-        f"  %acc = phi {vec} [zeroinitializer, %row], [%new, %body]",
+        f"  %acc = phi {vec} [zeroinitializer, %row], [%new, %body]", *carry,
         "  %k.next = add nuw i64 %k, 16", "  %more = icmp ule i64 %k.next, %e",
         "  br i1 %more, label %body, label %rest",
         "body:", f"  %pk = add i64 %k, {GATHER_PREFETCH_AHEAD}", "  %pfv = getelementptr float, ptr %vals, i64 %pk",
         "  call void @llvm.prefetch.p0(ptr %pfv, i32 0, i32 3, i32 1)",
-        f"  %pfc = getelementptr {index}, ptr %cols, i64 %pk",
+        f"  %pfc = getelementptr {elem}, ptr {data}, i64 %pk",
         "  call void @llvm.prefetch.p0(ptr %pfc, i32 0, i32 3, i32 1)",
-        f"  %cp = getelementptr {index}, ptr %cols, i64 %k", f"  %cv = load {ind}, ptr %cp, align 1",
-        widen("%ci", "%cv"), f"  %xp = getelementptr float, ptr %x, {i32} %ci",
+        f"  %cp = getelementptr {elem}, ptr {data}, i64 %k", f"  %cv = load {ind}, ptr %cp, align 1",
+        *columns("%ci", "%cv", "b"), *carry_next, f"  %xp = getelementptr float, ptr %x, {i32} %ci",
         f"  %xg = {gather}(<16 x ptr> %xp, i32 4, <16 x i1> splat (i1 true), {vec} poison)",
         "  %vp = getelementptr float, ptr %vals, i64 %k", f"  %vv = load {vec}, ptr %vp, align 4",
         f"  %new = call {vec} @llvm.fma.v16f32({vec} %vv, {vec} %xg, {vec} %acc)", "  br label %loop",
@@ -252,9 +292,9 @@ def _matvec_gather_ir(index: str) -> str:
         f"  %nv0 = insertelement {i32} poison, i32 %n32, i32 0",
         f"  %nv = shufflevector {i32} %nv0, {i32} poison, <16 x i32> zeroinitializer",
         f"  %m = icmp ult {i32} <{lanes}>, %nv",
-        f"  %cpt = getelementptr {index}, ptr %cols, i64 %k",
-        f"  %cvt = call {ind} @llvm.masked.load.v16{index}.p0(ptr %cpt, i32 1, <16 x i1> %m, {ind} zeroinitializer)",
-        widen("%cit", "%cvt"), f"  %xpt = getelementptr float, ptr %x, {i32} %cit",
+        f"  %cpt = getelementptr {elem}, ptr {data}, i64 %k",
+        f"  %cvt = call {ind} @llvm.masked.load.v16{elem}.p0(ptr %cpt, i32 1, <16 x i1> %m, {ind} zeroinitializer)",
+        *columns("%cit", "%cvt", "t"), f"  %xpt = getelementptr float, ptr %x, {i32} %cit",
         f"  %xgt = {gather}(<16 x ptr> %xpt, i32 4, <16 x i1> %m, {vec} zeroinitializer)",
         "  %vpt = getelementptr float, ptr %vals, i64 %k",
         f"  %vvt = call {vec} @llvm.masked.load.v16f32.p0(ptr %vpt, i32 4, <16 x i1> %m, {vec} zeroinitializer)",
@@ -267,82 +307,10 @@ def _matvec_gather_ir(index: str) -> str:
         "exit:", "  ret void", "}"])
 
 
-def _prefix_sum_ir(src: str, tag: str) -> tuple[list[str], str]:
-    """IR of the inclusive prefix sum of a <16 x i32> (four shift-and-add steps); returns (lines, result)."""
-    lines, cur = [], src
-    for n in (1, 2, 4, 8):
-        shift = ", ".join(f"i32 {i - n}" if i >= n else "i32 16" for i in range(16))  # lanes up by n, zeros in
-        lines += [f"  %sh{tag}{n} = shufflevector <16 x i32> {cur}, <16 x i32> zeroinitializer, <16 x i32> <{shift}>",
-                  f"  %ps{tag}{n} = add <16 x i32> {cur}, %sh{tag}{n}"]
-        cur = f"%ps{tag}{n}"
-    return lines, cur
-
-
-def _matvec_delta_ir() -> str:
-    """IR of the AVX-512 batch-1 product over 1-byte column deltas: ``info`` holds (start, end, first column) per
-    row, ``deltas[k]`` the gap from the row's previous nonzero (0 for its first). Per sixteen nonzeros: one 16-byte
-    load, a prefix sum (four shuffles and adds) plus the running column, one gather, one multiply-add. Five bytes a
-    nonzero instead of six (uint16 columns): the product is read from memory when other layers have evicted it."""
-    vec, i32, i8 = "<16 x float>", "<16 x i32>", "<16 x i8>"
-    gather = f"call {vec} @llvm.masked.gather.v16f32.v16p0"
-    lanes = ", ".join(f"i32 {i}" for i in range(16))
-    last = ", ".join("i32 15" for _ in range(16))
-    body_sum, body_cols = _prefix_sum_ir("%di", "b")
-    tail_sum, tail_cols = _prefix_sum_ir("%dit", "t")
-    return "\n".join([
-        "define void @spmv_delta(ptr noalias %info, ptr noalias %unused, ptr noalias %deltas, "
-        "ptr noalias %vals, ptr noalias %x, ptr noalias %out, i64 %r0, i64 %r1) nounwind {",
-        "entry:", "  %any = icmp ult i64 %r0, %r1", "  br i1 %any, label %row, label %exit",
-        "row:", "  %o = phi i64 [%r0, %entry], [%o.next, %store]", "  %o3 = mul i64 %o, 3",
-        "  %sp = getelementptr i32, ptr %info, i64 %o3", "  %s32 = load i32, ptr %sp",
-        "  %ep = getelementptr i32, ptr %sp, i64 1", "  %e32 = load i32, ptr %ep",
-        "  %bp = getelementptr i32, ptr %sp, i64 2", "  %b32 = load i32, ptr %bp",
-        "  %s = zext i32 %s32 to i64", "  %e = zext i32 %e32 to i64",
-        f"  %b0 = insertelement {i32} poison, i32 %b32, i32 0",
-        f"  %base = shufflevector {i32} %b0, {i32} poison, <16 x i32> zeroinitializer",
-        "  %outp = getelementptr float, ptr %out, i64 %o", "  %init = load float, ptr %outp",
-        "  br label %loop",
-        "loop:", "  %k = phi i64 [%s, %row], [%k.next, %body]",
-        f"  %acc = phi {vec} [zeroinitializer, %row], [%new, %body]",
-        f"  %carry = phi {i32} [%base, %row], [%carry.next, %body]",
-        "  %k.next = add nuw i64 %k, 16", "  %more = icmp ule i64 %k.next, %e",
-        "  br i1 %more, label %body, label %rest",
-        "body:", f"  %pk = add i64 %k, {GATHER_PREFETCH_AHEAD}", "  %pfv = getelementptr float, ptr %vals, i64 %pk",
-        "  call void @llvm.prefetch.p0(ptr %pfv, i32 0, i32 3, i32 1)",
-        "  %pfd = getelementptr i8, ptr %deltas, i64 %pk",
-        "  call void @llvm.prefetch.p0(ptr %pfd, i32 0, i32 3, i32 1)",
-        "  %dp = getelementptr i8, ptr %deltas, i64 %k", f"  %dv = load {i8}, ptr %dp, align 1",
-        f"  %di = zext {i8} %dv to {i32}", *body_sum, f"  %ci = add {i32} {body_cols}, %carry",
-        f"  %carry.next = shufflevector {i32} %ci, {i32} poison, <16 x i32> <{last}>",
-        f"  %xp = getelementptr float, ptr %x, {i32} %ci",
-        f"  %xg = {gather}(<16 x ptr> %xp, i32 4, <16 x i1> splat (i1 true), {vec} poison)",
-        "  %vp = getelementptr float, ptr %vals, i64 %k", f"  %vv = load {vec}, ptr %vp, align 4",
-        f"  %new = call {vec} @llvm.fma.v16f32({vec} %vv, {vec} %xg, {vec} %acc)", "  br label %loop",
-        "rest:", "  %left = icmp ult i64 %k, %e", "  br i1 %left, label %tail, label %sum",
-        "tail:", "  %n = sub i64 %e, %k", "  %n32 = trunc i64 %n to i32",
-        f"  %nv0 = insertelement {i32} poison, i32 %n32, i32 0",
-        f"  %nv = shufflevector {i32} %nv0, {i32} poison, <16 x i32> zeroinitializer",
-        f"  %m = icmp ult {i32} <{lanes}>, %nv",
-        "  %dpt = getelementptr i8, ptr %deltas, i64 %k",
-        f"  %dvt = call {i8} @llvm.masked.load.v16i8.p0(ptr %dpt, i32 1, <16 x i1> %m, {i8} zeroinitializer)",
-        f"  %dit = zext {i8} %dvt to {i32}", *tail_sum, f"  %cit = add {i32} {tail_cols}, %carry",
-        f"  %xpt = getelementptr float, ptr %x, {i32} %cit",
-        f"  %xgt = {gather}(<16 x ptr> %xpt, i32 4, <16 x i1> %m, {vec} zeroinitializer)",
-        "  %vpt = getelementptr float, ptr %vals, i64 %k",
-        f"  %vvt = call {vec} @llvm.masked.load.v16f32.p0(ptr %vpt, i32 4, <16 x i1> %m, {vec} zeroinitializer)",
-        f"  %lastacc = call {vec} @llvm.fma.v16f32({vec} %vvt, {vec} %xgt, {vec} %acc)", "  br label %sum",
-        "sum:", f"  %fin = phi {vec} [%acc, %rest], [%lastacc, %tail]",
-        f"  %total = call reassoc float @llvm.vector.reduce.fadd.v16f32(float %init, {vec} %fin)",
-        "  br label %store",
-        "store:", "  store float %total, ptr %outp", "  %o.next = add nuw i64 %o, 1",
-        "  %rows.left = icmp ult i64 %o.next, %r1", "  br i1 %rows.left, label %row, label %exit",
-        "exit:", "  ret void", "}"])
-
-
 def delta_rows(row_starts: np.ndarray, row_ends: np.ndarray, cols: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
-    """The 1-byte delta form of a CSR matrix's columns for :func:`_matvec_delta_ir`: ((rows, 3) int32 of start, end
-    and first column per row, uint8 gaps), or None where a row's columns are not increasing or two neighbours lie
-    more than 255 columns apart (such a matrix keeps its absolute columns)."""
+    """The 1-byte delta form of a CSR matrix's columns for ``spmv_delta`` (:func:`_matvec_gather_ir`): ((rows, 3)
+    int32 of start, end and first column per row, uint8 gaps), or None where a row's columns are not increasing or
+    two neighbours lie more than 255 columns apart (such a matrix keeps its absolute columns)."""
     cols = cols.astype(np.int64)
     gaps = np.diff(cols, prepend=0)
     starts = row_starts.astype(np.int64)
@@ -370,7 +338,7 @@ def _products_ir(lanes: int) -> str:
          "declare void @llvm.prefetch.p0(ptr, i32, i32, i32)"]
         + (gather_decls if lanes == 16 else [])
         + [_function_ir(w, t, lanes, overwrite=o) for w in WIDTHS for t in _INDEX_TYPES.values() for o in (False, True)]
-        + [matvec(t) for t in _INDEX_TYPES.values()] + ([_matvec_delta_ir()] if lanes == 16 else []))
+        + [matvec(t) for t in _INDEX_TYPES.values()] + ([_matvec_gather_ir("delta")] if lanes == 16 else []))
 
 
 def _addresses(engine) -> dict[tuple[int, str], int]:
