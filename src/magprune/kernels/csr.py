@@ -362,12 +362,11 @@ def kernel(width: int, index_dtype: np.dtype | str, lanes: int | None = None, ov
         raise ValueError(f"lanes must be 8 (AVX2) or 16 (AVX-512), got {lanes}")
     if overwrite and width == 1:
         raise ValueError("the matrix-vector kernel only adds into out")
-    if isinstance(index_dtype, str) and index_dtype == "delta":
-        if width != 1 or lanes != 16:
-            raise ValueError("the delta-column kernel is the AVX-512 (16 lanes) batch-1 product only")
-        return compiled("csr16", lambda: _products_ir(16), _addresses)[1, "delta"]
+    delta = isinstance(index_dtype, str) and index_dtype == "delta"
+    if delta and (width != 1 or lanes != 16):
+        raise ValueError("the delta-column kernel is the AVX-512 (16 lanes) batch-1 product only")
     return compiled(f"csr{lanes}", lambda: _products_ir(lanes), _addresses)[
-        -width if overwrite else width, _INDEX_TYPES[np.dtype(index_dtype)]]
+        -width if overwrite else width, "delta" if delta else _INDEX_TYPES[np.dtype(index_dtype)]]
 
 
 def row_splits(indptr: np.ndarray, parts: int) -> list[tuple[int, int]]:

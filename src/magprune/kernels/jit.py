@@ -104,7 +104,8 @@ def _jit(ir: str):
         builder = llvm.create_pass_builder(machine, llvm.create_pipeline_tuning_options(speed_level=3))
         builder.getModulePassManager().run(module, builder)
     engine = llvm.create_mcjit_compiler(module, machine)
-    engine.set_object_cache(notify_func=lambda _module, obj: cached is None and _write_cached(path, obj),
+    # loaded: hand LLVM the cached object; compiled: store what it generates
+    engine.set_object_cache(notify_func=None if cached is not None else lambda _module, obj: _write_cached(path, obj),
                             getbuffer_func=lambda _module: cached)
     engine.finalize_object()
     return engine
