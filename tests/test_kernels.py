@@ -313,6 +313,41 @@ def test_overwriting_products_write_every_row_whatever_out_held(parallel_always,
         csr.kernel(1, np.uint16, lanes, overwrite=True)
 
 
+@pytest.mark.parametrize("lanes", [8, 16])
+@pytest.mark.parametrize("m", [8, 40, 64, 136])
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("tile_major", [False, True])
+def test_bias_writing_products_write_every_row_plus_its_bias(parallel_always, lanes, m, threads, tile_major):
+    # sparse compute's Linear layers write product plus bias in the first input tile's calls (spmmb_* kernels, the
+    # bias read at each run): every row and column chunk gets its bias, empty rows and rows empty in the first tile
+    # included, whatever the output held
+    rng = np.random.default_rng(m + lanes + 1)
+    weight = (rng.standard_normal((50, 300)) * (rng.random((50, 300)) < 0.2)).astype(np.float32)
+    weight[7] = 0.0  # an empty row
+    weight[11, :64] = 0.0  # a row with nothing in the first tile
+    indptr = np.concatenate([[0], np.cumsum((weight != 0).sum(axis=1))]).astype(np.int32)
+    args = (indptr, np.nonzero(weight)[1].astype(np.uint16), weight[weight != 0], 300)
+    bias = rng.standard_normal(50).astype(np.float32)
+    ld = m + 16  # rows of the output and input longer than the m columns that count
+    for product in (CSRProduct(*args, tile_rows=64, lanes=lanes, tile_major=tile_major),
+                    CSRProduct(*args, lanes=lanes, tile_major=tile_major)):  # several tiles, and the default tiles
+        x = rng.standard_normal((300, ld)).astype(np.float32)
+        out = np.full((50, ld), np.nan, np.float32)
+        plan = product.matmul_plan(1, m, threads, 64, ld, overwrite=True, bias_address=bias.ctypes.data)
+        plan.run(x.ctypes.data, out.ctypes.data)
+        assert _close(out[:, :m], weight @ x[:, :m] + bias[:, None])
+        assert np.isnan(out[:, m:]).all()  # nothing past the m columns written
+        bias += 1.0  # stepped in place: the same plan reads the new values
+        plan.run(x.ctypes.data, out.ctypes.data)
+        assert _close(out[:, :m], weight @ x[:, :m] + bias[:, None])
+    with pytest.raises(ValueError, match="one block"):
+        product.matmul_plan(2, m, threads, 64, overwrite=True, bias_address=bias.ctypes.data)
+    with pytest.raises(ValueError, match="one block"):
+        product.matmul_plan(1, m, threads, 64, bias_address=bias.ctypes.data)
+    with pytest.raises(ValueError, match="overwrite=True"):
+        csr.kernel(64, np.uint16, lanes, bias=True)
+
+
 @pytest.mark.parametrize("lanes", [8, 16])  # the scalar-load (AVX2) and the gather (AVX-512) batch-1 kernels
 @pytest.mark.parametrize("index", [np.uint8, np.uint16, np.uint32])
 @pytest.mark.parametrize("threads", [1, 2])

@@ -181,27 +181,26 @@ def _ones(n: int) -> np.ndarray:
 
 class _LinearCalls:
     """A Linear layer's kernel plans for one batch size: m, the lead, and forward / input-gradient / weight-gradient
-    plans that write their outputs (no zeroing or bias pass before them); with a bias, the bias as a product too: a
-    CSR matrix of one nonzero per row (the bias) times a row of ones adds it to the output, and the sampled product
-    of that pattern with the ones sums the output gradient's rows into the bias gradient (one compiled call each,
-    in place of a numpy broadcast and a numpy sum: each cost 10-25 us inside a LeNet-300-100 step)."""
+    plans that write their outputs (no zeroing pass before them). With a bias, the forward plan's first calls write
+    each row's sum plus the bias (``spmmb_*`` kernels: no pass of its own over the output), and the sampled product
+    of a CSR pattern of one nonzero per row with a row of ones sums the output gradient's rows into the bias
+    gradient (one compiled call, in place of a numpy sum: it cost 10-25 us inside a LeNet-300-100 step)."""
 
     def __init__(self, structure: _Structure, n: int, threads: int, bias: Tensor | None) -> None:
         self.m = m = _columns(n)
         self.ld = ld = _lead(m)
         self.forward, self.transposed, self.sampled = structure.plans(m, threads)
         self.bias_address = 0
-        self.bias_forward = self.bias_grad = None
+        self.bias_grad = None
         if bias is not None:
-            n_out = structure.shape[0]
-            indptr, cols = np.arange(n_out + 1, dtype=np.int32), np.zeros(n_out, np.uint8)
-            product = CSRProduct(indptr, cols, np.zeros(n_out, np.float32), 1, tile_major=False)
-            product.rebind_values(bias.detach().numpy())  # the live bias, which the optimizer steps in place
+            # the live bias, which the optimizer steps in place: the plan reads it at each run
             self.bias_address = bias.data_ptr()
-            sampled = SampledProduct(indptr, cols, 1)
-            self.bias_forward = product.matmul_plan(1, m, threads, _widest(m), ld)
+            self.forward = structure.product.matmul_plan(1, m, threads, _widest(m), ld, overwrite=True,
+                                                         bias_address=self.bias_address)
+            n_out = structure.shape[0]
+            sampled = SampledProduct(np.arange(n_out + 1, dtype=np.int32), np.zeros(n_out, np.uint8), 1)
             self.bias_grad = sampled.plan(m, threads, ld) if n_out else None
-            self.keep = (product, sampled)  # what the plans point into
+            self.keep = sampled  # what the plan points into
         self.ones = _ones(ld)
         self.ones_address = self.ones.ctypes.data
 
@@ -331,9 +330,7 @@ class _SparseLinearFunction(torch.autograd.Function):
         n_out, ld = structure.shape[0], calls.ld
         out = torch.empty(n_out, ld)
         address = out.data_ptr()
-        calls.forward.run(x_address, address)
-        if calls.bias_forward is not None:
-            calls.bias_forward.run(calls.ones_address, address)
+        calls.forward.run(x_address, address)  # writes the product plus the bias
         # x's own memory is saved through autograd (which then notices an in-place change of it), a copy here
         ctx.save_for_backward(values, x if xt is None else None)
         ctx.layer, ctx.structure, ctx.calls, ctx.xt = layer, structure, calls, xt

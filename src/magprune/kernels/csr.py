@@ -64,15 +64,20 @@ def _unroll(vectors: int, lanes: int) -> int:
     return 2 if vectors <= 4 else 1
 
 
-def _function_ir(width: int, index: str, lanes: int = 8, unroll: int | None = None, overwrite: bool = False) -> str:
+def _function_ir(width: int, index: str, lanes: int = 8, unroll: int | None = None, overwrite: bool = False,
+                 bias: bool = False) -> str:
     """IR of one kernel over vectors of ``lanes`` floats (8: AVX2, 16: AVX-512); nonzeros taken ``unroll`` at a time
     into as many accumulator sets (more FMA chains). ``overwrite``: ``spmmw_*``, which writes the rows' sums instead
-    of adding them to what ``out`` holds (no zeroing pass before it)."""
+    of adding them to what ``out`` holds (no zeroing pass before it). ``bias`` (with ``overwrite``): ``spmmb_*``,
+    which writes each row's sum plus ``bias[row]``, the bias's address passed as ``xstep`` (one block only: the
+    block loop's x step is then never used), so a Linear layer's bias costs no pass of its own over the output."""
+    if bias and not overwrite:
+        raise ValueError("the bias kernel writes its rows: overwrite=True")
     lanes = min(lanes, width)
     _VEC = f"<{lanes} x float>"
     vectors = width // lanes
     unroll = unroll or _unroll(vectors, lanes)
-    name = f"spmm{'w' if overwrite else ''}_{width}_{index}"
+    name = f"spmm{'b' if bias else 'w' if overwrite else ''}_{width}_{index}"
     lines = [f"define void @{name}(ptr noalias %starts, ptr noalias %ends, ptr noalias %cols, "
              "ptr noalias %vals, ptr noalias %x, i64 %ldx, ptr noalias %out, i64 %ldo, i64 %r0, i64 %r1, "
              "i64 %chunks, i64 %blocks, i64 %xstep, i64 %ostep) nounwind {",
@@ -95,10 +100,14 @@ def _function_ir(width: int, index: str, lanes: int = 8, unroll: int | None = No
         lines.append(f"  %op{i} = getelementptr float, ptr %orow, i64 {lanes * i}")
         if not overwrite:
             lines.append(f"  %init{i} = load {_VEC}, ptr %op{i}, align 4")
+    if bias:  # every vector of the row starts from bias[o]
+        lines += ["  %bptr = inttoptr i64 %xstep to ptr", "  %bp = getelementptr float, ptr %bptr, i64 %o",
+                  "  %bv = load float, ptr %bp", f"  %bi = insertelement {_VEC} poison, float %bv, i32 0",
+                  f"  %bb = shufflevector {_VEC} %bi, {_VEC} poison, <{lanes} x i32> zeroinitializer"]
     lines += ["  br label %loop", "loop:", "  %k = phi i64 [%s, %row], [%k.next, %body]"]
     for u in range(unroll):
         for i in range(vectors):
-            start = f"%init{i}" if u == 0 and not overwrite else "zeroinitializer"
+            start = "%bb" if u == 0 and bias else f"%init{i}" if u == 0 and not overwrite else "zeroinitializer"
             lines.append(f"  %acc{u}.{i} = phi {_VEC} [{start}, %row], [%new{u}.{i}, %body]")
     lines += [f"  %k.next = add nuw i64 %k, {unroll}", "  %more = icmp ule i64 %k.next, %e",
               "  br i1 %more, label %body, label %tail", "body:"]
@@ -337,7 +346,8 @@ def _products_ir(lanes: int) -> str:
         ["declare float @llvm.vector.reduce.fadd.v4f32(float, <4 x float>)",
          "declare void @llvm.prefetch.p0(ptr, i32, i32, i32)"]
         + (gather_decls if lanes == 16 else [])
-        + [_function_ir(w, t, lanes, overwrite=o) for w in WIDTHS for t in _INDEX_TYPES.values() for o in (False, True)]
+        + [_function_ir(w, t, lanes, overwrite=o, bias=b) for w in WIDTHS for t in _INDEX_TYPES.values()
+           for o, b in ((False, False), (True, False), (True, True))]
         + [matvec(t) for t in _INDEX_TYPES.values()] + ([_matvec_gather_ir("delta")] if lanes == 16 else []))
 
 
@@ -346,27 +356,34 @@ def _addresses(engine) -> dict[tuple[int, str], int]:
              for width in WIDTHS for index in _INDEX_TYPES.values()}
     found.update({(-width, index): engine.get_function_address(f"spmmw_{width}_{index}")
                   for width in WIDTHS for index in _INDEX_TYPES.values()})
+    found.update({("bias", width, index): engine.get_function_address(f"spmmb_{width}_{index}")
+                  for width in WIDTHS for index in _INDEX_TYPES.values()})
     found.update({(1, index): engine.get_function_address(f"spmv_{index}") for index in _INDEX_TYPES.values()})
     found[1, "delta"] = engine.get_function_address("spmv_delta")  # 0 in the AVX2 build
     return found
 
 
-def kernel(width: int, index_dtype: np.dtype | str, lanes: int | None = None, overwrite: bool = False) -> int:
+def kernel(width: int, index_dtype: np.dtype | str, lanes: int | None = None, overwrite: bool = False,
+           bias: bool = False) -> int:
     """Address of the compiled kernel for a block ``width`` (one of WIDTHS, or 1 for the matrix-vector product)
     and a column-index dtype (uint8/16/32, or ``"delta"``: the AVX-512 batch-1 kernel over 1-byte column deltas),
     over vectors of ``lanes`` floats (default: the host's widest, see
     :func:`.jit.vector_lanes`); ``overwrite``: the batched kernel that writes its sums instead of adding them to
-    ``out``. The products compile on first use (~0.6 s)."""
+    ``out``; ``bias`` (with ``overwrite``): the one that writes its sums plus a bias (address as ``xstep``, one
+    block). The products compile on first use (~0.6 s)."""
     lanes = lanes or vector_lanes()
     if lanes not in (8, 16):
         raise ValueError(f"lanes must be 8 (AVX2) or 16 (AVX-512), got {lanes}")
     if overwrite and width == 1:
         raise ValueError("the matrix-vector kernel only adds into out")
+    if bias and (not overwrite or width == 1):
+        raise ValueError("the bias kernel is a batched kernel that writes its rows: overwrite=True, width > 1")
     delta = isinstance(index_dtype, str) and index_dtype == "delta"
     if delta and (width != 1 or lanes != 16):
         raise ValueError("the delta-column kernel is the AVX-512 (16 lanes) batch-1 product only")
-    return compiled(f"csr{lanes}", lambda: _products_ir(lanes), _addresses)[
-        -width if overwrite else width, "delta" if delta else _INDEX_TYPES[np.dtype(index_dtype)]]
+    found = compiled(f"csr{lanes}", lambda: _products_ir(lanes), _addresses)
+    index = "delta" if delta else _INDEX_TYPES[np.dtype(index_dtype)]
+    return found["bias", width, index] if bias else found[-width if overwrite else width, index]
 
 
 def row_splits(indptr: np.ndarray, parts: int) -> list[tuple[int, int]]:
@@ -620,23 +637,28 @@ class CSRProduct:
         self.matmul_plan(batches, m, threads, widest).run(x.ctypes.data, out.ctypes.data)
 
     def matmul_plan(self, batches: int, m: int, threads: int, widest: int | None = None, ld: int | None = None,
-                    overwrite: bool = False) -> Plan:
+                    overwrite: bool = False, bias_address: int = 0) -> Plan:
         """The plan of :meth:`matmul` for C-contiguous x (batches, n_in, ld) and out (batches, n_rows, ld) of which
         the first m > 0 columns (a multiple of 8) count (``ld`` defaults to m): ``plan.run(x_address, out_address)``
         runs it (the caller vouches for the arrays; sparse compute calls it directly, a layer's checks done once).
         ``overwrite``: the product is written into out's m columns (whatever they held) instead of added to them:
-        the first input tile's calls write every row, the later ones add."""
+        the first input tile's calls write every row, the later ones add. ``bias_address`` (with ``overwrite``,
+        one block): the address of n_rows float32 added to every column of their rows by those first calls (the
+        plan reads them at each run: a bias stepped in place needs no new plan)."""
+        if bias_address and not (overwrite and batches == 1):
+            raise ValueError("a bias is written by an overwriting plan of one block: overwrite=True, batches=1")
         threads = threads if self.vals.size * batches * m >= PARALLEL_MIN_WORK else 1
         widest = widest or block_width()
         ld = ld or m
         x_step, o_step = self.n_in * ld, self.n_rows * ld
-        key = ("matmul", threads, batches, m, widest, ld, overwrite)
+        key = ("matmul", threads, batches, m, widest, ld, overwrite, bias_address)
         plan = self._plans.get(key)
         if plan is None:
             chunks = column_chunks(m, widest)
             runs = [(offset * 4, count, kernel(width, self.cols.dtype, self.lanes)) for offset, width, count in chunks]
-            first = [(offset * 4, count, kernel(width, self.cols.dtype, self.lanes, overwrite))
+            first = [(offset * 4, count, kernel(width, self.cols.dtype, self.lanes, overwrite, bool(bias_address)))
                      for offset, width, count in chunks]
+            first_step = bias_address or x_step  # the bias kernel reads its bias's address where x's step goes
             data = self._data
             keep = None
             if self.tile_major and self.vals.size:  # AVX-512: small tiles, their nonzeros in order (tile-major)
@@ -655,7 +677,8 @@ class CSRProduct:
             x_bytes = 4 * batches * self.n_in * ld
             parts = threads * max(min(CHUNKS_PER_THREAD, weight_bytes // max(x_bytes * threads, 1)), 1)
             plan = self._plan(key, threads, [
-                [[SPMM, fn, starts, ends, *data, offset, ld, offset, ld, *rows, count, batches, x_step, o_step]
+                [[SPMM, fn, starts, ends, *data, offset, ld, offset, ld, *rows, count, batches,
+                  x_step if t else first_step, o_step]
                  for t, (starts, ends) in enumerate(pairs) for offset, count, fn in (runs if t else first)]
                 for rows in self._ranges(parts)], keep)
         return plan
