@@ -239,6 +239,7 @@ class Pool:
         # ops too, which is why DataLoader workers run on one thread); a child keeps to this pool's workers
         self.openmp = openmp_parallel() if OPENMP and not _forked else None
         self.openmp_job = aligned_zeros(32)
+        self.openmp_job_address = self.openmp_job.ctypes.data  # read at every plan: no numpy attribute in the call
         self.job = aligned_zeros(32)
         self.states = aligned_zeros(MAX_WORKERS * _STATE_STRIDE)
         self.threads: list[threading.Thread] = []
@@ -278,7 +279,7 @@ class Pool:
             return
         try:
             if self.openmp is not None:
-                self._entry["run_openmp"](self.openmp, self.openmp_job.ctypes.data, plan.tasks_address,
+                self._entry["run_openmp"](self.openmp, self.openmp_job_address, plan.tasks_address,
                                           plan.records_address, plan.n_tasks, x_address, out_address, y_address,
                                           threads)
                 return
@@ -340,11 +341,12 @@ class Plan:
         self.records_address, self.tasks_address = self.records.ctypes.data, self.tasks.ctypes.data
         self.threads = threads if self.n_tasks > 1 else 1
         self.keep: object = None  # what the records point into, kept alive by the plan (set by its maker)
+        self._run_records = runtime()["run_records"] if self.threads <= 1 else None
 
     def run(self, x_address: int, out_address: int, y_address: int = 0) -> None:
         """Run the plan with these bases added to the records' offsets (x, out and, for SDDMM records, dy)."""
-        if self.threads <= 1:
-            runtime()["run_records"](self.records_address, 0, self.n_records, x_address, out_address, y_address)
+        if self._run_records is not None:  # one thread: the runner called directly
+            self._run_records(self.records_address, 0, self.n_records, x_address, out_address, y_address)
         else:
             get_pool().run(self, x_address, out_address, y_address)
 

@@ -86,6 +86,30 @@ def _check(src: np.ndarray, dst: np.ndarray) -> None:
         raise ValueError("transpose: dst is read-only")
 
 
+def transpose_plan(batches: int, rows: int, cols: int, src_strides: tuple[int, int], dst_strides: tuple[int, int],
+                   threads: int) -> Plan:
+    """The cached plan transposing the 8x8-aligned part (rows and cols rounded down to multiples of 8, both > 0) of
+    ``batches`` float32 (rows, cols) blocks into (cols, rows) ones, strides in bytes (block, row) of the source and
+    the destination, rows contiguous: ``plan.run(src_address, dst_address)`` (the caller vouches for the memory;
+    sparse compute runs it on a layer's input with no numpy view or check in the step)."""
+    r8, c8 = rows & ~7, cols & ~7
+    threads = threads if batches * r8 * c8 >= PARALLEL_MIN_FLOATS else 1
+    key = (batches, r8, c8, src_strides, dst_strides, threads)
+    plan = _plans.get(key)
+    if plan is None:
+        if len(_plans) >= 64:
+            _plans.clear()
+        fn = _kernel()
+        lds, ldd = src_strides[1] // 4, dst_strides[1] // 4
+        parts = max(threads * CHUNKS_PER_THREAD // batches, 1) if threads > 1 else 1
+        cuts = sorted({8 * round(c8 / 8 * i / parts) for i in range(parts + 1)})
+        per_task = [[[SPMM, fn, r8, b - a, lds, ldd, blk * src_strides[0] + 4 * a, 0,
+                      blk * dst_strides[0] + a * dst_strides[1]] + [0] * 7]
+                    for blk in range(batches) for a, b in itertools.pairwise(cuts)]
+        plan = _plans[key] = Plan(per_task, threads)
+    return plan
+
+
 def transpose(src: np.ndarray, dst: np.ndarray, threads: int = 1) -> np.ndarray:
     """``dst[b] = src[b].T`` for float32 src (B, R, C) and dst (B, C, R) whose rows are contiguous (any row and
     block strides, e.g. views into padded arrays); the 8x8-aligned part on up to ``threads`` threads. Returns dst.
@@ -96,21 +120,8 @@ def transpose(src: np.ndarray, dst: np.ndarray, threads: int = 1) -> np.ndarray:
         return dst
     r8, c8 = rows & ~7, cols & ~7
     if r8 and c8:
-        threads = threads if batches * r8 * c8 >= PARALLEL_MIN_FLOATS else 1
-        key = (src.shape, src.strides, dst.strides, threads)
-        plan = _plans.get(key)
-        if plan is None:
-            if len(_plans) >= 64:
-                _plans.clear()
-            fn = _kernel()
-            lds, ldd = src.strides[1] // 4, dst.strides[1] // 4
-            parts = max(threads * CHUNKS_PER_THREAD // batches, 1) if threads > 1 else 1
-            cuts = sorted({8 * round(c8 / 8 * i / parts) for i in range(parts + 1)})
-            per_task = [[[SPMM, fn, r8, b - a, lds, ldd, blk * src.strides[0] + 4 * a, 0,
-                          blk * dst.strides[0] + a * dst.strides[1]] + [0] * 7]
-                        for blk in range(batches) for a, b in itertools.pairwise(cuts)]
-            plan = _plans[key] = Plan(per_task, threads)
-        plan.run(src.ctypes.data, dst.ctypes.data)
+        transpose_plan(batches, rows, cols, src.strides[:2], dst.strides[:2], threads).run(src.ctypes.data,
+                                                                                              dst.ctypes.data)
     if c8 < cols:
         dst[:, c8:, :] = src[:, :, c8:].transpose(0, 2, 1)
     if r8 < rows:
