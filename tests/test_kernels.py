@@ -348,6 +348,32 @@ def test_bias_writing_products_write_every_row_plus_its_bias(parallel_always, la
         csr.kernel(64, np.uint16, lanes, bias=True)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_plan_gathers_its_values_before_its_products(parallel_always, threads):
+    # sparse compute's input-gradient product takes W^T's values from the weight's at each run (each task its own
+    # rows' values, then their products): values changed in place between runs are followed
+    rng = np.random.default_rng(threads)
+    weight_t = (rng.standard_normal((60, 40)) * (rng.random((60, 40)) < 0.3)).astype(np.float32)
+    weight_t[9] = 0.0  # an empty row
+    indptr = np.concatenate([[0], np.cumsum((weight_t != 0).sum(axis=1))]).astype(np.int32)
+    nnz = int(indptr[-1])
+    perm = rng.permutation(nnz).astype(np.int64)
+    source = np.empty(nnz, np.float32)
+    source[perm] = weight_t[weight_t != 0]  # vals[k] = source[perm[k]] restores W^T's row-major values
+    product = CSRProduct(indptr, np.nonzero(weight_t)[1].astype(np.uint8), np.full(nnz, np.nan, np.float32), 40,
+                         tile_rows=16, tile_major=False)
+    x = rng.standard_normal((40, 16)).astype(np.float32)
+    plan = product.matmul_plan(1, 16, threads, 64, overwrite=True, gather=(source.ctypes.data, perm.ctypes.data))
+    for scale in (1.0, 3.0):
+        source[:] = weight_t[weight_t != 0][np.argsort(perm)] * scale  # in place, as an optimizer steps the weight
+        out = np.full((60, 16), np.nan, np.float32)
+        plan.run(x.ctypes.data, out.ctypes.data)
+        assert _close(out, (weight_t * scale) @ x)
+    with pytest.raises(ValueError, match="row-major"):
+        CSRProduct(indptr, np.nonzero(weight_t)[1].astype(np.uint8), weight_t[weight_t != 0], 40,
+                   tile_major=True).matmul_plan(1, 16, threads, 64, gather=(source.ctypes.data, perm.ctypes.data))
+
+
 @pytest.mark.parametrize("lanes", [8, 16])  # the scalar-load (AVX2) and the gather (AVX-512) batch-1 kernels
 @pytest.mark.parametrize("index", [np.uint8, np.uint16, np.uint32])
 @pytest.mark.parametrize("threads", [1, 2])

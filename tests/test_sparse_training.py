@@ -66,6 +66,34 @@ def test_sddmm_matches_dense_product_at_kept_positions(m, lanes, n_in, monkeypat
     np.testing.assert_allclose(out, exact, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("products", [True, False])
+def test_sddmm_plan_writes_row_sums_after_the_products_in_one_buffer(threads, products, monkeypatch):
+    # a Linear layer's bias gradient (dy's row sums) is written by the weight gradient's tasks, after the nnz products
+    # in the same buffer (or alone: a frozen weight, a trained bias); every row, empty ones included, once
+    monkeypatch.setattr(sddmm, "PARALLEL_MIN_WORK", 0)
+    keep = _pattern(40, 30, 0.3, threads)
+    keep[5] = False  # an empty row
+    indptr = np.concatenate([[0], np.cumsum(keep.sum(1))]).astype(np.int32)
+    product = SampledProduct(indptr, np.nonzero(keep)[1].astype(np.uint8), 30)
+    rng = np.random.default_rng(threads)
+    m, ld = 24, 40  # rows longer than the m columns that count: those must not be summed
+    x, dy = rng.standard_normal((30, ld)).astype(np.float32), rng.standard_normal((40, ld)).astype(np.float32)
+    offset = product.nnz if products else 0
+    out = np.full(offset + 40, np.nan, np.float32)
+    product.plan(m, threads, ld, products=products, row_sums=offset).run(x.ctypes.data, out.ctypes.data,
+                                                                         dy.ctypes.data)
+    np.testing.assert_allclose(out[offset:], dy[:, :m].astype(np.float64).sum(1), rtol=1e-5, atol=1e-5)
+    if products:
+        rows, columns = np.nonzero(keep)
+        exact = (dy[:, :m].astype(np.float64) @ x[:, :m].astype(np.float64).T)[rows, columns]
+        np.testing.assert_allclose(out[:offset], exact, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="one block"):
+        product.plan(m, threads, blocks=2, row_sums=0)
+    with pytest.raises(ValueError, match="does nothing"):
+        product.plan(m, threads, products=False)
+
+
 def test_sddmm_rejects_wrong_shapes():
     product = SampledProduct(np.array([0, 1], np.int32), np.array([0], np.uint8), 4)
     with pytest.raises(ValueError, match="SampledProduct.run wants"):
@@ -107,6 +135,63 @@ def test_sparse_linear_forward_and_both_gradients_match_masked_dense_autograd(ba
     torch.testing.assert_close(sparse.bias.grad, dense.bias.grad)
     handle.remove()
     torch.testing.assert_close(sparse.weight.grad, dense.weight.grad, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("batch", [7, 64])  # 64: the data batch transposed by the layer's cached plan
+@pytest.mark.parametrize("trained", ["both", "weight", "bias"])
+def test_gradients_with_a_frozen_weight_or_bias_match_masked_dense(batch, trained):
+    # the weight and bias gradients come from one plan into one buffer: either alone must still be right, and a
+    # frozen parameter gets none
+    torch.manual_seed(batch)
+    keep = _pattern(40, 48, 0.2, batch)
+    keep[3] = False  # a row with nothing kept: its bias gradient still counts
+    dense = _masked_linear(48, 40, keep)
+    sparse = _masked_linear(48, 40, keep)
+    sparse.load_state_dict(dense.state_dict())
+    mask = torch.from_numpy(keep)
+    for layer in (dense, sparse):
+        layer.weight.requires_grad_(trained != "bias")
+        layer.bias.requires_grad_(trained != "weight")
+    pruner = magprune.Pruner(sparse, ["weight"])
+    pruner.prune(lambda weights, masks: {"weight": mask.clone()})
+    magprune.sparse_compute(sparse, pruner)
+    x1 = torch.randn(batch, 48, requires_grad=True)
+    x2 = x1.detach().clone().requires_grad_()
+    g = torch.randn(batch, 40)
+    dense(x1).backward(g)
+    sparse(x2).backward(g)
+    torch.testing.assert_close(x2.grad, x1.grad, rtol=1e-5, atol=1e-5)
+    if trained == "bias":
+        assert sparse.weight_values.grad is None
+    else:
+        torch.testing.assert_close(sparse.weight_values.grad, dense.weight.grad.reshape(-1)[mask.reshape(-1)],
+                                   rtol=1e-4, atol=1e-4)
+    if trained == "weight":
+        assert sparse.bias.grad is None
+    else:
+        torch.testing.assert_close(sparse.bias.grad, dense.bias.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_input_gradient_reads_the_weight_where_it_is_at_backward():
+    # W^T's values are gathered from the weight's storage by the input-gradient plan; storage replaced between the
+    # forward and the backward (``.data =``, which autograd's version check does not see) is read where it is now,
+    # as dense autograd reads it
+    torch.manual_seed(0)
+    keep = _pattern(30, 40, 0.3, 0)
+    sparse = _masked_linear(40, 30, keep)
+    pruner = magprune.Pruner(sparse, ["weight"])
+    mask = torch.from_numpy(keep)
+    pruner.prune(lambda weights, masks: {"weight": mask.clone()})
+    magprune.sparse_compute(sparse, pruner)
+    x = torch.randn(16, 40, requires_grad=True)
+    g = torch.randn(16, 30)
+    y = sparse(x)
+    sparse.weight_values.data = sparse.weight_values.data * 2.0  # new storage, values doubled
+    y.backward(g)
+    torch.testing.assert_close(x.grad, g @ sparse.weight.detach(), rtol=1e-5, atol=1e-5)
+    x.grad = None
+    sparse(x).backward(g)  # the next forward rebinds the plans to the new storage
+    torch.testing.assert_close(x.grad, g @ sparse.weight.detach(), rtol=1e-5, atol=1e-5)
 
 
 def test_transposed_structure_covers_every_nonzero_once():

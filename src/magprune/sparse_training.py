@@ -175,43 +175,45 @@ class _Structure:
         return found
 
 
-_ONES: list[np.ndarray] = [np.ones(64, np.float32)]
-
-
-def _ones(n: int) -> np.ndarray:
-    """At least ``n`` float32 ones (shared, never written: the x of the bias products below)."""
-    if _ONES[0].size < n:
-        _ONES[0] = np.ones(n, np.float32)
-    return _ONES[0]
-
-
 class _LinearCalls:
     """A Linear layer's kernel plans for one batch size: m, the lead, and forward / input-gradient / weight-gradient
-    plans that write their outputs (no zeroing pass before them). With a bias, the forward plan's first calls write
-    each row's sum plus the bias (``spmmb_*`` kernels: no pass of its own over the output), and the sampled product
-    of a CSR pattern of one nonzero per row with a row of ones sums the output gradient's rows into the bias
-    gradient (one compiled call, in place of a numpy sum: it cost 10-25 us inside a LeNet-300-100 step)."""
+    plans that write their outputs (no zeroing pass before them), each one call (every Python-level operation in a
+    step costs several times what it costs alone: a small layer's step is mostly such calls). With a bias, the
+    forward plan's first calls write each row's sum plus the bias (``spmmb_*`` kernels), and the weight-gradient
+    plan's tasks also write the output gradient's row sums, the bias gradient, after the weight gradient in one
+    buffer (:meth:`grads`). The input-gradient plan's tasks gather W^T's values from the weight's first (no
+    ``index_select`` between them)."""
 
     def __init__(self, structure: _Structure, n: int, threads: int, bias: Tensor | None) -> None:
+        self.structure, self.threads = structure, threads
         self.m = m = _columns(n)
         self.ld = ld = _lead(m)
-        self.forward, self.transposed, self.sampled = structure.plans(m, threads)
+        self.forward, self.transposed_plain, _ = structure.plans(m, threads)
+        self.transposed = structure.product_t.matmul_plan(1, m, threads, _widest(m), ld, overwrite=True, gather=(
+            structure.values_address, structure.perm.data_ptr()))
         n_in = structure.shape[1]
         self.transposer = transpose_plan(1, n, n_in, (0, 4 * n_in), (0, 4 * ld), threads) \
             if n == m and n_in % 8 == 0 and n_in else None  # the input's copy (see _batch_minor)
         self.bias_address = 0
-        self.bias_grad = None
         if bias is not None:
             # the live bias, which the optimizer steps in place: the plan reads it at each run
             self.bias_address = bias.data_ptr()
             self.forward = structure.product.matmul_plan(1, m, threads, _widest(m), ld, overwrite=True,
                                                          bias_address=self.bias_address)
-            n_out = structure.shape[0]
-            sampled = SampledProduct(np.arange(n_out + 1, dtype=np.int32), np.zeros(n_out, np.uint8), 1)
-            self.bias_grad = sampled.plan(m, threads, ld) if n_out else None
-            self.keep = sampled  # what the plan points into
-        self.ones = _ones(ld)
-        self.ones_address = self.ones.ctypes.data
+        self._grads: dict[tuple[bool, bool], Any] = {}
+
+    def grads(self, values: bool, bias: bool) -> Any:
+        """The plan writing the weight gradient (``values``: nnz floats) and then (``bias``) the bias gradient
+        (n_out floats) into one buffer, ``plan.run(x_address, buffer_address, dy_address)``; None where there is
+        nothing to compute (no kept weight and no bias gradient wanted)."""
+        key = (values, bias)
+        if key not in self._grads:
+            structure = self.structure
+            products = values and structure.nnz > 0
+            self._grads[key] = structure.sampled.plan(
+                self.m, self.threads, self.ld, products=products,
+                row_sums=(structure.nnz if values else 0) if bias else None) if products or bias else None
+        return self._grads[key]
 
 
 class _DirectConv:
@@ -342,7 +344,7 @@ class _SparseLinearFunction(torch.autograd.Function):
         calls.forward.run(x_address, address)  # writes the product plus the bias
         # x's own memory is saved through autograd (which then notices an in-place change of it), a copy here
         ctx.save_for_backward(values, x if xt is None else None)
-        ctx.layer, ctx.structure, ctx.calls, ctx.xt = layer, structure, calls, xt
+        ctx.layer, ctx.structure, ctx.calls, ctx.xt, ctx.has_bias = layer, structure, calls, xt, bias is not None
         return out.as_strided((n, n_out), (1, ld))
 
     @staticmethod
@@ -354,19 +356,25 @@ class _SparseLinearFunction(torch.autograd.Function):
         grad_x = grad_values = grad_bias = None
         needs = ctx.needs_input_grad
         if needs[0]:
-            torch.index_select(values.detach(), 0, structure.perm, out=structure.values_t)
             n_in, ld = structure.shape[1], calls.ld
             gx = torch.empty(n_in, ld)
-            calls.transposed.run(dy_address, gx.data_ptr())
+            if values.data_ptr() == structure.values_address:
+                calls.transposed.run(dy_address, gx.data_ptr())  # gathers W^T's values from the weight's first
+            else:  # the weight's storage was replaced since the forward: gather from where it is now
+                torch.index_select(values.detach(), 0, structure.perm, out=structure.values_t)
+                calls.transposed_plain.run(dy_address, gx.data_ptr())
             grad_x = gx.as_strided((grad.shape[0], n_in), (1, ld))
-        if needs[1]:
-            grad_values = torch.empty(structure.nnz)
-            if calls.sampled is not None:
+        want_bias = ctx.has_bias and needs[2]
+        if needs[1] or want_bias:
+            # one buffer: the weight gradient, then the bias gradient (the two parameters' .grad are views of it)
+            nnz = structure.nnz if needs[1] else 0
+            buffer = torch.empty(nnz + (structure.shape[0] if want_bias else 0))
+            plan = calls.grads(needs[1], want_bias)
+            if plan is not None:
                 x_address = ctx.xt.data_ptr() if x is None else x.data_ptr()
-                calls.sampled.run(x_address, grad_values.data_ptr(), dy_address)
-        if calls.bias_grad is not None and needs[2]:
-            grad_bias = torch.empty(structure.shape[0])
-            calls.bias_grad.run(calls.ones_address, grad_bias.data_ptr(), dy_address)
+                plan.run(x_address, buffer.data_ptr(), dy_address)
+            grad_values = buffer[:nnz] if needs[1] else None
+            grad_bias = buffer[nnz:] if want_bias else None
         del dyt
         return grad_x, grad_values, grad_bias, None
 

@@ -164,6 +164,23 @@ def _function_ir(width: int, index: str, lanes: int = 8, unroll: int | None = No
     return "\n".join(lines)
 
 
+def _gather_ir() -> str:
+    """IR of ``gather_values(src, perm, dst, k0, _, k1, _ x 8)``: ``dst[k] = src[perm[k]]`` for k0 <= k < k1 (float32
+    values, int64 positions), in the pool's SPMM calling convention with every address absolute (the runner's x and
+    out arguments, 4 and 6, unused): a transposed product's values gathered from the weight's by its own tasks."""
+    params = ", ".join(["i64 %src", "i64 %perm", "i64 %dst", "i64 %k0", "i64 %unused4", "i64 %k1"]
+                       + [f"i64 %unused{j}" for j in range(6, 14)])
+    return "\n".join([
+        f"define void @gather_values({params}) nounwind {{", "entry:", "  %s = inttoptr i64 %src to ptr",
+        "  %p = inttoptr i64 %perm to ptr", "  %d = inttoptr i64 %dst to ptr", "  %any = icmp ult i64 %k0, %k1",
+        "  br i1 %any, label %loop, label %exit",
+        "loop:", "  %k = phi i64 [%k0, %entry], [%k.next, %loop]", "  %pp = getelementptr i64, ptr %p, i64 %k",
+        "  %i = load i64, ptr %pp", "  %sp = getelementptr float, ptr %s, i64 %i", "  %v = load float, ptr %sp",
+        "  %dp = getelementptr float, ptr %d, i64 %k", "  store float %v, ptr %dp", "  %k.next = add nuw i64 %k, 1",
+        "  %more = icmp ult i64 %k.next, %k1", "  br i1 %more, label %loop, label %exit",
+        "exit:", "  ret void", "}"])
+
+
 def _matvec_ir(index: str) -> str:
     """IR of ``out[o] += sum_k vals[k] * x[cols[k]]`` (batch 1).
 
@@ -348,7 +365,8 @@ def _products_ir(lanes: int) -> str:
         + (gather_decls if lanes == 16 else [])
         + [_function_ir(w, t, lanes, overwrite=o, bias=b) for w in WIDTHS for t in _INDEX_TYPES.values()
            for o, b in ((False, False), (True, False), (True, True))]
-        + [matvec(t) for t in _INDEX_TYPES.values()] + ([_matvec_gather_ir("delta")] if lanes == 16 else []))
+        + [matvec(t) for t in _INDEX_TYPES.values()] + ([_matvec_gather_ir("delta")] if lanes == 16 else [])
+        + [_gather_ir()])
 
 
 def _addresses(engine) -> dict[tuple[int, str], int]:
@@ -360,6 +378,7 @@ def _addresses(engine) -> dict[tuple[int, str], int]:
                   for width in WIDTHS for index in _INDEX_TYPES.values()})
     found.update({(1, index): engine.get_function_address(f"spmv_{index}") for index in _INDEX_TYPES.values()})
     found[1, "delta"] = engine.get_function_address("spmv_delta")  # 0 in the AVX2 build
+    found["gather"] = engine.get_function_address("gather_values")
     return found
 
 
@@ -384,6 +403,12 @@ def kernel(width: int, index_dtype: np.dtype | str, lanes: int | None = None, ov
     found = compiled(f"csr{lanes}", lambda: _products_ir(lanes), _addresses)
     index = "delta" if delta else _INDEX_TYPES[np.dtype(index_dtype)]
     return found["bias", width, index] if bias else found[-width if overwrite else width, index]
+
+
+def kernel_gather(lanes: int | None = None) -> int:
+    """Address of ``gather_values`` (see :func:`_gather_ir`), compiled with the products."""
+    lanes = lanes or vector_lanes()
+    return compiled(f"csr{lanes}", lambda: _products_ir(lanes), _addresses)["gather"]
 
 
 def row_splits(indptr: np.ndarray, parts: int) -> list[tuple[int, int]]:
@@ -637,21 +662,26 @@ class CSRProduct:
         self.matmul_plan(batches, m, threads, widest).run(x.ctypes.data, out.ctypes.data)
 
     def matmul_plan(self, batches: int, m: int, threads: int, widest: int | None = None, ld: int | None = None,
-                    overwrite: bool = False, bias_address: int = 0) -> Plan:
+                    overwrite: bool = False, bias_address: int = 0, gather: tuple[int, int] | None = None) -> Plan:
         """The plan of :meth:`matmul` for C-contiguous x (batches, n_in, ld) and out (batches, n_rows, ld) of which
         the first m > 0 columns (a multiple of 8) count (``ld`` defaults to m): ``plan.run(x_address, out_address)``
         runs it (the caller vouches for the arrays; sparse compute calls it directly, a layer's checks done once).
         ``overwrite``: the product is written into out's m columns (whatever they held) instead of added to them:
         the first input tile's calls write every row, the later ones add. ``bias_address`` (with ``overwrite``,
         one block): the address of n_rows float32 added to every column of their rows by those first calls (the
-        plan reads them at each run: a bias stepped in place needs no new plan)."""
+        plan reads them at each run: a bias stepped in place needs no new plan). ``gather`` = (src, perm) addresses:
+        each task first writes its rows' values, ``vals[k] = src[perm[k]]`` (float32 src, int64 perm; a transposed
+        product's values taken from the weight's at each run, by the threads that then read them), row-major values
+        only."""
         if bias_address and not (overwrite and batches == 1):
             raise ValueError("a bias is written by an overwriting plan of one block: overwrite=True, batches=1")
+        if gather is not None and self.tile_major:
+            raise ValueError("gathered values need the row-major layout (tile_major=False)")
         threads = threads if self.vals.size * batches * m >= PARALLEL_MIN_WORK else 1
         widest = widest or block_width()
         ld = ld or m
         x_step, o_step = self.n_in * ld, self.n_rows * ld
-        key = ("matmul", threads, batches, m, widest, ld, overwrite, bias_address)
+        key = ("matmul", threads, batches, m, widest, ld, overwrite, bias_address, gather)
         plan = self._plans.get(key)
         if plan is None:
             chunks = column_chunks(m, widest)
@@ -676,11 +706,16 @@ class CSRProduct:
             weight_bytes = self.vals.nbytes + self.cols.nbytes
             x_bytes = 4 * batches * self.n_in * ld
             parts = threads * max(min(CHUNKS_PER_THREAD, weight_bytes // max(x_bytes * threads, 1)), 1)
-            plan = self._plan(key, threads, [
-                [[SPMM, fn, starts, ends, *data, offset, ld, offset, ld, *rows, count, batches,
-                  x_step if t else first_step, o_step]
-                 for t, (starts, ends) in enumerate(pairs) for offset, count, fn in (runs if t else first)]
-                for rows in self._ranges(parts)], keep)
+
+            def task(r0: int, r1: int) -> list[list[int]]:
+                records = [[SPMM, kernel_gather(self.lanes), *gather, self.vals.ctypes.data,
+                            int(self._row_nnz_end[r0]), 0, int(self._row_nnz_end[r1])] + [0] * 8] if gather else []
+                return records + [[SPMM, fn, starts, ends, *data, offset, ld, offset, ld, r0, r1, count, batches,
+                                   x_step if t else first_step, o_step]
+                                  for t, (starts, ends) in enumerate(pairs)
+                                  for offset, count, fn in (runs if t else first)]
+
+            plan = self._plan(key, threads, [task(*rows) for rows in self._ranges(parts)], keep)
         return plan
 
     def flat_plan(self, batches: int, m: int, threads: int) -> Plan:

@@ -154,16 +154,48 @@ def _sddmm_ir(lanes: int, index: str) -> str:
     return "\n".join(lines)
 
 
+def _row_sums_ir() -> str:
+    """IR of ``row_sums(r0, r1, m, out, _, ldd, dy, _ x 7)``: ``out[o] = sum_{c < m} dy[o * ldd + c]`` for r0 <= o <
+    r1, m > 0 a multiple of 8, in the SDDMM records' calling convention (out and dy with their bases added): a
+    Linear layer's bias gradient, written by the tasks of its weight gradient's plan."""
+    params = ", ".join(["i64 %r0", "i64 %r1", "i64 %m", "ptr noalias %out", "ptr %unused4", "i64 %ldd",
+                        "ptr noalias %dy"] + [f"i64 %unused{j}" for j in range(7, 14)])
+    return "\n".join([
+        f"define void @row_sums({params}) nounwind {{", "entry:", "  %any = icmp ult i64 %r0, %r1",
+        "  br i1 %any, label %row, label %exit",
+        "row:", "  %o = phi i64 [%r0, %entry], [%o.next, %row.end]", "  %doff = mul nuw i64 %o, %ldd",
+        "  %drow = getelementptr float, ptr %dy, i64 %doff", "  br label %col",
+        "col:", "  %j = phi i64 [0, %row], [%j.next, %col]",
+        "  %acc = phi <8 x float> [zeroinitializer, %row], [%new, %col]",
+        "  %dp = getelementptr float, ptr %drow, i64 %j", "  %dv = load <8 x float>, ptr %dp, align 4",
+        "  %new = fadd <8 x float> %acc, %dv", "  %j.next = add nuw i64 %j, 8", "  %more = icmp ult i64 %j.next, %m",
+        "  br i1 %more, label %col, label %row.end",
+        "row.end:", "  %sum = call reassoc float @llvm.vector.reduce.fadd.v8f32(float 0.0, <8 x float> %new)",
+        "  %op = getelementptr float, ptr %out, i64 %o", "  store float %sum, ptr %op",
+        "  %o.next = add nuw i64 %o, 1", "  %rows.left = icmp ult i64 %o.next, %r1",
+        "  br i1 %rows.left, label %row, label %exit",
+        "exit:", "  ret void", "}"])
+
+
 def _module_ir() -> str:
     return "\n\n".join([f"declare float @llvm.vector.reduce.fadd.v{w}f32(float, <{w} x float>)" for w in LANES]
-                       + [_sddmm_ir(w, t) for w in LANES for t in _INDEX_TYPES.values()])
+                       + [_sddmm_ir(w, t) for w in LANES for t in _INDEX_TYPES.values()] + [_row_sums_ir()])
+
+
+def _addresses(engine) -> dict:
+    found = {(w, t): engine.get_function_address(f"sddmm_{w}_{t}") for w in LANES for t in _INDEX_TYPES.values()}
+    found["row_sums"] = engine.get_function_address("row_sums")
+    return found
 
 
 def kernel(lanes: int, index_dtype: np.dtype) -> int:
     """Address of the compiled kernel for vectors of ``lanes`` floats (one of LANES) and a column-index dtype."""
-    found = compiled("sddmm", _module_ir, lambda engine: {
-        (w, t): engine.get_function_address(f"sddmm_{w}_{t}") for w in LANES for t in _INDEX_TYPES.values()})
-    return found[lanes, _INDEX_TYPES[np.dtype(index_dtype)]]
+    return compiled("sddmm", _module_ir, _addresses)[lanes, _INDEX_TYPES[np.dtype(index_dtype)]]
+
+
+def row_sums_kernel() -> int:
+    """Address of ``row_sums`` (see :func:`_row_sums_ir`)."""
+    return compiled("sddmm", _module_ir, _addresses)["row_sums"]
 
 
 class SampledProduct:
@@ -212,7 +244,8 @@ class SampledProduct:
         self.plan(m, threads, blocks=blocks).run(x3.ctypes.data, out.ctypes.data, dy3.ctypes.data)
 
     def plan(self, m: int, threads: int, ld: int | None = None, blocks: int = 1, *, ldx: int | None = None,
-             ldd: int | None = None, x_step: int | None = None, d_step: int | None = None, d_offset: int = 0) -> Plan:
+             ldd: int | None = None, x_step: int | None = None, d_step: int | None = None, d_offset: int = 0,
+             products: bool = True, row_sums: int | None = None) -> Plan:
         """The plan of :meth:`run` for ``blocks`` blocks of m > 0 columns (a multiple of 8) of x and dy, rows
         ``ld`` floats apart (default m), nnz > 0: ``plan.run(x_address, out_address, dy_address)`` *writes* the
         products into out (whatever it held; the caller vouches for the arrays).
@@ -220,14 +253,22 @@ class SampledProduct:
         ``ldx``, ``ldd`` (floats from one row of x, dy to the next; default ld), ``x_step``, ``d_step`` (floats from
         one block to the next; default n_in * ldx, n_rows * ldd) and ``d_offset`` (floats from dy's address to its
         first row) give other layouts: with ldx = 1 the columns are offsets into a flat x (a stride-1 convolution's
-        weight gradient over padded images, see :meth:`.CSRProduct.flat_plan`)."""
+        weight gradient over padded images, see :meth:`.CSRProduct.flat_plan`).
+
+        ``row_sums`` (one block): the tasks also write each row's sum of dy over the m columns at ``row_sums`` floats
+        past out's address (a Linear layer's bias gradient: no pass or call of its own); ``products=False``: only
+        those (a frozen weight, a trained bias; nnz may then be 0)."""
+        if row_sums is not None and blocks != 1:
+            raise ValueError("row sums are written for one block")
+        if not products and row_sums is None:
+            raise ValueError("a plan of neither products nor row sums does nothing")
         lanes = 16 if vector_lanes() == 16 and m % 16 == 0 else 8
-        threads = threads if self.nnz * m * blocks >= PARALLEL_MIN_WORK else 1
+        threads = threads if self.nnz * m * blocks >= PARALLEL_MIN_WORK and self.nnz else 1
         ld = ld or m
         ldx, ldd = ldx or ld, ldd or ld
         x_step = self.n_in * ldx if x_step is None else x_step
         d_step = self.n_rows * ldd if d_step is None else d_step
-        key = (threads, m, lanes, ldx, ldd, blocks, x_step, d_step, d_offset)
+        key = (threads, m, lanes, ldx, ldd, blocks, x_step, d_step, d_offset, products, row_sums)
         plan = self._plans.get(key)
         if plan is None:
             if len(self._plans) >= 16:
@@ -237,7 +278,10 @@ class SampledProduct:
             ranges = row_splits(self.indptr, threads * CHUNKS_PER_THREAD) if threads > 1 else [(0, self.n_rows)]
             # arguments: starts, ends, cols, out (offset from out's base), x (offset from x's), ldx, dy (offset from
             # dy's base, bytes), ldd, r0, r1, m, blocks, x and dy floats from one block to the next
+            sums = [] if row_sums is None else [[SDDMM, row_sums_kernel(), 0, 0, m, 4 * row_sums, 0, ldd,
+                                                 4 * d_offset] + [0] * 7]
             plan = self._plans[key] = Plan(
-                [[[SDDMM, fn, starts, ends, self.cols.ctypes.data, 0, 0, ldx, 4 * d_offset, ldd, r0, r1, m, blocks,
-                   x_step, d_step]] for r0, r1 in ranges], threads)
+                [([[SDDMM, fn, starts, ends, self.cols.ctypes.data, 0, 0, ldx, 4 * d_offset, ldd, r0, r1, m, blocks,
+                    x_step, d_step]] if products else [])
+                 + [[*record[:2], r0, r1, *record[4:]] for record in sums] for r0, r1 in ranges], threads)
         return plan
