@@ -261,9 +261,11 @@ def test_products_of_both_vector_widths_match_dense(lanes, m):
 
 @pytest.mark.parametrize("lanes", [8, 16])
 @pytest.mark.parametrize("m", [16, 64, 136])
-def test_row_major_products_walk_l1_sized_tiles_on_avx512_and_match_dense(lanes, m):
+def test_row_major_products_walk_l1_sized_tiles_on_avx512_and_match_dense(lanes, m, monkeypatch):
     # sparse compute's layout (values row-major, stepped in place): on AVX-512 the batched products walk the input
-    # in the tile-major layout's small tiles through per-tile row pointers; AVX2 and a caller's tiles keep theirs
+    # in the tile-major layout's small tiles through per-tile row pointers (where the input block is large: here
+    # always); AVX2 and a caller's tiles keep theirs
+    monkeypatch.setattr(csr, "L1_TILES_MIN_FRACTION", 0.0)
     rng = np.random.default_rng(m + lanes)
     weight = (rng.standard_normal((70, 1000)) * (rng.random((70, 1000)) < 0.08)).astype(np.float32)
     weight[3], weight[:, 500:700] = 0.0, 0.0  # an empty row and two empty tiles
@@ -285,6 +287,18 @@ def test_row_major_products_walk_l1_sized_tiles_on_avx512_and_match_dense(lanes,
     out = np.zeros((2, 70, m), np.float32)
     product.matmul(x, out, 1, widest=64)
     assert _close(out, 2.0 * weight @ x)
+
+
+def test_l1_tiles_only_where_the_input_block_is_large():
+    # one chunk's input block within a quarter of L2 (LeNet-300-100's fc1 at batch 64: 200 KiB): the product's own
+    # L2-sized tiles, one run per row; larger blocks (AlexNet's 9216 inputs): the L1 tiles, on AVX-512
+    small = CSRProduct(np.array([0, 1], np.int32), np.array([3], np.uint16), np.ones(1, np.float32), 1000, lanes=16,
+                       tile_major=False)
+    assert small._row_major_tiles(64) is small.tiles
+    n_in = csr.l2_cache_bytes() // 512  # 64-float rows: twice a quarter of L2
+    large = CSRProduct(np.array([0, 1], np.int32), np.array([3], np.uint16), np.ones(1, np.float32), n_in, lanes=16,
+                       tile_major=False)
+    assert large._row_major_tiles(64).shape[0] - 1 == -(-n_in // csr.major_tile_rows(64))
 
 
 @pytest.mark.parametrize("lanes", [8, 16])
