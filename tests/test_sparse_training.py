@@ -539,6 +539,22 @@ def test_a_linear_layer_follows_its_bias_replaced_removed_or_stepped_in_place():
     fc1.bias = nn.Parameter(torch.zeros(300, dtype=torch.float64))
     with pytest.raises(TypeError, match="contiguous float32 bias"):
         fc1(x)
+    fc1.bias = nn.Parameter(torch.zeros(10))  # the kernels would read 300 floats there
+    with pytest.raises(TypeError, match=r"bias of shape \[300\], got torch.float32 of shape \[10\]"):
+        fc1(x)
+
+
+def test_functorch_transforms_take_the_public_apply():
+    # the layers call autograd's C apply directly, except under a functorch transform, where torch's own apply
+    # says what it needs (a setup_context); plain autograd around it is unchanged
+    model, pruner = _pruned()
+    magprune.sparse_compute(model, pruner)
+    x = torch.randn(4, 784)
+    with pytest.raises(RuntimeError, match="setup_context"):
+        torch.func.grad(lambda inputs: model.fc1(inputs).sum())(x)
+    x.requires_grad_()
+    model.fc1(x).sum().backward()
+    torch.testing.assert_close(x.grad, model.fc1.weight.detach().sum(0).expand(4, -1), rtol=1e-5, atol=1e-5)
 
 
 DIRECT = ({}, {"padding": 1}, {"padding": (2, 0), "kernel_size": (3, 2)}, {"kernel_size": 1})
