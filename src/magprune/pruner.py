@@ -320,10 +320,21 @@ class Pruner:
             self._install_grad_hooks()
 
     def _grad_hook(self, name: str) -> Callable[[Tensor], None]:
+        multipliers = self._multipliers
+
         def hook(param: Tensor) -> None:
             grad = param.grad
-            if grad is not None and name in self.masks:
-                self._fill_dropped(name, grad, 0.0)
+            if grad is None or name not in self.masks:
+                return
+            mult = multipliers.get(name)
+            if mult is not None and type(grad) is Tensor and grad.dtype is mult.dtype and grad.is_cpu and mult.is_cpu \
+                    and grad.numel() < PACKED_MIN_NUMEL:
+                # what _fill_dropped does for it (a plain CPU gradient of a small layer, its multiplier made and
+                # current), without its lookups: every Python call in a step costs several times what it does
+                # alone (the hook took 5.8 us inside a LeNet-300-100 sparse-compute step, 8.5 us through _fill_dropped)
+                grad.mul_(mult)
+                return
+            self._fill_dropped(name, grad, 0.0)
 
         return hook
 
@@ -520,8 +531,10 @@ class OptimizerHandle:
 
     def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         self.steps += 1
-        periodic = self.steps % self.pruner.refresh_every == 0
-        if self.rezero_every_step:
+        pruner = self.pruner
+        periodic = self.steps % pruner.refresh_every == 0
+        if pruner.rezero == "always" or self._unsafe or type(optimizer) not in AUDITED_OPTIMIZERS:  # see
+            # rezero_every_step: the optimizer at hand, not the weak reference
             self._rezero()
         elif periodic and self._revived():
             self._unsafe = True
