@@ -25,9 +25,15 @@ def _every_size(monkeypatch):
 def test_small_layers_stay_dense_by_default(monkeypatch):
     monkeypatch.undo()
     model, pruner = _pruned()
-    assert magprune.sparse_compute(model, pruner).names == ["fc1.weight", "fc2.weight"]  # fc3: 1,000 weights
+    assert magprune.sparse_compute(model, pruner).names == ["fc1.weight", "fc2.weight", "fc3.weight"]  # fc3: 1,000
     pruner.compute_handles[0].remove()
-    assert magprune.sparse_compute(model, pruner, min_weights=0).names == ["fc1.weight", "fc2.weight", "fc3.weight"]
+    torch.manual_seed(0)
+    tiny = nn.Sequential(nn.Linear(784, 40), nn.ReLU(), nn.Linear(40, 10))  # 400 weights: under MIN_WEIGHTS
+    tiny_pruner = magprune.Pruner(tiny)
+    tiny_pruner.prune(magprune.LayerSparsity({"0.weight": 0.9, "2.weight": 0.7}))
+    assert magprune.sparse_compute(tiny, tiny_pruner).names == ["0.weight"]
+    tiny_pruner.compute_handles[0].remove()
+    assert magprune.sparse_compute(tiny, tiny_pruner, min_weights=0).names == ["0.weight", "2.weight"]
 
 
 def _pattern(rows: int, n_in: int, density: float, seed: int) -> np.ndarray:

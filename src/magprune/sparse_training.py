@@ -29,8 +29,11 @@ from magprune.pruner import SECOND_MOMENT_FILL, SECOND_MOMENT_KEYS, Pruner
 from magprune.targets import module_name
 
 MAX_DENSITY = 0.5  # above this a layer stays dense: the kernels' per-nonzero cost passes the dense product's
-MIN_WEIGHTS = 1 << 13  # smaller layers stay dense: a sparse layer's fixed cost per call (~0.1 ms of Python and
-# autograd for forward and backward) passes a small dense product's (LeNet-300-100's fc3, 100 x 10, on Zen 3)
+MIN_WEIGHTS = 1 << 9  # smaller layers stay dense: a sparse layer's fixed cost per call passes a tiny dense
+# product's. 8192 until 2026-12-06 (a sparse layer then cost ~0.1 ms of Python and autograd per step on Zen 3); since
+# its calls were cut down, LeNet-300-100's fc3 (100 x 10 at 26% kept) computed sparse made whole steps 0.5-2.4%
+# faster than masked dense (interleaved, this project's Intel Xeon, 1 and 2 threads): with every pruned layer sparse
+# the pruner has no gradient to mask in the step
 # Convolutions up to this density are computed sparse (stride 1 directly over the padded images, else im2col):
 # LeNet-5's conv2 at 12% kept, forward and both gradients, 0.52x the dense layer's time; VGG-16's 3x3 layers at
 # Han's 22-35% kept 1.09-1.48x, conv5_2 at 20% 0.99x, oneDNN's dense convolution running near the cores' peak
