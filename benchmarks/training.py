@@ -162,15 +162,22 @@ TILE_CASES = [("lenet-300-100", 64), ("lenet-300-100", 256), ("alexnet-mlp", 64)
 
 def bench_tiles(network: str, batch: int, rounds: int) -> dict:
     """The sparse-compute SGD-momentum step with the batched products walking L1-sized input tiles (AVX-512's
-    default, ``CSRProduct._row_major_tiles``) against the product's own L2-sized tiles, interleaved in one process:
-    the second model's plans are built while the tiles choice is patched to the L2 ones (plans are cached)."""
+    default until 2026-12-07, ``CSRProduct._row_major_tiles``; forced here for every layer) against the product's
+    own L2-sized tiles (the default since), interleaved in one process: each model's plans are built while the tiles
+    choice is patched (plans are cached)."""
     from magprune.kernels import csr
 
     shape = {"lenet-300-100": (784,), "alexnet-mlp": (9216,)}[network]
     generator = torch.Generator().manual_seed(1)
     x, y = torch.randn(batch, *shape, generator=generator), torch.randint(0, 10, (batch,), generator=generator)
     repeat = STEPS_PER_ROUND[network]
-    small = build(network, "sparse", "sgd-momentum")
+    threshold = csr.L1_TILES_MIN_FRACTION
+    csr.L1_TILES_MIN_FRACTION = 0.0  # the L1 tiles for every input block
+    try:
+        small = build(network, "sparse", "sgd-momentum")
+        timed_steps(*small, x, y, 1)  # its plans, with the L1 tiles
+    finally:
+        csr.L1_TILES_MIN_FRACTION = threshold
     chosen = csr.CSRProduct._row_major_tiles
     csr.CSRProduct._row_major_tiles = lambda self, width: self.tiles
     try:
