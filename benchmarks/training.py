@@ -162,9 +162,9 @@ TILE_CASES = [("lenet-300-100", 64), ("lenet-300-100", 256), ("alexnet-mlp", 64)
 
 def bench_tiles(network: str, batch: int, rounds: int) -> dict:
     """The sparse-compute SGD-momentum step with the batched products walking L1-sized input tiles (AVX-512's
-    default until 2026-12-07, ``CSRProduct._row_major_tiles``; forced here for every layer) against the product's
-    own L2-sized tiles (the default since), interleaved in one process: each model's plans are built while the tiles
-    choice is patched (plans are cached)."""
+    default for input blocks over a quarter of L2, ``CSRProduct._row_major_tiles``; forced here for every layer)
+    against the product's own L2-sized tiles, interleaved in one process: each model's plans are built while the
+    tiles choice is patched (plans are cached)."""
     from magprune.kernels import csr
 
     shape = {"lenet-300-100": (784,), "alexnet-mlp": (9216,)}[network]

@@ -289,15 +289,10 @@ def test_row_major_products_walk_l1_sized_tiles_on_avx512_and_match_dense(lanes,
     assert _close(out, 2.0 * weight @ x)
 
 
-def test_l1_tiles_only_where_the_input_block_is_large(monkeypatch):
-    # the L1 tiles only for input blocks over L1_TILES_MIN_FRACTION of L2 (by default none: whole steps measured
-    # faster with the product's own L2-sized tiles); under a quarter of L2 here, LeNet-300-100's fc1 at batch 64
-    # (200 KiB) keeps one run per row, AlexNet's 9216 inputs take the L1 tiles on AVX-512
+def test_l1_tiles_only_where_the_input_block_is_large():
+    # one chunk's input block within a quarter of L2 (LeNet-300-100's fc1 at batch 64: 200 KiB): the product's own
+    # L2-sized tiles, one run per row; larger blocks (GPT-2's 3072 inputs, AlexNet's 9216): the L1 tiles, on AVX-512
     n_in = csr.l2_cache_bytes() // 512  # 64-float rows: twice a quarter of L2
-    products = [CSRProduct(np.array([0, 1], np.int32), np.array([3], np.uint16), np.ones(1, np.float32), n, lanes=16,
-                           tile_major=False) for n in (1000, n_in)]
-    assert all(p._row_major_tiles(64) is p.tiles for p in products)
-    monkeypatch.setattr(csr, "L1_TILES_MIN_FRACTION", 0.25)
     small, large = [CSRProduct(np.array([0, 1], np.int32), np.array([3], np.uint16), np.ones(1, np.float32), n,
                                lanes=16, tile_major=False) for n in (1000, n_in)]
     assert small._row_major_tiles(64) is small.tiles

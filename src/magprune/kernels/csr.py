@@ -24,7 +24,6 @@ Kernels, per column-index width (uint8/16/32), run as plans on :mod:`.pool`:
 from __future__ import annotations
 
 import itertools
-import math
 
 import numpy as np
 
@@ -54,10 +53,9 @@ PARALLEL_MIN_NONZEROS = 1 << 19  # nonzeros of a matrix-vector product (batch 1)
 # of 30); through SparseLinear, after the dense layer and two such copies, medians of 80 alternating calls 4-8%
 # faster (0.85 against 0.89-0.92 ms), minima within noise; in cache equal within 5%.
 DELTA_MATVEC = True
-L1_TILES_MIN_FRACTION = math.inf  # the row-major batched products walk L1-sized input tiles only where a chunk's
-# input block is larger than this fraction of L2 (CSRProduct._row_major_tiles): never, since whole sparse-compute
-# steps ran faster with the product's own L2-sized tiles in every case measured on 2026-12-07 (AlexNet MLP 1.6-11%,
-# LeNet-300-100 0.6-3%; benchmarks/training.py --tiles sets it to 0 for the comparison)
+L1_TILES_MIN_FRACTION = 0.25  # the row-major batched products walk L1-sized input tiles only where a chunk's input
+# block is larger than this fraction of L2 (CSRProduct._row_major_tiles; benchmarks/training.py --tiles sets it to 0
+# for its comparison)
 _UNSET = object()
 
 
@@ -580,11 +578,13 @@ class CSRProduct:
         (:func:`major_tile_rows`) over the row-major values. Measured on this project's Intel Xeon, one thread
         (2 for the big layer): LeNet-300-100's fc1 (300x784 at 8%, batch 64) 69 -> 46 us, a 9216x4096 layer at
         9% 7.2 -> 4.5 ms at batch 64 and 32 -> 26 ms at batch 256, at batch 16 (512 rows) 2.9 -> 2.0-2.5 ms.
-        Not measured on AVX2 hosts, so not used there. Nor, since 2026-12-07, anywhere by default
-        (:data:`L1_TILES_MIN_FRACTION`): the products got faster alone, but whole sparse-compute steps (where the
-        L1 tiles cut each row into several short runs) ran faster with the L2-sized tiles on the same Xeon,
-        interleaved in one process: LeNet-300-100 2.5-3% (SGD-momentum and Adam, 1 and 2 threads), the AlexNet
-        MLP 1-11% (batch 64 and 256; ``benchmarks/training.py --tiles``)."""
+        Not measured on AVX2 hosts, so not used there. Nor where one chunk's input block fits in a quarter of L2
+        (:data:`L1_TILES_MIN_FRACTION`): there the L1 tiles cut each row into several short runs, and whole
+        LeNet-300-100 sparse-compute steps (fc1 784 x 64 floats, 200 KiB) ran 2.5-3% faster with one tile
+        (SGD-momentum and Adam, 1 and 2 threads, interleaved, this Xeon, 2026-12-07) although the product alone was
+        faster with L1 tiles. Larger blocks keep them: the GPT-2-width step (3072-input layers, 512 tokens) ran
+        0.49x the masked step with them against 0.53x without (two runs each); the AlexNet MLP's steps, though, ran
+        1-11% slower with them on 2026-12-07 (an open question: 0.96-0.98x on 2026-12-03)."""
         if self.tiles_given or (self.lanes or vector_lanes()) != 16 or self.n_rows == 0 \
                 or 4 * width * self.n_in <= l2_cache_bytes() * L1_TILES_MIN_FRACTION:
             return self.tiles
