@@ -524,17 +524,18 @@ class OptimizerHandle:
     @property
     def rezero_every_step(self) -> bool:
         """Whether pruned weights are multiplied back to zero after every step of this optimizer."""
-        return self.pruner.rezero == "always" or self._unsafe or type(self.optimizer) not in AUDITED_OPTIMIZERS
+        return self._rezeroes(self.optimizer)
+
+    def _rezeroes(self, optimizer: torch.optim.Optimizer) -> bool:
+        return self.pruner.rezero == "always" or self._unsafe or type(optimizer) not in AUDITED_OPTIMIZERS
 
     def _before_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         self.pruner._before_step()
 
     def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         self.steps += 1
-        pruner = self.pruner
-        periodic = self.steps % pruner.refresh_every == 0
-        if pruner.rezero == "always" or self._unsafe or type(optimizer) not in AUDITED_OPTIMIZERS:  # see
-            # rezero_every_step: the optimizer at hand, not the weak reference
+        periodic = self.steps % self.pruner.refresh_every == 0
+        if self._rezeroes(optimizer):  # the optimizer at hand, not the weak reference
             self._rezero()
         elif periodic and self._revived():
             self._unsafe = True

@@ -195,19 +195,21 @@ class _LinearCalls:
         self.structure, self.threads = structure, threads
         self.m = m = _columns(n)
         self.ld = ld = _lead(m)
-        self.forward, self.transposed_plain, _ = structure.plans(m, threads)
+        # the live bias, which the optimizer steps in place: the forward plan reads it at each run
+        self.bias_address = 0 if bias is None else bias.data_ptr()
+        self.forward = structure.product.matmul_plan(1, m, threads, _widest(m), ld, overwrite=True,
+                                                     bias_address=self.bias_address)
         self.transposed = structure.product_t.matmul_plan(1, m, threads, _widest(m), ld, overwrite=True, gather=(
             structure.values_address, structure.perm.data_ptr()))
         n_in = structure.shape[1]
         self.transposer = transpose_plan(1, n, n_in, (0, 4 * n_in), (0, 4 * ld), threads) \
             if n == m and n_in % 8 == 0 and n_in else None  # the input's copy (see _batch_minor)
-        self.bias_address = 0
-        if bias is not None:
-            # the live bias, which the optimizer steps in place: the plan reads it at each run
-            self.bias_address = bias.data_ptr()
-            self.forward = structure.product.matmul_plan(1, m, threads, _widest(m), ld, overwrite=True,
-                                                         bias_address=self.bias_address)
         self._grads: dict[tuple[bool, bool], Any] = {}
+
+    def transposed_plain(self) -> Any:
+        """The input-gradient plan without its gather, over W^T's values as they are (cached by the product): for a
+        weight whose storage was replaced between the forward and the backward."""
+        return self.structure.product_t.matmul_plan(1, self.m, self.threads, _widest(self.m), self.ld, overwrite=True)
 
     def grads(self, values: bool, bias: bool) -> Any:
         """The plan writing the weight gradient (``values``: nnz floats) and then (``bias``) the bias gradient
@@ -369,7 +371,7 @@ class _SparseLinearFunction(torch.autograd.Function):
                 calls.transposed.run(dy_address, gx.data_ptr())  # gathers W^T's values from the weight's first
             else:  # the weight's storage was replaced since the forward: gather from where it is now
                 torch.index_select(values.detach(), 0, structure.perm, out=structure.values_t)
-                calls.transposed_plain.run(dy_address, gx.data_ptr())
+                calls.transposed_plain().run(dy_address, gx.data_ptr())
             grad_x = gx.as_strided((grad.shape[0], n_in), (1, ld))
         want_bias = ctx.has_bias and needs[2]
         if needs[1] or want_bias:

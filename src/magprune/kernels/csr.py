@@ -403,15 +403,19 @@ def kernel(width: int, index_dtype: np.dtype | str, lanes: int | None = None, ov
     delta = isinstance(index_dtype, str) and index_dtype == "delta"
     if delta and (width != 1 or lanes != 16):
         raise ValueError("the delta-column kernel is the AVX-512 (16 lanes) batch-1 product only")
-    found = compiled(f"csr{lanes}", lambda: _products_ir(lanes), _addresses)
+    found = _compiled_products(lanes)
     index = "delta" if delta else _INDEX_TYPES[np.dtype(index_dtype)]
     return found["bias", width, index] if bias else found[-width if overwrite else width, index]
 
 
 def kernel_gather(lanes: int | None = None) -> int:
     """Address of ``gather_values`` (see :func:`_gather_ir`), compiled with the products."""
-    lanes = lanes or vector_lanes()
-    return compiled(f"csr{lanes}", lambda: _products_ir(lanes), _addresses)["gather"]
+    return _compiled_products(lanes or vector_lanes())["gather"]
+
+
+def _compiled_products(lanes: int) -> dict:
+    """The products module's function addresses for vectors of ``lanes`` floats, compiled on first use."""
+    return compiled(f"csr{lanes}", lambda: _products_ir(lanes), _addresses)
 
 
 def row_splits(indptr: np.ndarray, parts: int) -> list[tuple[int, int]]:
