@@ -392,6 +392,60 @@ def test_one_example_in_every_layout_matches_dense(monkeypatch, min_work):
             torch.testing.assert_close(y, linear(x), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("has_bias", [True, False])
+def test_one_example_path_follows_the_bias_and_returns_fresh_outputs(has_bias):
+    """After its first batch-1 call a SparseLinear writes bias + W x straight into torch.empty: the bias written in
+    place, replaced, or its .data swapped is read anew; each call gets its own output; copies keep working after
+    the original is gone; the default dtype does not leak into the float32 output."""
+    import copy
+    import gc
+
+    torch.manual_seed(3)
+    linear = nn.Linear(96, 40, bias=has_bias)
+    with torch.no_grad():
+        linear.weight.mul_(torch.rand_like(linear.weight) < 0.3)
+    sparse = SparseLinear(linear)
+    x = torch.randn(1, 96)
+
+    def expected(module: SparseLinear) -> torch.Tensor:
+        return x @ linear.weight.detach().T + (module.bias if has_bias else torch.zeros(40))
+
+    with torch.no_grad():
+        first, second = sparse(x), sparse(x)  # the second takes the one-example path
+        assert sparse._one is not None
+        torch.testing.assert_close(second, expected(sparse), rtol=1e-5, atol=1e-5)
+        assert first.data_ptr() != second.data_ptr() and second.dtype == torch.float32
+        torch.testing.assert_close(sparse(x[0]), expected(sparse)[0], rtol=1e-5, atol=1e-5)
+        if has_bias:
+            sparse.bias.add_(1.0)  # in place: same memory
+            torch.testing.assert_close(sparse(x), expected(sparse), rtol=1e-5, atol=1e-5)
+            sparse.bias = torch.randn(40)  # replaced
+            torch.testing.assert_close(sparse(x), expected(sparse), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(sparse(x), expected(sparse), rtol=1e-5, atol=1e-5)
+            sparse.bias.data = torch.randn(40)  # its storage swapped under the same tensor
+            torch.testing.assert_close(sparse(x), expected(sparse), rtol=1e-5, atol=1e-5)
+            sparse.bias = torch.randn(40, dtype=torch.float64)  # not what the kernel reads: refused as before
+            with pytest.raises(ValueError, match="float32"):
+                sparse(x)
+            sparse.bias = torch.randn(40)
+        clone = copy.deepcopy(sparse)
+        assert clone._one is None  # it held the original's addresses
+        want = expected(sparse)
+        del sparse
+        gc.collect()
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(torch.float64)
+        try:
+            for _ in range(2):
+                y = clone(x)
+                assert y.dtype == torch.float32
+                torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+        finally:
+            torch.set_default_dtype(default)
+    with pytest.raises(RuntimeError, match="inference"):
+        clone(x.requires_grad_())
+
+
 # ---------------------------------------------------------------- models nobody here wrote
 class _HFConv1D(nn.Module):
     """Shaped like transformers.pytorch_utils.Conv1D (weight stored (in, out)), under the same qualified name."""

@@ -84,6 +84,19 @@ def _rebuild_after_load(module: nn.Module, incompatible_keys: object) -> None:
     module._rebuild()
 
 
+class _OneExample:
+    """What SparseLinear's batch-1 call needs, looked up once: the output shape per input shape, the bias tensor it
+    was set up with (or None) and the address each row's sum starts from (the bias's data, or zeros)."""
+
+    __slots__ = ("bias", "shapes", "start", "zeros")
+
+    def __init__(self, n_in: int, n_out: int, bias: Tensor | None) -> None:
+        self.shapes = {torch.Size([n_in]): (n_out,), torch.Size([1, n_in]): (1, n_out)}
+        self.bias = bias
+        self.zeros = None if bias is not None else np.zeros(n_out, dtype=np.float32)
+        self.start = bias.data_ptr() if bias is not None else self.zeros.ctypes.data
+
+
 class _SparseBase(nn.Module):
     """CSR arrays held as buffers (``indptr``, ``cols``, ``vals``, ``bias``): they are in ``state_dict()``, move
     with ``.to()``, and are shared with the compiled product, which is rebuilt when they change."""
@@ -105,6 +118,7 @@ class _SparseBase(nn.Module):
         """Rebuild the compiled product from the buffers (after loading or moving them), sharing their memory."""
         self._torch_csr = None
         self._direct: dict[tuple[int, int], CSRProduct] = {}
+        self._one: _OneExample | None = None  # SparseLinear's batch-1 call, set up on its first one
         self.product = self._build_product() if _on_kernel(self) else None
         if self.product is not None:  # one copy of the arrays: the product's (on huge pages if large)
             self._link()
@@ -137,6 +151,7 @@ class _SparseBase(nn.Module):
         state = self.__dict__.copy()
         state["_torch_csr"] = None  # rebuilt on first use: sparse CSR tensors do not deepcopy
         state["_direct"] = {}
+        state["_one"] = None  # addresses of this object's arrays
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -208,6 +223,21 @@ class SparseLinear(_SparseBase):
         return torch.addmm(bias[:, None], self._torch_csr, x2d.T).T  # F.linear fails under inference_mode
 
     def forward(self, x: Tensor) -> Tensor:
+        # One example, (n_in,) or (1, n_in), contiguous float32 on the CPU: as few Python and torch calls as can be
+        # before the kernel. A large layer runs after others have evicted the cache, and each such call then costs
+        # 5-70 us of misses: ~0.2 ms in all before this path (AlexNet fc6 at 9%: a 0.83 ms product, 1.01 ms called
+        # through the module, cold), now the output is torch.empty and the kernel writes bias + W x into it.
+        one = self._one
+        if one is not None and not x.requires_grad and x.dtype is torch.float32 and x.is_cpu and x.is_contiguous():
+            shape = one.shapes.get(x.shape)
+            bias = self._buffers["bias"]
+            if shape is not None and bias is one.bias and (bias is None or bias.data_ptr() == one.start):
+                out = torch.empty(shape, dtype=torch.float32)
+                self.product.matvec_plan(torch.get_num_threads()).run(x.data_ptr(), out.data_ptr(), one.start)
+                return out
+        return self._forward(x)
+
+    def _forward(self, x: Tensor) -> Tensor:
         _check_input(self, x)
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(f"SparseLinear expects last dim {self.in_features}, got shape {list(x.shape)}")
@@ -215,9 +245,12 @@ class SparseLinear(_SparseBase):
         if self.product is None:
             return self._torch_forward(x.reshape(-1, self.in_features)).reshape(*lead, self.out_features)
         bias = self._bias_numpy(self.out_features)
-        # as few torch calls as possible: a large layer usually runs after others have evicted the cache, and each
-        # torch call then costs 5-25 us of misses (~60 us in all before, on a 0.9 ms batch-1 product)
         if math.prod(lead) == 1:  # one example: the kernel reads x in place
+            bias_t = self.bias
+            if x.dtype == torch.float32 and (bias_t is None or (
+                    bias_t.shape == (self.out_features,) and bias_t.dtype == torch.float32 and bias_t.is_cpu
+                    and bias_t.is_contiguous())):
+                self._one = _OneExample(self.in_features, self.out_features, bias_t)  # the next such call's path
             if not x.is_contiguous():
                 x = x.contiguous()
             out = bias.copy()

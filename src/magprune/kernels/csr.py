@@ -29,7 +29,7 @@ import numpy as np
 
 from magprune.kernels.jit import compiled, vector_lanes
 from magprune.kernels.memory import huge_page_array, l2_cache_bytes
-from magprune.kernels.pool import CHUNKS_PER_THREAD, SPMM, SPMV, Plan
+from magprune.kernels.pool import CHUNKS_PER_THREAD, SPMM, SPMV, Plan, spmv_row_start_ir
 
 WIDTHS = (8, 16, 32, 64)  # floats per block row: 1-8 AVX2 vectors of 8 lanes, 1-4 AVX-512 vectors of 16
 _INDEX_TYPES = {np.dtype(np.uint8): "i8", np.dtype(np.uint16): "i16", np.dtype(np.uint32): "i32"}
@@ -192,13 +192,12 @@ def _matvec_ir(index: str) -> str:
     scalar loop (measured 1.2x faster; AVX2 gathers and software prefetch were no faster than scalar)."""
     groups, vec = 2, "<4 x float>"
     lines = [f"define void @spmv_{index}(ptr noalias %starts, ptr noalias %ends, ptr noalias %cols, "
-             "ptr noalias %vals, ptr noalias %x, ptr noalias %out, i64 %r0, i64 %r1) nounwind {",
+             "ptr noalias %vals, ptr noalias %x, ptr noalias %out, i64 %r0, i64 %r1, ptr %from) nounwind {",
              "entry:", "  %any = icmp ult i64 %r0, %r1", "  br i1 %any, label %row, label %exit",
              "row:", "  %o = phi i64 [%r0, %entry], [%o.next, %store]",
              "  %sp = getelementptr i32, ptr %starts, i64 %o", "  %s32 = load i32, ptr %sp",
              "  %ep = getelementptr i32, ptr %ends, i64 %o", "  %e32 = load i32, ptr %ep",
-             "  %s = zext i32 %s32 to i64", "  %e = zext i32 %e32 to i64",
-             "  %outp = getelementptr float, ptr %out, i64 %o", "  %init = load float, ptr %outp",
+             "  %s = zext i32 %s32 to i64", "  %e = zext i32 %e32 to i64", *spmv_row_start_ir(),
              "  br label %loop", "loop:", "  %k = phi i64 [%s, %row], [%k.next, %body]"]
     lines += [f"  %acc{g} = phi {vec} [zeroinitializer, %row], [%new{g}, %body]" for g in range(groups)]
     lines += [f"  %k.next = add nuw i64 %k, {4 * groups}", "  %more = icmp ule i64 %k.next, %e",
@@ -297,11 +296,10 @@ def _matvec_gather_ir(index: str) -> str:
         base, carry, carry_next = [], [], []
     return "\n".join([
         f"define void @spmv_{index}({params}, "
-        "ptr noalias %vals, ptr noalias %x, ptr noalias %out, i64 %r0, i64 %r1) nounwind {",
+        "ptr noalias %vals, ptr noalias %x, ptr noalias %out, i64 %r0, i64 %r1, ptr %from) nounwind {",
         "entry:", "  %any = icmp ult i64 %r0, %r1", "  br i1 %any, label %row, label %exit",
         "row:", "  %o = phi i64 [%r0, %entry], [%o.next, %store]", *bounds,
-        "  %s = zext i32 %s32 to i64", "  %e = zext i32 %e32 to i64", *base,
-        "  %outp = getelementptr float, ptr %out, i64 %o", "  %init = load float, ptr %outp",
+        "  %s = zext i32 %s32 to i64", "  %e = zext i32 %e32 to i64", *base, *spmv_row_start_ir(),
         "  br label %loop",
         "loop:", "  %k = phi i64 [%s, %row], [%k.next, %body]",
         f"  %acc = phi {vec} [zeroinitializer, %row], [%new, %body]", *carry,
@@ -629,10 +627,17 @@ class CSRProduct:
                              f"{x.dtype} {x.shape} and {out.dtype} {out.shape}")
         self.matvec_at(x.ctypes.data, out, threads)
 
-    def matvec_at(self, x_address: int, out: np.ndarray, threads: int) -> None:
-        """:meth:`matvec` with x given by the address of n_in contiguous float32 (the caller vouches for it)."""
+    def matvec_at(self, x_address: int, out: np.ndarray, threads: int, bias_address: int = 0) -> None:
+        """:meth:`matvec` with x given by the address of n_in contiguous float32 (the caller vouches for it); with a
+        ``bias_address`` (of n_rows float32), ``out = bias + W @ x`` instead (out's contents are not read)."""
         if out.shape != (self.n_rows,) or out.dtype != np.float32 or not out.flags.c_contiguous:
             raise ValueError(f"matvec wants a contiguous float32 out ({self.n_rows},), got {out.dtype} {out.shape}")
+        self.matvec_plan(threads).run(x_address, out.ctypes.data, bias_address)
+
+    def matvec_plan(self, threads: int) -> Plan:
+        """The cached batch-1 plan on up to ``threads`` threads: ``plan.run(x, out, bias)`` with the addresses of x
+        (n_in float32), out (n_rows float32) and a bias (n_rows float32: out = bias + W x) or 0 (out += W x). Its
+        arrays stay alive with it; a caller keeping it follows :meth:`rebind_values` by asking again."""
         threads = threads if self.vals.size >= PARALLEL_MIN_NONZEROS else 1
         plan = self._plans.get(("matvec", threads))
         if plan is None:
@@ -649,7 +654,7 @@ class CSRProduct:
                 starts, ends = self._bounds[0], self._bounds[-1]
                 plan = self._plan(("matvec", threads), threads,
                                   [[[SPMV, fn, starts, ends, *self._data, 0, 0, *rows] + [0] * 6] for rows in ranges])
-        plan.run(x_address, out.ctypes.data)
+        return plan
 
     def delta_form(self) -> tuple[np.ndarray, np.ndarray] | None:
         """The 1-byte column deltas the AVX-512 batch-1 product reads (:func:`delta_rows`), built on first use and

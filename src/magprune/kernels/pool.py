@@ -44,6 +44,16 @@ _ENTRY_POINTS = {  # name: ctypes signature of the functions called from Python
 RECORD = 16  # int64 per record: kind (0 spmm, 1 spmv, 2 mask, 3 sddmm), function address, up to 14 arguments (x,
 # out as offsets)
 SPMM, SPMV, MASK, SDDMM = 0, 1, 2, 3
+
+
+def spmv_row_start_ir() -> list[str]:
+    """IR lines of an ``SPMV`` kernel's row start: ``%init`` (what row ``%o``'s sum starts from) read from
+    ``%from[o]``, or from ``%out[o]`` where ``%from`` is null, and ``%outp`` (where the row's result goes). The
+    runner passes ``%from`` as the ninth argument: a plan run with a third address (a Linear layer's bias) writes
+    ``out = bias + W x`` without a pass of its own over ``out``; with none, ``out += W x``."""
+    return ["  %outp = getelementptr float, ptr %out, i64 %o", "  %fromp = getelementptr float, ptr %from, i64 %o",
+            "  %hasfrom = icmp ne ptr %from, null", "  %initp = select i1 %hasfrom, ptr %fromp, ptr %outp",
+            "  %init = load float, ptr %initp"]
 MAX_TASKS = (1 << 20) - 1  # the task counter and count share one 64-bit word with the plan's sequence number
 SPIN_SECONDS = 2e-4  # how long a worker stays awake for the next plan (OpenMP's default active wait is longer)
 MAX_WORKERS = 63  # post() reports sleeping workers as bits of an int64
@@ -82,10 +92,11 @@ def _pool_ir(pause: str) -> str:
     for j in range(RECORD - 2):
         loads += [f"  %ap{j} = getelementptr i64, ptr %rec, i64 {2 + j}", f"  %a{j} = load i64, ptr %ap{j}"]
     # records hold input/output offsets; the bases of this call's arrays are added here (spmm: arguments 4 and 6,
-    # spmv: 4 and 5, mask: the tensor at 4, sddmm: x at 4, its output values at 3 and the output gradient at 6 with
-    # the third base), so a cached plan is never written to and serves concurrent calls
+    # spmv: 4 and 5, its ninth argument, where each row's sum starts (null: out itself), at 8 with the third base;
+    # mask: the tensor at 4, sddmm: x at 4, its output values at 3 and the output gradient at 6 with the third
+    # base), so a cached plan is never written to and serves concurrent calls
     mm = [*args[:4], "%xa", args[5], "%oa.mm", *args[7:]]
-    mv = [*args[:4], "%xa", "%oa.mv", *args[6:8]]
+    mv = [*args[:4], "%xa", "%oa.mv", *args[6:8], "%ya.mv"]
     mm_args = ", ".join(f"i64 {a}" for a in mm)
     mv_args = ", ".join(f"i64 {a}" for a in mv)
     mask_args = ", ".join(f"i64 {a}" for a in ["%xa", *args[:3]])
@@ -101,7 +112,7 @@ def _pool_ir(pause: str) -> str:
         "  %rec = getelementptr i64, ptr %recs, i64 %off", "  %kind = load i64, ptr %rec",
         "  %fnp = getelementptr i64, ptr %rec, i64 1", "  %fn = load ptr, ptr %fnp", *loads,
         "  %xa = add i64 %a4, %xbase", "  %oa.mm = add i64 %a6, %obase", "  %oa.mv = add i64 %a5, %obase",
-        "  %oa.sd = add i64 %a3, %obase", "  %ya.sd = add i64 %a6, %ybase",
+        "  %oa.sd = add i64 %a3, %obase", "  %ya.sd = add i64 %a6, %ybase", "  %ya.mv = add i64 %a8, %ybase",
         f"  %mv = icmp eq i64 %kind, {SPMV}", "  br i1 %mv, label %callmv, label %notmv",
         "notmv:", f"  %mk = icmp eq i64 %kind, {MASK}", "  br i1 %mk, label %callmask, label %notmask",
         "notmask:", f"  %sd = icmp eq i64 %kind, {SDDMM}", "  br i1 %sd, label %callsd, label %callmm",
@@ -344,7 +355,8 @@ class Plan:
         self._run_records = runtime()["run_records"] if self.threads <= 1 else None
 
     def run(self, x_address: int, out_address: int, y_address: int = 0) -> None:
-        """Run the plan with these bases added to the records' offsets (x, out and, for SDDMM records, dy)."""
+        """Run the plan with these bases added to the records' offsets (x, out and, for SDDMM records, dy; for SPMV
+        records, where each row's sum starts: 0 for out itself)."""
         if self._run_records is not None:  # one thread: the runner called directly
             self._run_records(self.records_address, 0, self.n_records, x_address, out_address, y_address)
         else:

@@ -25,7 +25,7 @@ import numpy as np
 from magprune.kernels.csr import row_splits
 from magprune.kernels.jit import compiled
 from magprune.kernels.memory import huge_page_array
-from magprune.kernels.pool import CHUNKS_PER_THREAD, SPMV, Plan
+from magprune.kernels.pool import CHUNKS_PER_THREAD, SPMV, Plan, spmv_row_start_ir
 
 _INDEX_TYPES = {np.dtype(np.uint8): "i8", np.dtype(np.uint16): "i16", np.dtype(np.uint32): "i32"}
 PARALLEL_MIN_NONZEROS = 1 << 19  # as for the fp32 matrix-vector product (csr.PARALLEL_MIN_NONZEROS)
@@ -35,14 +35,14 @@ GROUP = 4
 
 def _qspmv_ir(index: str) -> str:
     lines = [f"define void @qspmv_{index}(ptr noalias %starts, ptr noalias %ends, ptr noalias %cols, "
-             "ptr noalias %book, ptr noalias %x, ptr noalias %out, i64 %r0, i64 %r1) nounwind {",
+             "ptr noalias %book, ptr noalias %x, ptr noalias %out, i64 %r0, i64 %r1, ptr %from) nounwind {",
              "entry:", f"  %labels = getelementptr i8, ptr %book, i64 {4 * MAX_VALUES}",
              "  %any = icmp ult i64 %r0, %r1", "  br i1 %any, label %row, label %exit",
              "row:", "  %o = phi i64 [%r0, %entry], [%o.next, %store]",
              "  %sp = getelementptr i32, ptr %starts, i64 %o", "  %s32 = load i32, ptr %sp",
              "  %ep = getelementptr i32, ptr %ends, i64 %o", "  %e32 = load i32, ptr %ep",
              "  %s = zext i32 %s32 to i64", "  %e = zext i32 %e32 to i64",
-             "  %outp = getelementptr float, ptr %out, i64 %o", "  %init = load float, ptr %outp",
+             *spmv_row_start_ir(),
              "  br label %loop",
              "loop:", "  %g = phi i64 [%s, %row], [%g.next, %body]",
              "  %acc0 = phi float [%init, %row], [%new0, %body]",
