@@ -134,7 +134,6 @@ class QuantizedProduct:
         self.indptr = np.ascontiguousarray(row_groups.astype(np.int64))  # groups per row, cumulative
         self.starts = np.ascontiguousarray(self.indptr[:-1].astype(np.int32))
         self.ends = np.ascontiguousarray(self.indptr[1:].astype(np.int32))
-        self.x = np.zeros(n_in + 1, dtype=np.float32)  # x and the zero the padding points at
         self._plans: dict[int, Plan] = {}
 
     @property
@@ -144,12 +143,15 @@ class QuantizedProduct:
 
     def matvec(self, x: np.ndarray, out: np.ndarray, threads: int = 1) -> None:
         """out += W @ x for float32 x (n_in,) and contiguous float32 out (n_rows,). x is copied next to the zero
-        that padded columns read (n_in floats: microseconds against the product's milliseconds)."""
+        that padded columns read (n_in floats: microseconds against the product's milliseconds), a copy of each
+        call's own: one kept on the product and shared by concurrent calls gave wrong results (until 2026-12-07)."""
         if x.shape != (self.n_in,) or x.dtype != np.float32:
             raise ValueError(f"matvec wants a float32 x ({self.n_in},), got {x.dtype} {x.shape}")
         if out.shape != (self.n_rows,) or out.dtype != np.float32 or not out.flags.c_contiguous:
             raise ValueError(f"matvec wants a contiguous float32 out ({self.n_rows},), got {out.dtype} {out.shape}")
-        self.x[:-1] = x
+        padded = np.empty(self.n_in + 1, dtype=np.float32)
+        padded[:-1] = x
+        padded[-1] = 0.0
         threads = threads if self.nnz >= PARALLEL_MIN_NONZEROS else 1
         plan = self._plans.get(threads)
         if plan is None:
@@ -160,4 +162,4 @@ class QuantizedProduct:
             plan = self._plans[threads] = Plan([[[SPMV, fn, *data, 0, 0, r0, r1] + [0] * 6] for r0, r1 in ranges]
                                                or [[]], threads)
         if plan.n_records:
-            plan.run(self.x.ctypes.data, out.ctypes.data)
+            plan.run(padded.ctypes.data, out.ctypes.data)
