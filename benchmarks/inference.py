@@ -4,10 +4,10 @@ whole model, at batch 1, 32 and 256, measured side by side in one run.
     python benchmarks/inference.py [--quick]
     python benchmarks/inference.py --quantized [--quick]
 
-Writes benchmarks/results/<LLVM host CPU>/inference[_quick].{json,md}. ``--quantized``: only the batch-1
-comparison of Deep Compression's shared weights (5 bits, as Han's FC layers) on the AlexNet fc6 and VGG-16 fc6
-shapes: dense torch, the fp32 CSR kernel (SparseLinear) and the kernel reading codebook indices (QuantizedLinear),
-on one and on all threads, interleaved; writes inference_quantized[_quick].{json,md} there.
+Writes benchmarks/results/<LLVM host CPU>/inference[_quick].{json,md}. ``--quantized``: only the comparison
+of Deep Compression's shared weights (5 bits, as Han's FC layers) on the AlexNet fc6 and VGG-16 fc6 shapes: dense
+torch, the fp32 CSR kernel (SparseLinear) and the kernels reading codebook indices (QuantizedLinear), batch 1 on one
+and on all threads and batch 32 on all, interleaved; writes inference_quantized[_quick].{json,md} there.
 
 Runs under torch's OpenMP settings as the user has them (OMP_WAIT_POLICY is recorded): the kernels run on
 torch's own OpenMP team (magprune.kernels.pool), so torch's threads spinning after an op no longer take the
@@ -122,21 +122,22 @@ def bench_model(name: str, input_shape: tuple[int, ...], batch: int, rounds: int
 
 
 def bench_quantized(label: str, n_in: int, n_out: int, density: float, bits: int, rounds: int) -> list[dict]:
-    """Batch 1: dense torch vs the fp32 CSR kernel vs the shared-weight kernel on the same (shared) weights."""
+    """Dense torch vs the fp32 CSR kernel vs the shared-weight kernel on the same (shared) weights: batch 1 on one
+    and on all threads, batch 32 on all."""
     layer = random_pruned_linear(n_in, n_out, density)
     WeightSharing(layer, bits=bits)
     fp32, quantized = SparseLinear(layer), QuantizedLinear.from_linear(layer)
-    x = torch.randn(1, n_in)
     rows = []
     default_threads = torch.get_num_threads()
     with torch.inference_mode():
-        torch.testing.assert_close(quantized(x), layer(x), rtol=1e-3, atol=1e-3)
-        for threads in sorted({1, default_threads}):
+        for batch, threads in [(1, t) for t in sorted({1, default_threads})] + [(32, default_threads)]:
+            x = torch.randn(batch, n_in)
+            torch.testing.assert_close(quantized(x), layer(x), rtol=1e-3, atol=1e-3)
             torch.set_num_threads(threads)
-            t = timed({"dense": lambda: layer(x), "fp32_csr": lambda: fp32(x), "quantized": lambda: quantized(x)},
-                      rounds)
+            t = timed({"dense": lambda x=x: layer(x), "fp32_csr": lambda x=x: fp32(x),
+                       "quantized": lambda x=x: quantized(x)}, rounds)
             rows.append({"case": label, "shape": f"{n_in}->{n_out}", "density": round(density, 4), "bits": bits,
-                         "threads": threads, "ms": {k: v["min"] for k, v in t.items()},
+                         "batch": batch, "threads": threads, "ms": {k: v["min"] for k, v in t.items()},
                          "median_ms": {k: v["median"] for k, v in t.items()},
                          "bytes": {"dense": layer.weight.numel() * 4, "fp32_csr": fp32.cols.nbytes + fp32.vals.nbytes
                                    + fp32.product.tiles.nbytes, "quantized": quantized.product.nbytes}})
@@ -145,13 +146,14 @@ def bench_quantized(label: str, n_in: int, n_out: int, density: float, bits: int
 
 
 def quantized_table(rows: list[dict]) -> str:
-    lines = ["| case | shape | density | bits | threads | dense ms | fp32 CSR ms | quantized ms | "
-             "quantized vs fp32 CSR (min / median) | fp32 CSR MB | quantized MB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| case | shape | density | bits | batch | threads | dense ms | fp32 CSR ms | quantized ms | "
+             "quantized vs dense (min) | quantized vs fp32 CSR (min / median) | fp32 CSR MB | quantized MB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ms, med, b = r["ms"], r["median_ms"], r["bytes"]
-        lines.append(f"| {r['case']} | {r['shape']} | {r['density']:.2f} | {r['bits']} | {r['threads']} | "
-                     f"{ms['dense']:.3f} | {ms['fp32_csr']:.3f} | {ms['quantized']:.3f} | "
+        lines.append(f"| {r['case']} | {r['shape']} | {r['density']:.2f} | {r['bits']} | {r.get('batch', 1)} | "
+                     f"{r['threads']} | {ms['dense']:.3f} | {ms['fp32_csr']:.3f} | {ms['quantized']:.3f} | "
+                     f"{ms['dense'] / ms['quantized']:.2f}x | "
                      f"{ms['fp32_csr'] / ms['quantized']:.2f}x / {med['fp32_csr'] / med['quantized']:.2f}x | "
                      f"{b['fp32_csr'] / 1e6:.1f} | {b['quantized'] / 1e6:.1f} |")
     return "\n".join(lines)
@@ -163,13 +165,13 @@ def main_quantized(args: argparse.Namespace) -> None:
     rows = []
     for label, n_in, n_out, density in (("AlexNet fc6", 9216, 4096, 0.09), ("VGG-16 fc6", 25088, 4096, 0.04)):
         rows += bench_quantized(label, n_in, n_out, density, 5, rounds)
-        print(quantized_table(rows[-2:]), flush=True)
+        print(quantized_table(rows[-3:]), flush=True)
     info["load_average_end"] = os.getloadavg()
     text = quantized_table(rows)
     print(f"\n{text}\n\nload average start {info['load_average_start']}, end {info['load_average_end']}")
     cmd = "python benchmarks/inference.py --quantized" + (" --quick" if args.quick else "")
     write_results(args, info, "inference_quantized", rounds, rows,
-                  f"# Batch-1 inference from shared weights\n\n`{cmd}` — best (and median) of {rounds} interleaved "
+                  f"# Inference from shared weights\n\n`{cmd}` — best (and median) of {rounds} interleaved "
                   "rounds, ms. Same weights (pruned at random to the density, then shared at 5 bits) for all three.",
                   text)
 

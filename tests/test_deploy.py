@@ -385,7 +385,8 @@ def test_one_example_in_every_layout_matches_dense(monkeypatch, min_work):
         linear.weight.mul_(torch.rand_like(linear.weight) < 0.3)
     sparse = SparseLinear(linear)
     wide = torch.randn(1, 128)
-    for x in (torch.randn(64), torch.randn(1, 64), torch.randn(1, 1, 64), wide[:, ::2], torch.randn(2, 1, 64)[1]):
+    for x in (torch.randn(64), torch.randn(1, 64), torch.randn(1, 1, 64), wide[:, ::2], torch.randn(2, 1, 64)[1],
+              torch.randn(0, 64), torch.randn(2, 0, 64)):  # empty batches too, as nn.Linear takes them
         with torch.inference_mode():
             y = sparse(x)
             assert y.shape == linear(x).shape

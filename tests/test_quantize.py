@@ -362,6 +362,50 @@ def test_quantized_kernel_on_threads(monkeypatch):
         QuantizedProduct(rows, cols, labels + 8, codebook, 64, 100)
 
 
+@pytest.mark.parametrize(("n_in", "m", "blocks"), [(200, 8, 1), (200, 40, 2), (300, 72, 1), (300, 16, 3)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_batched_quantized_kernel_matches_the_reference(monkeypatch, n_in, m, blocks, threads):
+    """The batched product over x transposed (its row n_in zero): every chunk width (72 = 64 + 8, 40 = 32 + 8),
+    several blocks, uint8 and uint16 columns, empty rows and runs that do not fill a group, on one and two threads."""
+    monkeypatch.setattr(qkernel, "PARALLEL_MIN_WORK", 0)
+    rng = np.random.default_rng(m + n_in)
+    n_out, k = 37, 16
+    mask = rng.random((n_out, n_in)) < 0.2
+    mask[[0, 5, 36]] = False  # empty rows, first and last among them
+    mask[7, :3] = True
+    mask[7, 3:] = False  # one row of three nonzeros: one padded group
+    rows, cols = np.nonzero(mask)
+    codebook = rng.standard_normal(k).astype(np.float32)
+    labels = rng.integers(0, k, rows.size)
+    weight = np.zeros((n_out, n_in), dtype=np.float64)
+    weight[rows, cols] = codebook[labels]
+    product = QuantizedProduct(rows, cols, labels, codebook, n_out, n_in)
+    x = np.zeros((blocks, n_in + 1, m), dtype=np.float32)
+    x[:, :n_in] = rng.standard_normal((blocks, n_in, m))
+    out = np.full((blocks, n_out, m), 0.5, dtype=np.float32)
+    product.matmul(x, out, threads)
+    np.testing.assert_allclose(out, 0.5 + weight @ x[:, :n_in], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        product.matmul(x[:, :, :m - 1].copy(), out[:, :, :m - 1].copy(), threads)
+    with pytest.raises(ValueError, match="x \\(B, "):
+        product.matmul(x[:, :n_in].copy(), out, threads)  # no zero row
+
+
+@pytest.mark.parametrize("shape", [(2, 300), (13, 300), (33, 300), (70, 300), (3, 5, 300), (0, 300)])
+def test_quantized_linear_runs_batches_through_the_batched_kernel(shape):
+    torch.manual_seed(1)
+    layer = nn.Linear(300, 40)
+    with torch.no_grad():
+        layer.weight.mul_(torch.rand_like(layer.weight) < 0.3)
+    WeightSharing(layer, bits=4)
+    quantized = QuantizedLinear.from_linear(layer)
+    x = torch.randn(*shape)
+    with torch.no_grad():
+        y = quantized(x)
+        assert y.shape == (*shape[:-1], 40)
+        torch.testing.assert_close(y, layer(x), rtol=1e-4, atol=1e-4)
+
+
 def test_quantized_kernel_called_from_two_threads_at_once():
     """Each call pads its own copy of x: one scratch copy on the product, shared by concurrent calls, let one call's
     kernel read the other's input (wrong results in 18 of 600 calls before the fix)."""

@@ -4,6 +4,7 @@ weights, run by the compiled kernels of :mod:`magprune.kernels.csr`."""
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,26 +26,31 @@ def _csr_arrays(weight2d: Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
             np.ascontiguousarray(parts["values"], dtype=np.float32))
 
 
-def _spmm(product: CSRProduct, bias: np.ndarray, x2d: np.ndarray) -> np.ndarray:
+def batched_product(product: Any, bias: np.ndarray, x2d: np.ndarray, zero_row: bool = False,
+                    widest: int | None = None) -> np.ndarray:
     """y = x W^T + b for x of shape (batch, in), batch >= 2 (one example goes to the matrix-vector kernel);
-    returns (batch, out)."""
+    returns (batch, out). ``product``: a CSRProduct, or with ``zero_row`` a QuantizedProduct (whose padded groups
+    read a zero row after the input's n_in rows), either with ``n_rows`` and ``matmul(x, out, threads)``."""
     batch, n_in = x2d.shape
+    if batch == 0:  # an empty batch, as nn.Linear takes it
+        return np.empty((0, product.n_rows), dtype=np.float32)
     threads = torch.get_num_threads()
     # y^T = W x^T, the batch cut into blocks of at most block_width() columns (a multiple of 8, the last one's
     # columns past the batch zero); in and out through the transpose kernel (torch's copy and numpy's took 14% of a
     # 9216x4096 layer's batch-256 product at 9%)
-    widest = block_width()
+    widest = widest or block_width()
     width = widest if batch > widest else -(-batch // 8) * 8
     blocks = -(-batch // width)
     full, rem = divmod(batch, width)
     if x2d.strides[1] != 4 or x2d.strides[0] < 0:
         x2d = np.ascontiguousarray(x2d)
-    xb = np.empty((blocks, n_in, width), dtype=np.float32)
+    xb = np.empty((blocks, n_in + zero_row, width), dtype=np.float32)
+    xb[:, n_in:] = 0.0
     if full:
-        transpose(x2d[:full * width].reshape(full, width, n_in), xb[:full], threads)
+        transpose(x2d[:full * width].reshape(full, width, n_in), xb[:full, :n_in], threads)
     if rem:
-        xb[full, :, rem:] = 0.0
-        transpose(x2d[full * width:][None], xb[full:, :, :rem], threads)
+        xb[full, :n_in, rem:] = 0.0
+        transpose(x2d[full * width:][None], xb[full:, :n_in, :rem], threads)
     outb = np.empty((blocks, product.n_rows, width), dtype=np.float32)
     outb[:] = bias[:, None]
     product.matmul(xb, outb, threads)
@@ -257,7 +263,7 @@ class SparseLinear(_SparseBase):
             self.product.matvec_at(x.data_ptr(), out, torch.get_num_threads())
             return torch.from_numpy(out.reshape(*lead, self.out_features))
         x2d = (x.detach() if x.requires_grad else x).numpy().reshape(-1, self.in_features)
-        y = _spmm(self._batched_product(), bias, x2d)
+        y = batched_product(self._batched_product(), bias, x2d)
         return torch.from_numpy(np.ascontiguousarray(y).reshape(*lead, self.out_features))
 
     def to_dense(self) -> nn.Linear:

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from magprune.deploy.entropy import SharedWeight, shared_values
 from magprune.deploy.format import CompressedFormatError, as_numpy, load_compressed
+from magprune.deploy.modules import batched_product
 from magprune.kernels.quantized import QuantizedProduct
 
 
@@ -18,8 +19,9 @@ class QuantizedLinear(nn.Module):
     """Inference replacement for ``nn.Linear`` whose nonzero weights take at most 256 shared values (after
     :class:`~magprune.deploy.quantize.WeightSharing`), held as codebook indices, never as fp32 weights.
 
-    Batch 1 (the case it is for: the time is the bytes read) runs one product of the kernel; a batch runs it once
-    per example. float32 CPU inputs, no autograd."""
+    Batch 1 (the case it is for: the time is the bytes read) runs the matrix-vector kernel; a batch runs the
+    batched one over the batch transposed (until 2026-12-07 the matrix-vector kernel once per example, slower than
+    dense torch at batch 32). float32 CPU inputs, no autograd."""
 
     def __init__(self, weight: SharedWeight, bias: Tensor | None) -> None:
         super().__init__()
@@ -51,11 +53,12 @@ class QuantizedLinear(nn.Module):
             raise ValueError(f"QuantizedLinear expects last dim {self.in_features}, got shape {list(x.shape)}")
         lead = x.shape[:-1]
         rows = x.detach().reshape(-1, self.in_features).numpy()
-        out = np.empty((rows.shape[0], self.out_features), dtype=np.float32)
-        threads = torch.get_num_threads()
-        for i in range(rows.shape[0]):
-            out[i] = self.bias_array
-            self.product.matvec(rows[i], out[i], threads)
+        if rows.shape[0] != 1:  # the batch transposed, each group of the product then reads rows of it
+            y = batched_product(self.product, self.bias_array, rows, zero_row=True,
+                                widest=self.product.batch_columns())
+            return torch.from_numpy(np.ascontiguousarray(y).reshape(*lead, self.out_features))
+        out = self.bias_array.copy()
+        self.product.matvec(rows[0], out, torch.get_num_threads())
         return torch.from_numpy(out.reshape(*lead, self.out_features))
 
     def extra_repr(self) -> str:
