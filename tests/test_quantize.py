@@ -362,6 +362,25 @@ def test_quantized_kernel_on_threads(monkeypatch):
         QuantizedProduct(rows, cols, labels + 8, codebook, 64, 100)
 
 
+@pytest.mark.parametrize("n_in", [200, 300, 70_000])  # uint8, uint16 and uint32 columns
+def test_quantized_matvec_at_every_group_count_and_tail(n_in):
+    """Row r holds r nonzeros of one codebook entry (ceil(r / 4) groups, the last padded): every count of whole
+    four-group passes and every tail of one to three groups of the AVX-512 kernel, and the scalar kernel's pairs."""
+    rng = np.random.default_rng(n_in)
+    n_out = 50
+    rows = np.concatenate([np.full(r, r) for r in range(n_out)])
+    cols = np.concatenate([np.sort(rng.choice(n_in, size=r, replace=False)) for r in range(n_out)])
+    labels = rows % 3
+    codebook = np.array([0.5, -1.25, 2.0], dtype=np.float32)
+    weight = np.zeros((n_out, n_in), dtype=np.float64)
+    weight[rows, cols] = codebook[labels]
+    product = QuantizedProduct(rows, cols, labels, codebook, n_out, n_in)
+    x = rng.standard_normal(n_in).astype(np.float32)
+    out = np.full(n_out, 0.25, dtype=np.float32)
+    product.matvec(x, out)
+    np.testing.assert_allclose(out, 0.25 + weight @ x, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize(("n_in", "m", "blocks"), [(200, 8, 1), (200, 40, 2), (300, 72, 1), (300, 16, 3)])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_batched_quantized_kernel_matches_the_reference(monkeypatch, n_in, m, blocks, threads):
