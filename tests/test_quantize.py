@@ -381,6 +381,56 @@ def test_quantized_matvec_at_every_group_count_and_tail(n_in):
     np.testing.assert_allclose(out, 0.25 + weight @ x, rtol=1e-5, atol=1e-5)
 
 
+def test_quantized_matvec_reads_nothing_past_x():
+    """Padded slots point at column n_in: the AVX-512 kernel masks them out of its gathers and reads x in place, the
+    scalar one reads a copy followed by a zero. Either way what lies after x (here NaN) is never read."""
+    rng = np.random.default_rng(9)
+    n_out, n_in = 30, 500
+    rows, cols = np.nonzero(rng.random((n_out, n_in)) < 0.1)
+    labels = rng.integers(0, 5, rows.size)
+    codebook = rng.standard_normal(5).astype(np.float32)
+    weight = np.zeros((n_out, n_in), dtype=np.float64)
+    weight[rows, cols] = codebook[labels]
+    product = QuantizedProduct(rows, cols, labels, codebook, n_out, n_in)
+    assert (product.cols == n_in).any()  # some groups are padded
+    buffer = np.full(n_in + 16, np.nan, dtype=np.float32)
+    buffer[:n_in] = rng.standard_normal(n_in)
+    out = np.zeros(n_out, dtype=np.float32)
+    product.matvec(buffer[:n_in], out)
+    np.testing.assert_allclose(out, weight @ buffer[:n_in], rtol=1e-5, atol=1e-5)
+
+
+def test_quantized_linear_one_example_path_follows_its_bias_and_copies():
+    import pickle
+
+    torch.manual_seed(2)
+    layer = nn.Linear(300, 40)
+    with torch.no_grad():
+        layer.weight.mul_(torch.rand_like(layer.weight) < 0.3)
+    WeightSharing(layer, bits=4)
+    quantized = QuantizedLinear.from_linear(layer)
+    x = torch.randn(1, 300)
+
+    def expected(module: QuantizedLinear) -> torch.Tensor:
+        return x @ layer.weight.detach().T + torch.from_numpy(module.bias_array)
+
+    with torch.no_grad():
+        first, second = quantized(x), quantized(x)
+        assert (quantized._one is not None) == quantized.product.reads_x_in_place
+        torch.testing.assert_close(second, expected(quantized), rtol=1e-5, atol=1e-5)
+        assert first.data_ptr() != second.data_ptr()
+        torch.testing.assert_close(quantized(x[0]), expected(quantized)[0], rtol=1e-5, atol=1e-5)
+        quantized.bias_array += 1.0  # in place
+        torch.testing.assert_close(quantized(x), expected(quantized), rtol=1e-5, atol=1e-5)
+        quantized.bias_array = np.random.default_rng(0).standard_normal(40).astype(np.float32)  # replaced
+        torch.testing.assert_close(quantized(x), expected(quantized), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(quantized(x), expected(quantized), rtol=1e-5, atol=1e-5)
+        for clone in (copy.deepcopy(quantized), pickle.loads(pickle.dumps(quantized))):  # plans do not travel
+            assert clone._one is None and not clone.product._plans
+            for _ in range(2):
+                torch.testing.assert_close(clone(x), expected(quantized), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize(("n_in", "m", "blocks"), [(200, 8, 1), (200, 40, 2), (300, 72, 1), (300, 16, 3)])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_batched_quantized_kernel_matches_the_reference(monkeypatch, n_in, m, blocks, threads):

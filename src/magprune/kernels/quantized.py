@@ -35,6 +35,8 @@ PARALLEL_MIN_NONZEROS = 1 << 19  # as for the fp32 matrix-vector product (csr.PA
 PARALLEL_MIN_WORK = 1 << 20  # nonzeros x batch columns of a batched product (csr.PARALLEL_MIN_WORK)
 MAX_VALUES = 256
 GROUP = 4
+LABELS_AT = 4 * MAX_VALUES + 64  # bytes of ``book`` before the group labels: the codebook, then n_in (int32) in a
+# line of its own (the AVX-512 kernel's padding column)
 PREFETCH_GROUPS = 256  # groups ahead whose columns the AVX-512 matrix-vector kernel prefetches (2 KiB at uint16);
 # AlexNet fc6 at 5 bits after a dense layer, min of 30 on this project's Intel Xeon: 0.56 ms, 1024 within noise, 64
 # 0.73 ms, none 0.91-0.93 ms
@@ -43,7 +45,7 @@ PREFETCH_GROUPS = 256  # groups ahead whose columns the AVX-512 matrix-vector ke
 def _qspmv_ir(index: str) -> str:
     lines = [f"define void @qspmv_{index}(ptr noalias %starts, ptr noalias %ends, ptr noalias %cols, "
              "ptr noalias %book, ptr noalias %x, ptr noalias %out, i64 %r0, i64 %r1, ptr %from) nounwind {",
-             "entry:", f"  %labels = getelementptr i8, ptr %book, i64 {4 * MAX_VALUES}",
+             "entry:", f"  %labels = getelementptr i8, ptr %book, i64 {LABELS_AT}",
              "  %any = icmp ult i64 %r0, %r1", "  br i1 %any, label %row, label %exit",
              "row:", "  %o = phi i64 [%r0, %entry], [%o.next, %store]",
              "  %sp = getelementptr i32, ptr %starts, i64 %o", "  %s32 = load i32, ptr %sp",
@@ -99,7 +101,7 @@ def _qspmv_gather_ir(index: str) -> str:
     ind = f"<16 x {index}>"
 
     def step(tag: str, mask: str, lmask: str, acc: str, new: str) -> list[str]:
-        full = mask == "splat (i1 true)"
+        full = lmask == "splat (i1 true)"
         cols = (f"  %cv{tag} = load {ind}, ptr %cp{tag}, align 1" if full else
                 f"  %cv{tag} = call {ind} @llvm.masked.load.v16{index}.p0(ptr %cp{tag}, i32 1, <16 x i1> {mask}, "
                 f"{ind} zeroinitializer)")
@@ -108,9 +110,11 @@ def _qspmv_gather_ir(index: str) -> str:
                   "<4 x i8> zeroinitializer)")
         return [f"  %co{tag} = mul nuw i64 %g, {GROUP}", f"  %cp{tag} = getelementptr {index}, ptr %cols, i64 %co{tag}",
                 cols, f"  %ci{tag} = {'bitcast' if index == 'i32' else 'zext'} {ind} %cv{tag} to {i32}",
+                f"  %real{tag} = icmp ne {i32} %ci{tag}, %padv",  # padding slots read nothing: x is read in place
+                f"  %gm{tag} = and <16 x i1> %real{tag}, {mask}",
                 f"  %xp{tag} = getelementptr float, ptr %x, {i32} %ci{tag}",
                 f"  %xg{tag} = call {vec} @llvm.masked.gather.v16f32.v16p0(<16 x ptr> %xp{tag}, i32 4, "
-                f"<16 x i1> {mask}, {vec} zeroinitializer)",
+                f"<16 x i1> %gm{tag}, {vec} zeroinitializer)",
                 f"  %lp{tag} = getelementptr i8, ptr %labels, i64 %g", labels,
                 f"  %li{tag} = zext <4 x i8> %lv{tag} to <4 x i32>",
                 f"  %wp{tag} = getelementptr float, ptr %book, <4 x i32> %li{tag}",
@@ -122,7 +126,10 @@ def _qspmv_gather_ir(index: str) -> str:
     return "\n".join([
         f"define void @qspmv_{index}(ptr noalias %starts, ptr noalias %ends, ptr noalias %cols, "
         "ptr noalias %book, ptr noalias %x, ptr noalias %out, i64 %r0, i64 %r1, ptr %from) nounwind {",
-        "entry:", f"  %labels = getelementptr i8, ptr %book, i64 {4 * MAX_VALUES}",
+        "entry:", f"  %labels = getelementptr i8, ptr %book, i64 {LABELS_AT}",
+        f"  %padp = getelementptr i8, ptr %book, i64 {4 * MAX_VALUES}", "  %pad = load i32, ptr %padp",
+        f"  %pad0 = insertelement {i32} poison, i32 %pad, i32 0",
+        f"  %padv = shufflevector {i32} %pad0, {i32} poison, <16 x i32> zeroinitializer",
         "  %any = icmp ult i64 %r0, %r1", "  br i1 %any, label %row, label %exit",
         "row:", "  %o = phi i64 [%r0, %entry], [%o.next, %store]",
         "  %sp = getelementptr i32, ptr %starts, i64 %o", "  %s32 = load i32, ptr %sp",
@@ -166,7 +173,7 @@ def _qspmm_ir(width: int, index: str, lanes: int) -> str:
     lines = [f"define void @qspmm_{width}_{index}(ptr noalias %starts, ptr noalias %ends, ptr noalias %cols, "
              "ptr noalias %book, ptr noalias %x, i64 %ldx, ptr noalias %out, i64 %ldo, i64 %r0, i64 %r1, "
              "i64 %chunks, i64 %blocks, i64 %xstep, i64 %ostep) nounwind {",
-             "entry:", f"  %labels = getelementptr i8, ptr %book, i64 {4 * MAX_VALUES}",
+             "entry:", f"  %labels = getelementptr i8, ptr %book, i64 {LABELS_AT}",
              "  %any = icmp ult i64 %r0, %r1", "  br i1 %any, label %block, label %exit",
              "block:", "  %b = phi i64 [0, %entry], [%b.next, %block.end]",
              "  %xboff = mul nuw i64 %b, %xstep", "  %xb = getelementptr float, ptr %x, i64 %xboff",
@@ -295,15 +302,27 @@ class QuantizedProduct:
         slots[first_group[run_of] * GROUP + rank] = cols[order]
         self.n_rows, self.n_in, self.k, self.nnz = n_rows, n_in, k, int(rows.size)
         self.codebook = codebook.copy()
-        book = np.zeros(4 * MAX_VALUES + int(first_group[-1]), dtype=np.uint8)
+        book = np.zeros(LABELS_AT + int(first_group[-1]), dtype=np.uint8)
         book[:4 * k] = self.codebook.view(np.uint8)
-        book[4 * MAX_VALUES:] = np.repeat(np.tile(np.arange(k), n_rows), groups).astype(np.uint8)
+        book[4 * MAX_VALUES:4 * MAX_VALUES + 4] = np.array([n_in], dtype=np.int32).view(np.uint8)
+        book[LABELS_AT:] = np.repeat(np.tile(np.arange(k), n_rows), groups).astype(np.uint8)
         self.cols, self.book = huge_page_array(slots), huge_page_array(book)
         row_groups = first_group[::k][:n_rows + 1] if n_rows else np.zeros(1, dtype=np.int64)
         self.indptr = np.ascontiguousarray(row_groups.astype(np.int64))  # groups per row, cumulative
         self.starts = np.ascontiguousarray(self.indptr[:-1].astype(np.int32))
         self.ends = np.ascontiguousarray(self.indptr[1:].astype(np.int32))
-        self._plans: dict[int, Plan] = {}
+        self._plans: dict = {}
+        # the AVX-512 kernel masks padded slots out of its gathers: it reads x where it lies, n_in floats
+        self.reads_x_in_place = vector_lanes() == 16
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_plans"] = {}  # plans hold this object's addresses (and ctypes functions, which do not pickle)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.reads_x_in_place = vector_lanes() == 16  # this host's build
 
     @property
     def nbytes(self) -> int:
@@ -311,16 +330,26 @@ class QuantizedProduct:
         return self.cols.nbytes + self.book.nbytes + self.starts.nbytes + self.ends.nbytes
 
     def matvec(self, x: np.ndarray, out: np.ndarray, threads: int = 1) -> None:
-        """out += W @ x for float32 x (n_in,) and contiguous float32 out (n_rows,). x is copied next to the zero
-        that padded columns read (n_in floats: microseconds against the product's milliseconds), a copy of each
-        call's own: one kept on the product and shared by concurrent calls gave wrong results (until 2026-12-07)."""
+        """out += W @ x for float32 x (n_in,) and contiguous float32 out (n_rows,). The AVX-512 kernel reads a
+        contiguous x in place (its padded slots read nothing, :attr:`reads_x_in_place`); otherwise x is copied next
+        to the zero that padded slots read (n_in floats: microseconds against the product's milliseconds), a copy of
+        each call's own: one kept on the product and shared by concurrent calls gave wrong results (until
+        2026-12-07)."""
         if x.shape != (self.n_in,) or x.dtype != np.float32:
             raise ValueError(f"matvec wants a float32 x ({self.n_in},), got {x.dtype} {x.shape}")
         if out.shape != (self.n_rows,) or out.dtype != np.float32 or not out.flags.c_contiguous:
             raise ValueError(f"matvec wants a contiguous float32 out ({self.n_rows},), got {out.dtype} {out.shape}")
-        padded = np.empty(self.n_in + 1, dtype=np.float32)
-        padded[:-1] = x
-        padded[-1] = 0.0
+        if not (self.reads_x_in_place and x.flags.c_contiguous):
+            padded = np.empty(self.n_in + 1, dtype=np.float32)
+            padded[:-1] = x
+            padded[-1] = 0.0
+            x = padded
+        self.matvec_plan(threads).run(x.ctypes.data, out.ctypes.data)
+
+    def matvec_plan(self, threads: int) -> Plan:
+        """The cached batch-1 plan on up to ``threads`` threads: ``plan.run(x, out, start)`` with the addresses of x
+        (n_in float32, followed by a zero unless :attr:`reads_x_in_place`), out (n_rows float32) and where each
+        row's sum starts (n_rows float32, a bias: out = bias + W x) or 0 (out += W x)."""
         threads = threads if self.nnz >= PARALLEL_MIN_NONZEROS else 1
         plan = self._plans.get(threads)
         if plan is None:
@@ -330,8 +359,7 @@ class QuantizedProduct:
             data = [self.starts.ctypes.data, self.ends.ctypes.data, self.cols.ctypes.data, self.book.ctypes.data]
             plan = self._plans[threads] = Plan([[[SPMV, fn, *data, 0, 0, r0, r1] + [0] * 6] for r0, r1 in ranges]
                                                or [[]], threads)
-        if plan.n_records:
-            plan.run(padded.ctypes.data, out.ctypes.data)
+        return plan
 
     def batch_columns(self) -> int:
         """Batch columns per block of :meth:`matmul`'s input: the widest of 8, 16 and 32 whose block of x (n_in + 1
