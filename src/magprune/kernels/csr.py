@@ -84,21 +84,7 @@ def _function_ir(width: int, index: str, lanes: int = 8, unroll: int | None = No
     lines = [f"define void @{name}(ptr noalias %starts, ptr noalias %ends, ptr noalias %cols, "
              "ptr noalias %vals, ptr noalias %x, i64 %ldx, ptr noalias %out, i64 %ldo, i64 %r0, i64 %r1, "
              "i64 %chunks, i64 %blocks, i64 %xstep, i64 %ostep) nounwind {",
-             # for each block b < blocks (x and out advance by xstep/ostep floats) and each of ``chunks`` column
-             # chunks of W floats: the rows r0 <= r < r1
-             "entry:", "  %any = icmp ult i64 %r0, %r1", "  br i1 %any, label %block, label %exit",
-             "block:", "  %b = phi i64 [0, %entry], [%b.next, %block.end]",
-             "  %xboff = mul nuw i64 %b, %xstep", "  %xb = getelementptr float, ptr %x, i64 %xboff",
-             "  %oboff = mul nuw i64 %b, %ostep", "  %ob = getelementptr float, ptr %out, i64 %oboff",
-             "  br label %chunk",
-             "chunk:", "  %ch = phi i64 [0, %block], [%ch.next, %chunk.end]",
-             f"  %choff = mul nuw i64 %ch, {width}", "  %xc = getelementptr float, ptr %xb, i64 %choff",
-             "  %oc = getelementptr float, ptr %ob, i64 %choff", "  br label %row",
-             "row:", "  %o = phi i64 [%r0, %chunk], [%o.next, %store]",
-             "  %sp = getelementptr i32, ptr %starts, i64 %o", "  %s32 = load i32, ptr %sp",
-             "  %ep = getelementptr i32, ptr %ends, i64 %o", "  %e32 = load i32, ptr %ep",
-             "  %s = zext i32 %s32 to i64", "  %e = zext i32 %e32 to i64",
-             "  %ooff = mul nuw i64 %o, %ldo", "  %orow = getelementptr float, ptr %oc, i64 %ooff"]
+             *blocked_rows_head(width)]
     for i in range(vectors):
         lines.append(f"  %op{i} = getelementptr float, ptr %orow, i64 {lanes * i}")
         if not overwrite:
@@ -158,13 +144,38 @@ def _function_ir(width: int, index: str, lanes: int = 8, unroll: int | None = No
         lines += ["  br label %store", "store:"]
         results = [f"%acc0.{i}" for i in range(vectors)]
     lines += [f"  store {_VEC} {r}, ptr %op{i}, align 4" for i, r in enumerate(results)]
-    lines += ["  %o.next = add nuw i64 %o, 1", "  %rows.left = icmp ult i64 %o.next, %r1",
-              "  br i1 %rows.left, label %row, label %chunk.end",
-              "chunk.end:", "  %ch.next = add nuw i64 %ch, 1", "  %chunks.left = icmp ult i64 %ch.next, %chunks",
-              "  br i1 %chunks.left, label %chunk, label %block.end",
-              "block.end:", "  %b.next = add nuw i64 %b, 1", "  %blocks.left = icmp ult i64 %b.next, %blocks",
-              "  br i1 %blocks.left, label %block, label %exit", "exit:", "  ret void", "}"]
+    lines += blocked_rows_tail()
     return "\n".join(lines)
+
+
+def blocked_rows_head(width: int, entry: tuple[str, ...] = ()) -> list[str]:
+    """IR of a batched kernel's loops (the ``SPMM`` convention), from ``entry:`` (with ``entry``'s lines first) to
+    the row's start: for each block b < blocks (x and out advance by xstep / ostep floats), each of ``chunks``
+    column chunks of ``width`` floats (``%xc``, ``%oc``) and each row r0 <= ``%o`` < r1, the row's bounds ``%s`` and
+    ``%e`` and its output ``%orow``; the body ends in a ``store:`` block that :func:`blocked_rows_tail` follows."""
+    return ["entry:", *entry, "  %any = icmp ult i64 %r0, %r1", "  br i1 %any, label %block, label %exit",
+            "block:", "  %b = phi i64 [0, %entry], [%b.next, %block.end]",
+            "  %xboff = mul nuw i64 %b, %xstep", "  %xb = getelementptr float, ptr %x, i64 %xboff",
+            "  %oboff = mul nuw i64 %b, %ostep", "  %ob = getelementptr float, ptr %out, i64 %oboff",
+            "  br label %chunk",
+            "chunk:", "  %ch = phi i64 [0, %block], [%ch.next, %chunk.end]",
+            f"  %choff = mul nuw i64 %ch, {width}", "  %xc = getelementptr float, ptr %xb, i64 %choff",
+            "  %oc = getelementptr float, ptr %ob, i64 %choff", "  br label %row",
+            "row:", "  %o = phi i64 [%r0, %chunk], [%o.next, %store]",
+            "  %sp = getelementptr i32, ptr %starts, i64 %o", "  %s32 = load i32, ptr %sp",
+            "  %ep = getelementptr i32, ptr %ends, i64 %o", "  %e32 = load i32, ptr %ep",
+            "  %s = zext i32 %s32 to i64", "  %e = zext i32 %e32 to i64",
+            "  %ooff = mul nuw i64 %o, %ldo", "  %orow = getelementptr float, ptr %oc, i64 %ooff"]
+
+
+def blocked_rows_tail() -> list[str]:
+    """IR closing :func:`blocked_rows_head`'s loops after the row's stores."""
+    return ["  %o.next = add nuw i64 %o, 1", "  %rows.left = icmp ult i64 %o.next, %r1",
+            "  br i1 %rows.left, label %row, label %chunk.end",
+            "chunk.end:", "  %ch.next = add nuw i64 %ch, 1", "  %chunks.left = icmp ult i64 %ch.next, %chunks",
+            "  br i1 %chunks.left, label %chunk, label %block.end",
+            "block.end:", "  %b.next = add nuw i64 %b, 1", "  %blocks.left = icmp ult i64 %b.next, %blocks",
+            "  br i1 %blocks.left, label %block, label %exit", "exit:", "  ret void", "}"]
 
 
 def _gather_ir() -> str:

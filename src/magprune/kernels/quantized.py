@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from magprune.kernels.csr import WIDTHS, block_width, column_chunks, row_splits
+from magprune.kernels.csr import WIDTHS, block_width, blocked_rows_head, blocked_rows_tail, column_chunks, row_splits
 from magprune.kernels.jit import compiled, vector_lanes
 from magprune.kernels.memory import huge_page_array, l2_cache_bytes
 from magprune.kernels.pool import CHUNKS_PER_THREAD, SPMM, SPMV, Plan, spmv_row_start_ir
@@ -173,20 +173,7 @@ def _qspmm_ir(width: int, index: str, lanes: int) -> str:
     lines = [f"define void @qspmm_{width}_{index}(ptr noalias %starts, ptr noalias %ends, ptr noalias %cols, "
              "ptr noalias %book, ptr noalias %x, i64 %ldx, ptr noalias %out, i64 %ldo, i64 %r0, i64 %r1, "
              "i64 %chunks, i64 %blocks, i64 %xstep, i64 %ostep) nounwind {",
-             "entry:", f"  %labels = getelementptr i8, ptr %book, i64 {LABELS_AT}",
-             "  %any = icmp ult i64 %r0, %r1", "  br i1 %any, label %block, label %exit",
-             "block:", "  %b = phi i64 [0, %entry], [%b.next, %block.end]",
-             "  %xboff = mul nuw i64 %b, %xstep", "  %xb = getelementptr float, ptr %x, i64 %xboff",
-             "  %oboff = mul nuw i64 %b, %ostep", "  %ob = getelementptr float, ptr %out, i64 %oboff",
-             "  br label %chunk",
-             "chunk:", "  %ch = phi i64 [0, %block], [%ch.next, %chunk.end]",
-             f"  %choff = mul nuw i64 %ch, {width}", "  %xc = getelementptr float, ptr %xb, i64 %choff",
-             "  %oc = getelementptr float, ptr %ob, i64 %choff", "  br label %row",
-             "row:", "  %o = phi i64 [%r0, %chunk], [%o.next, %store]",
-             "  %sp = getelementptr i32, ptr %starts, i64 %o", "  %s32 = load i32, ptr %sp",
-             "  %ep = getelementptr i32, ptr %ends, i64 %o", "  %e32 = load i32, ptr %ep",
-             "  %s = zext i32 %s32 to i64", "  %e = zext i32 %e32 to i64",
-             "  %ooff = mul nuw i64 %o, %ldo", "  %orow = getelementptr float, ptr %oc, i64 %ooff"]
+             *blocked_rows_head(width, (f"  %labels = getelementptr i8, ptr %book, i64 {LABELS_AT}",))]
     for i in range(vectors):
         lines += [f"  %op{i} = getelementptr float, ptr %orow, i64 {lanes * i}",
                   f"  %init{i} = load {vec}, ptr %op{i}, align 4"]
@@ -230,12 +217,7 @@ def _qspmm_ir(width: int, index: str, lanes: int) -> str:
     lines += [f"  %end{i} = phi {vec} [%acc0.{i}, %rest], [%fin.{i}, %last]" for i in range(vectors)]
     for i in range(vectors):
         lines += [f"  %sum{i} = fadd {vec} %end{i}, %acc1.{i}", f"  store {vec} %sum{i}, ptr %op{i}, align 4"]
-    lines += ["  %o.next = add nuw i64 %o, 1", "  %rows.left = icmp ult i64 %o.next, %r1",
-              "  br i1 %rows.left, label %row, label %chunk.end",
-              "chunk.end:", "  %ch.next = add nuw i64 %ch, 1", "  %chunks.left = icmp ult i64 %ch.next, %chunks",
-              "  br i1 %chunks.left, label %chunk, label %block.end",
-              "block.end:", "  %b.next = add nuw i64 %b, 1", "  %blocks.left = icmp ult i64 %b.next, %blocks",
-              "  br i1 %blocks.left, label %block, label %exit", "exit:", "  ret void", "}"]
+    lines += blocked_rows_tail()
     return "\n".join(lines)
 
 
