@@ -20,8 +20,8 @@ def huge_page_array(a: np.ndarray) -> np.ndarray:
     The mapping must be private: Python's ``mmap(-1, n)`` maps shared memory, which transparent huge pages skip
     unless ``shmem_enabled`` allows it ("never" on this project's hosts; until 2026-12-07 these arrays stayed on
     4 KiB pages). On huge pages the batch-1 product of a 9216x4096 layer at 9%, read from memory (256 MB copied
-    before each call), took 0.62 / 0.67 ms (min / median of 40) against 0.66 / 0.69 ms on 4 KiB pages, on this
-    project's Intel Xeon. Costs at most one huge page of rounding per array."""
+    before each call), took 0.67 / 0.70 ms (min / median of 30) against 0.69 / 0.73 ms on 4 KiB pages, on this
+    project's Intel Xeon (``benchmarks/batch1_cold.py``). Costs at most one huge page of rounding per array."""
     if a.nbytes < HUGE_PAGE_MIN_BYTES or not hasattr(mmap, "MADV_HUGEPAGE"):
         return a
     try:
