@@ -90,17 +90,18 @@ def _rebuild_after_load(module: nn.Module, incompatible_keys: object) -> None:
     module._rebuild()
 
 
-class _OneExample:
-    """What SparseLinear's batch-1 call needs, looked up once: the output shape per input shape, the bias tensor it
-    was set up with (or None) and the address each row's sum starts from (the bias's data, or zeros)."""
+class OneExample:
+    """What a batch-1 call of SparseLinear or QuantizedLinear needs, looked up once: the output shape per input
+    shape, the bias it was set up with (a tensor, an array, or None) and the address each row's sum starts from
+    (``start``: the bias's data; None for zeros held here)."""
 
     __slots__ = ("bias", "shapes", "start", "zeros")
 
-    def __init__(self, n_in: int, n_out: int, bias: Tensor | None) -> None:
+    def __init__(self, n_in: int, n_out: int, bias: Tensor | np.ndarray | None, start: int | None) -> None:
         self.shapes = {torch.Size([n_in]): (n_out,), torch.Size([1, n_in]): (1, n_out)}
         self.bias = bias
-        self.zeros = None if bias is not None else np.zeros(n_out, dtype=np.float32)
-        self.start = bias.data_ptr() if bias is not None else self.zeros.ctypes.data
+        self.zeros = None if start is not None else np.zeros(n_out, dtype=np.float32)
+        self.start = start if start is not None else self.zeros.ctypes.data
 
 
 class _SparseBase(nn.Module):
@@ -124,7 +125,7 @@ class _SparseBase(nn.Module):
         """Rebuild the compiled product from the buffers (after loading or moving them), sharing their memory."""
         self._torch_csr = None
         self._direct: dict[tuple[int, int], CSRProduct] = {}
-        self._one: _OneExample | None = None  # SparseLinear's batch-1 call, set up on its first one
+        self._one: OneExample | None = None  # SparseLinear's batch-1 call, set up on its first one
         self.product = self._build_product() if _on_kernel(self) else None
         if self.product is not None:  # one copy of the arrays: the product's (on huge pages if large)
             self._link()
@@ -256,7 +257,8 @@ class SparseLinear(_SparseBase):
             if x.dtype == torch.float32 and (bias_t is None or (
                     bias_t.shape == (self.out_features,) and bias_t.dtype == torch.float32 and bias_t.is_cpu
                     and bias_t.is_contiguous())):
-                self._one = _OneExample(self.in_features, self.out_features, bias_t)  # the next such call's path
+                self._one = OneExample(self.in_features, self.out_features, bias_t,  # the next such call's path
+                                       None if bias_t is None else bias_t.data_ptr())
             if not x.is_contiguous():
                 x = x.contiguous()
             out = bias.copy()

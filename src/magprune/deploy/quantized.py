@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from magprune.deploy.entropy import SharedWeight, shared_values
 from magprune.deploy.format import CompressedFormatError, as_numpy, load_compressed
-from magprune.deploy.modules import batched_product
+from magprune.deploy.modules import OneExample, batched_product
 from magprune.kernels.quantized import QuantizedProduct
 
 
@@ -34,7 +34,7 @@ class QuantizedLinear(nn.Module):
         self.bias_array = as_numpy(bias.float()).copy() if bias is not None else \
             np.zeros(self.out_features, dtype=np.float32)
         self.has_bias = bias is not None
-        self._one: tuple | None = None  # the one-example path: (output shape per input shape, bias array, address)
+        self._one: OneExample | None = None  # the one-example path, set up on the first batch-1 call
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> QuantizedLinear:
@@ -53,10 +53,10 @@ class QuantizedLinear(nn.Module):
         # cold, see SparseLinear.forward)
         one = self._one
         if one is not None and not x.requires_grad and x.dtype is torch.float32 and x.is_cpu and x.is_contiguous():
-            shape = one[0].get(x.shape)
-            if shape is not None and self.bias_array is one[1]:
+            shape = one.shapes.get(x.shape)
+            if shape is not None and self.bias_array is one.bias:
                 out = torch.empty(shape, dtype=torch.float32)
-                self.product.matvec_plan(torch.get_num_threads()).run(x.data_ptr(), out.data_ptr(), one[2])
+                self.product.matvec_plan(torch.get_num_threads()).run(x.data_ptr(), out.data_ptr(), one.start)
                 return out
         return self._forward(x)
 
@@ -74,8 +74,7 @@ class QuantizedLinear(nn.Module):
         bias = self.bias_array
         if self.product.reads_x_in_place and bias.shape == (self.out_features,) and bias.dtype == np.float32 \
                 and bias.flags.c_contiguous:  # the next such call's path
-            n_in, n_out = self.in_features, self.out_features
-            self._one = ({torch.Size([n_in]): (n_out,), torch.Size([1, n_in]): (1, n_out)}, bias, bias.ctypes.data)
+            self._one = OneExample(self.in_features, self.out_features, bias, bias.ctypes.data)
         out = bias.copy()
         self.product.matvec(rows[0], out, torch.get_num_threads())
         return torch.from_numpy(out.reshape(*lead, self.out_features))

@@ -337,12 +337,19 @@ def _matvec_gather_ir(index: str) -> str:
         "  %vpt = getelementptr float, ptr %vals, i64 %k",
         f"  %vvt = call {vec} @llvm.masked.load.v16f32.p0(ptr %vpt, i32 4, <16 x i1> %m, {vec} zeroinitializer)",
         f"  %last = call {vec} @llvm.fma.v16f32({vec} %vvt, {vec} %xgt, {vec} %acc)", "  br label %sum",
-        "sum:", f"  %fin = phi {vec} [%acc, %rest], [%last, %tail]",
-        f"  %total = call reassoc float @llvm.vector.reduce.fadd.v16f32(float %init, {vec} %fin)",
-        "  br label %store",
-        "store:", "  store float %total, ptr %outp", "  %o.next = add nuw i64 %o, 1",
-        "  %rows.left = icmp ult i64 %o.next, %r1", "  br i1 %rows.left, label %row, label %exit",
-        "exit:", "  ret void", "}"])
+        *gather_row_end()])
+
+
+def gather_row_end() -> list[str]:
+    """IR ending a 16-lane batch-1 kernel's row and its row loop: ``%acc`` (from ``rest:``) or ``%last`` (from
+    ``tail:``) summed onto ``%init`` and stored at ``%outp``."""
+    vec = "<16 x float>"
+    return ["sum:", f"  %fin = phi {vec} [%acc, %rest], [%last, %tail]",
+            f"  %total = call reassoc float @llvm.vector.reduce.fadd.v16f32(float %init, {vec} %fin)",
+            "  br label %store",
+            "store:", "  store float %total, ptr %outp", "  %o.next = add nuw i64 %o, 1",
+            "  %rows.left = icmp ult i64 %o.next, %r1", "  br i1 %rows.left, label %row, label %exit",
+            "exit:", "  ret void", "}"]
 
 
 def delta_rows(row_starts: np.ndarray, row_ends: np.ndarray, cols: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:

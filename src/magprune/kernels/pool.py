@@ -44,16 +44,6 @@ _ENTRY_POINTS = {  # name: ctypes signature of the functions called from Python
 RECORD = 16  # int64 per record: kind (0 spmm, 1 spmv, 2 mask, 3 sddmm), function address, up to 14 arguments (x,
 # out as offsets)
 SPMM, SPMV, MASK, SDDMM = 0, 1, 2, 3
-
-
-def spmv_row_start_ir() -> list[str]:
-    """IR lines of an ``SPMV`` kernel's row start: ``%init`` (what row ``%o``'s sum starts from) read from
-    ``%from[o]``, or from ``%out[o]`` where ``%from`` is null, and ``%outp`` (where the row's result goes). The
-    runner passes ``%from`` as the ninth argument: a plan run with a third address (a Linear layer's bias) writes
-    ``out = bias + W x`` without a pass of its own over ``out``; with none, ``out += W x``."""
-    return ["  %outp = getelementptr float, ptr %out, i64 %o", "  %fromp = getelementptr float, ptr %from, i64 %o",
-            "  %hasfrom = icmp ne ptr %from, null", "  %initp = select i1 %hasfrom, ptr %fromp, ptr %outp",
-            "  %init = load float, ptr %initp"]
 MAX_TASKS = (1 << 20) - 1  # the task counter and count share one 64-bit word with the plan's sequence number
 SPIN_SECONDS = 2e-4  # how long a worker stays awake for the next plan (OpenMP's default active wait is longer)
 MAX_WORKERS = 63  # post() reports sleeping workers as bits of an int64
@@ -64,6 +54,16 @@ OPENMP = os.environ.get("MAGPRUNE_POOL", "openmp") != "own"  # plans on torch's 
 _pool_lock = threading.Lock()  # starting the pool
 _forked = False  # this process is a forked child (of a process that may have run an OpenMP team)
 _pool: Pool | None = None
+
+
+def spmv_row_start_ir() -> list[str]:
+    """IR lines of an ``SPMV`` kernel's row start: ``%init`` (what row ``%o``'s sum starts from) read from
+    ``%from[o]``, or from ``%out[o]`` where ``%from`` is null, and ``%outp`` (where the row's result goes). The
+    runner passes ``%from`` as the ninth argument: a plan run with a third address (a Linear layer's bias) writes
+    ``out = bias + W x`` without a pass of its own over ``out``; with none, ``out += W x``."""
+    return ["  %outp = getelementptr float, ptr %out, i64 %o", "  %fromp = getelementptr float, ptr %from, i64 %o",
+            "  %hasfrom = icmp ne ptr %from, null", "  %initp = select i1 %hasfrom, ptr %fromp, ptr %outp",
+            "  %init = load float, ptr %initp"]
 
 
 def _pause_ir(triple: str) -> tuple[str, str]:

@@ -23,9 +23,19 @@ signature: plans run it on the pool's threads as ``SPMV`` records. ``qspmm_{widt
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
-from magprune.kernels.csr import WIDTHS, block_width, blocked_rows_head, blocked_rows_tail, column_chunks, row_splits
+from magprune.kernels.csr import (
+    WIDTHS,
+    block_width,
+    blocked_rows_head,
+    blocked_rows_tail,
+    column_chunks,
+    gather_row_end,
+    row_splits,
+)
 from magprune.kernels.jit import compiled, vector_lanes
 from magprune.kernels.memory import huge_page_array, l2_cache_bytes
 from magprune.kernels.pool import CHUNKS_PER_THREAD, SPMM, SPMV, Plan, spmv_row_start_ir
@@ -40,6 +50,15 @@ LABELS_AT = 4 * MAX_VALUES + 64  # bytes of ``book`` before the group labels: th
 PREFETCH_GROUPS = 256  # groups ahead whose columns the AVX-512 matrix-vector kernel prefetches (2 KiB at uint16);
 # AlexNet fc6 at 5 bits after a dense layer, min of 30 on this project's Intel Xeon: 0.56 ms, 1024 within noise, 64
 # 0.73 ms, none 0.91-0.93 ms
+
+
+def _two_groups_a_pass(group: Callable[[str, str, str, str], list[str]]) -> list[str]:
+    """IR of a grouped kernel's loop body from ``body:`` on: groups ``%g`` and ``%g + 1`` into the accumulator sets
+    ``%acc0`` / ``%acc1`` (``group(tag, group index, accumulator, result)`` builds one), then the row's last group,
+    if one is left, into ``%fin``; ends with the ``store:`` label."""
+    return [*group("a", "%g", "%acc0", "%new0"), "  %g1 = add nuw i64 %g, 1", *group("b", "%g1", "%acc1", "%new1"),
+            "  br label %loop", "rest:", "  %left = icmp ult i64 %g, %e", "  br i1 %left, label %last, label %store",
+            "last:", *group("t", "%g", "%acc0", "%fin"), "  br label %store", "store:"]
 
 
 def _qspmv_ir(index: str) -> str:
@@ -77,12 +96,8 @@ def _qspmv_ir(index: str) -> str:
                 f"  {new} = fadd contract float {acc}, %m{tag}"]
         return out
 
-    lines += group("a", "%g", "%acc0", "%new0")
-    lines += ["  %g1 = add nuw i64 %g, 1", *group("b", "%g1", "%acc1", "%new1")]
-    lines += ["  br label %loop", "rest:", "  %left = icmp ult i64 %g, %e",
-              "  br i1 %left, label %last, label %store", "last:"]
-    lines += group("t", "%g", "%acc0", "%fin")
-    lines += ["  br label %store", "store:", "  %end0 = phi float [%acc0, %rest], [%fin, %last]",
+    lines += _two_groups_a_pass(group)
+    lines += ["  %end0 = phi float [%acc0, %rest], [%fin, %last]",
               "  %sum = fadd float %end0, %acc1",
               "  store float %sum, ptr %outp", "  %o.next = add nuw i64 %o, 1",
               "  %rows.left = icmp ult i64 %o.next, %r1", "  br i1 %rows.left, label %row, label %exit",
@@ -151,13 +166,7 @@ def _qspmv_gather_ir(index: str) -> str:
         "  %nv0 = insertelement <4 x i32> poison, i32 %n32, i32 0",
         "  %nv = shufflevector <4 x i32> %nv0, <4 x i32> poison, <4 x i32> zeroinitializer",
         "  %lm = icmp ult <4 x i32> <i32 0, i32 1, i32 2, i32 3>, %nv",
-        *step("t", "%m", "%lm", "%acc", "%last"), "  br label %sum",
-        "sum:", f"  %fin = phi {vec} [%acc, %rest], [%last, %tail]",
-        f"  %total = call reassoc float @llvm.vector.reduce.fadd.v16f32(float %init, {vec} %fin)",
-        "  br label %store",
-        "store:", "  store float %total, ptr %outp", "  %o.next = add nuw i64 %o, 1",
-        "  %rows.left = icmp ult i64 %o.next, %r1", "  br i1 %rows.left, label %row, label %exit",
-        "exit:", "  ret void", "}"])
+        *step("t", "%m", "%lm", "%acc", "%last"), "  br label %sum", *gather_row_end()])
 
 
 def _qspmm_ir(width: int, index: str, lanes: int) -> str:
@@ -208,12 +217,7 @@ def _qspmm_ir(width: int, index: str, lanes: int) -> str:
                     f"  {new}.{i} = fadd contract {vec} {acc}.{i}, %m{tag}.{i}"]
         return out
 
-    lines += group("a", "%g", "%acc0", "%new0")
-    lines += ["  %g1 = add nuw i64 %g, 1", *group("b", "%g1", "%acc1", "%new1")]
-    lines += ["  br label %loop", "rest:", "  %left = icmp ult i64 %g, %e",
-              "  br i1 %left, label %last, label %store", "last:"]
-    lines += group("t", "%g", "%acc0", "%fin")
-    lines += ["  br label %store", "store:"]
+    lines += _two_groups_a_pass(group)
     lines += [f"  %end{i} = phi {vec} [%acc0.{i}, %rest], [%fin.{i}, %last]" for i in range(vectors)]
     for i in range(vectors):
         lines += [f"  %sum{i} = fadd {vec} %end{i}, %acc1.{i}", f"  store {vec} %sum{i}, ptr %op{i}, align 4"]
